@@ -1,0 +1,350 @@
+"""Train the bundled shapes-world model from scratch: VAE, then text encoder + UNet, then export a diffusers folder.
+
+Every stage checkpoints atomically into the run folder and resumes from it, so the job can be killed at any moment
+and continued with `--resume` (across sessions, too). Given the same seed, a resumed run is identical to an
+uninterrupted one: every step's data, noise and timesteps come from (seed, step), not from a running RNG.
+
+    conceptkit shapes train-base --run runs/base --resume           # all stages, as far as the step targets say
+    conceptkit shapes train-base --run runs/base --export-to DIR    # write the diffusers folder (EMA weights)
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, asdict, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..files import atomic_path, atomic_write, atomic_write_text
+from .captions import caption
+from .dataset import render_all, scenes
+from .tokenizer import write_tokenizer
+from .world import Scene
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    # VAE: random 32x32 crops first (cheap, the VAE is convolutional), then full 64x64 images
+    vae_crop_steps: int = 5000
+    vae_full_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_pool: int = 20000  # rendered training images for the VAE
+    # text encoder + UNet
+    latent_pool: int = 100000  # scenes encoded once; captions are re-phrased every time a scene is drawn
+    unet_steps: int = 30000
+    batch: int = 64
+    lr: float = 6e-4
+    warmup: int = 500
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.9995
+    checkpoint_every: int = 250
+    bf16: bool = True
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        mid_block_add_attention=False,  # fully convolutional, so training on crops transfers to full images
+    )
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # Stable Diffusion's training schedule, so every SD sampler and recipe applies unchanged
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _save_state(path: Path, state: dict) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _load_state(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, **row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+def train_vae(run: Path, r: Recipe) -> None:
+    state_path = run / "vae_state.pt"
+    total = r.vae_crop_steps + r.vae_full_steps
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    state = _load_state(state_path) or {"step": 0, "seconds": 0.0}
+    if "model" in state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    step, seconds = state["step"], state["seconds"]
+    if step >= total:
+        return
+    pool = _to_tensor(render_all(scenes(r.vae_pool, seed=r.seed + 1)))
+    log = Log(run / "vae_log.jsonl")
+    bar = tqdm(total=total, initial=step, desc="vae", dynamic_ncols=True)
+    vae.train()
+    while step < total:
+        t0 = time.time()
+        g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+        crop = step < r.vae_crop_steps
+        batch = r.vae_batch if crop else r.vae_batch // 2
+        x = pool[torch.randint(0, len(pool), (batch,), generator=g)]
+        if crop:
+            i, j = torch.randint(0, 33, (2,), generator=g).tolist()
+            x = x[:, :, i : i + 32, j : j + 32]
+        lr = r.vae_lr * min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample.float()
+        loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = loss_rec + r.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seconds += time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_rec.item():.4f}")
+        if step % 50 == 0:
+            log(step=step, loss=loss_rec.item(), seconds=round(seconds, 1))
+        if step % r.checkpoint_every == 0 or step == total:
+            _save_state(state_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                     "seconds": seconds})
+    bar.close()
+
+
+@torch.no_grad()
+def normalise_latents(vae, images: torch.Tensor) -> dict:
+    """Rescale the VAE's latent space exactly (no retraining) so every channel has mean 0 and std 1.
+
+    z' = a * (z - mu) per channel: fold a and mu into quant_conv (encoder side) and their inverse into
+    post_quant_conv (decoder side). The decoder sees the same z, so reconstructions are unchanged; the latents the
+    UNet learns have unit spread per channel, and the pipeline's single scaling_factor becomes 1.0."""
+    mean = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    mu = mean.mean(dim=(0, 2, 3))
+    a = 1.0 / mean.std(dim=(0, 2, 3))
+    c = len(mu)
+    q = vae.quant_conv  # 1x1 conv: 2c -> 2c (means, then log-variances)
+    q.weight[:c] *= a[:, None, None, None]
+    q.bias[:c] = a * (q.bias[:c] - mu)
+    q.bias[c:] += 2 * torch.log(a)
+    p = vae.post_quant_conv  # 1x1 conv: c -> c, input z = z' / a + mu
+    p.bias += (p.weight[:, :, 0, 0] * mu[None, :]).sum(1)
+    p.weight /= a[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
+    return {"channel_mean": mu.tolist(), "channel_scale": a.tolist()}
+
+
+def finish_vae(run: Path, r: Recipe):
+    """The trained, latent-normalised VAE as a diffusers folder in run/vae."""
+    from diffusers import AutoencoderKL
+
+    out = run / "vae"
+    if (out / "config.json").exists():
+        return AutoencoderKL.from_pretrained(out)
+    vae = build_vae()
+    vae.load_state_dict(_load_state(run / "vae_state.pt")["model"])
+    vae.eval()
+    stats = normalise_latents(vae, _to_tensor(render_all(scenes(2048, seed=r.seed + 2))))
+    tmp = run / "vae.tmp"
+    vae.save_pretrained(tmp)
+    (tmp / "normalisation.json").write_text(json.dumps(stats, indent=2))
+    tmp.rename(out)
+    return vae
+
+
+@torch.no_grad()
+def encode_pool(run: Path, r: Recipe, vae) -> tuple[torch.Tensor, list[Scene]]:
+    """Encode the UNet's training scenes once (posterior means, fp16) and cache them."""
+    path = run / "latents.safetensors"
+    items = scenes(r.latent_pool, seed=r.seed + 3)
+    if path.exists():
+        return load_file(path)["latents"].float(), items
+    out = []
+    for i in tqdm(range(0, len(items), 512), desc="encode", dynamic_ncols=True):
+        x = _to_tensor(render_all(items[i : i + 512]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+            out.append(vae.encode(x).latent_dist.mean.float())
+    latents = torch.cat(out)
+    atomic_write(path, lambda p: save_file({"latents": latents.half().contiguous()}, str(p)))
+    return latents, items
+
+
+# ---------------------------------------------------------------------------------------------------------- UNet
+def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) -> None:
+    from diffusers.training_utils import EMAModel, compute_snr
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(run / "tokenizer")
+    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=r.ema_decay, use_ema_warmup=True, power=3 / 4)
+    scheduler = build_scheduler()
+    state_path = run / "unet_state.pt"
+    state = _load_state(state_path) or {"step": 0, "seconds": 0.0}
+    if "unet" in state:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+    step, seconds = state["step"], state["seconds"]
+    if step >= r.unet_steps:
+        return
+    log = Log(run / "unet_log.jsonl")
+    bar = tqdm(total=r.unet_steps, initial=step, desc="unet", dynamic_ncols=True)
+    unet.train()
+    text_encoder.train()
+    while step < r.unet_steps:
+        t0 = time.time()
+        g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+        rng = random.Random(r.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(items), (r.batch,), generator=g)
+        texts = ["" if rng.random() < r.caption_dropout else caption(items[i], rng) for i in idx.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.batch,), generator=g)
+        zt = scheduler.add_noise(z0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = r.lr * min(1.0, (step + 1) / r.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+            cond = text_encoder(ids).last_hidden_state
+            pred = unet(zt, t, cond).sample.float()
+        snr = compute_snr(scheduler, t)
+        weight = torch.clamp(snr, max=r.min_snr_gamma) / snr  # min-SNR weighting (epsilon target)
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        step += 1
+        seconds += time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            log(step=step, loss=round(loss.item(), 5), seconds=round(seconds, 1))
+        if step % r.checkpoint_every == 0 or step == r.unet_steps:
+            _save_state(state_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                     "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+                                     "seconds": seconds})
+    bar.close()
+
+
+# -------------------------------------------------------------------------------------------------------- export
+def export(run: Path, out: Path, half: bool = True) -> Path:
+    """Write the EMA weights as a standard diffusers StableDiffusionPipeline folder."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(run / "tokenizer")
+    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    state = _load_state(run / "unet_state.pt")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(params)
+    vae = AutoencoderKL.from_pretrained(run / "vae")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    if half:  # halves the shipped size; conceptkit loads it back in float32
+        pipe.to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    vae_state = _load_state(run / "vae_state.pt")
+    card = {
+        "recipe": asdict(_recipe_of(run)),
+        "unet_steps": state["step"],
+        "vae_steps": vae_state["step"],
+        "train_seconds": {"vae": round(vae_state["seconds"]), "unet": round(state["seconds"])},
+        "hardware": f"{torch.get_num_threads()} CPU threads (torch {torch.__version__})",
+    }
+    (tmp / "training.json").write_text(json.dumps(card, indent=2))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _recipe_of(run: Path) -> Recipe:
+    return Recipe(**json.loads((run / "recipe.json").read_text()))
+
+
+def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -> None:
+    run = Path(run)
+    if (run / "recipe.json").exists():
+        if not resume:
+            raise SystemExit(f"error: {run} already holds a training run; pass --resume to continue it, or another --run")
+        saved = _recipe_of(run)
+        if recipe is not None:  # step targets may be raised on resume; everything else must match
+            saved.unet_steps = recipe.unet_steps
+        recipe = saved
+    recipe = recipe or Recipe()
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "recipe.json", json.dumps(asdict(recipe), indent=2))
+    torch.manual_seed(recipe.seed)
+    if not (run / "tokenizer" / "vocab.json").exists():
+        write_tokenizer(run / "tokenizer")
+    train_vae(run, recipe)
+    vae = finish_vae(run, recipe)
+    latents, items = encode_pool(run, recipe, vae)
+    del vae
+    train_unet(run, recipe, latents, items)
