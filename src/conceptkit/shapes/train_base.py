@@ -215,9 +215,9 @@ def encode_pool(run: Path, r: Recipe, vae) -> tuple[torch.Tensor, list[Scene]]:
         x = _to_tensor(render_all(items[i : i + 512]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
             out.append(vae.encode(x).latent_dist.mean.float())
-    latents = torch.cat(out)
-    atomic_write(path, lambda p: save_file({"latents": latents.half().contiguous()}, str(p)))
-    return latents, items
+    latents = torch.cat(out).half().contiguous()
+    atomic_write(path, lambda p: save_file({"latents": latents}, str(p)))
+    return latents.float(), items  # the fp16 values, exactly as a resumed run reads them back
 
 
 # ---------------------------------------------------------------------------------------------------------- UNet

@@ -1,0 +1,206 @@
+"""`conceptkit`: one command, sub-commands per job. Errors meant for the user print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toy",
+                   help="'toy' (bundled), a diffusers folder, a .safetensors/.ckpt file (with --config), "
+                        "or a hub id already in the local Hugging Face cache")
+    p.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder (or cached hub id) "
+                                    "whose configs describe it")
+
+
+def _add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float = 7.5) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--guidance-scale", type=float, default=guidance)
+    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++, euler, euler-a, pndm")
+
+
+def cmd_generate(args) -> None:
+    from .generate.images import generate, read_prompt_file
+    from .models.loading import load_pipeline
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += read_prompt_file(args.prompt_file)
+    if not prompts:
+        raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    pipe = load_pipeline(args.model, config=args.config)
+    out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
+                   steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                   height=args.height, width=args.width, out_dir=args.out)
+    print(f"wrote {len(out.paths)} images and the grid {out.grid_path}")
+
+
+def cmd_info(args) -> None:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+    from .models.loading import bundled_model_path
+
+    bundled = bundled_model_path()
+    print(json.dumps({
+        "conceptkit": __version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_devices": torch.cuda.device_count(),
+        "cpu_threads": torch.get_num_threads(),
+        "bundled_model": str(bundled),
+        "bundled_model_present": (bundled / "model_index.json").exists(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+    }, indent=2))
+
+
+def cmd_shapes_sample(args) -> None:
+    from .shapes.dataset import scenes, write_image_folder
+
+    items = scenes(args.n, seed=args.seed, held_out=args.held_out, p_pair=args.p_pair)
+    out = write_image_folder(args.out, items, seed=args.seed)
+    print(f"wrote {len(items)} images and {out / 'metadata.jsonl'}")
+
+
+def cmd_shapes_read(args) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from .shapes import oracle
+
+    rows = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                rows.append({"image": path, **oracle.read(im).to_dict()})
+        except (FileNotFoundError, IsADirectoryError):
+            raise UserError(f"{path}: no such image file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    print(json.dumps(rows, indent=2))
+
+
+def cmd_shapes_train_base(args) -> None:
+    from .shapes import train_base
+
+    if args.export_to:
+        path = train_base.export(Path(args.run), Path(args.export_to))
+        print(f"exported {path}")
+        return
+    recipe = train_base.Recipe(seed=args.seed, unet_steps=args.unet_steps)
+    train_base.train(args.run, recipe, resume=args.resume)
+    print(f"training reached its step targets; export with: conceptkit shapes train-base --run {args.run} "
+          f"--export-to DIR")
+
+
+def cmd_evaluate_base(args) -> None:
+    from .evaluate.base import evaluate_base, table, write_json
+    from .models.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, config=args.config)
+    results = evaluate_base(pipe, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
+                            scheduler=args.scheduler, image_dir=args.images)
+    results["model"] = args.model
+    print(table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_evaluate_oracle(args) -> None:
+    from .evaluate.oracle_accuracy import oracle_accuracy
+    from .models.loading import load_pipeline
+
+    vae = load_pipeline(args.model, config=args.config).vae if args.model else None
+    results = oracle_accuracy(args.n, vae)
+    print("| attribute | clean renders |" + (" VAE reconstructions |" if vae else ""))
+    print("|---|---|" + ("---|" if vae else ""))
+    for key in results["clean"]:
+        print(f"| {key} | {results['clean'][key]:.3f} |" + (f" {results['vae'][key]:.3f} |" if vae else ""))
+    if args.json:
+        from .evaluate.base import write_json
+
+        write_json(results, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conceptkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="text-to-image: PNGs plus a grid")
+    _add_model(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a text file, one prompt per line")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    _add_sampling(p)
+    p.add_argument("--out", default="outputs/generate")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="versions, device and the bundled model, as JSON")
+    p.set_defaults(func=cmd_info)
+
+    shapes = sub.add_parser("shapes", help="the shapes world").add_subparsers(dest="shapes_command", required=True)
+    p = shapes.add_parser("sample", help="render random scenes with captions into an image folder")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", action="store_true", help="use the held-out attribute combinations")
+    p.add_argument("--p-pair", type=float, default=0.4, help="fraction of two-object scenes")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_shapes_sample)
+    p = shapes.add_parser("read", help="the oracle: read images back into attributes (JSON)")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_shapes_read)
+    p = shapes.add_parser("train-base", help="train the bundled model from scratch (resumable)")
+    p.add_argument("--run", default="runs/base", help="run folder: checkpoints, logs, caches")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unet-steps", type=int, default=30000)
+    p.add_argument("--export-to", help="write the run's EMA weights as a diffusers folder and stop")
+    p.set_defaults(func=cmd_shapes_train_base)
+
+    evaluate = sub.add_parser("evaluate", help="benchmarks on the shapes world").add_subparsers(
+        dest="evaluate_command", required=True)
+    p = evaluate.add_parser("base", help="oracle accuracy of a model on the held-out prompt set")
+    _add_model(p)
+    _add_sampling(p)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--json")
+    p.add_argument("--images", help="also write the generated images here")
+    p.set_defaults(func=cmd_evaluate_base)
+    p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
+    p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
+    p.add_argument("--config")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_evaluate_oracle)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

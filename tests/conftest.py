@@ -1,0 +1,29 @@
+"""Shared pytest fixtures: a tiny offline Stable Diffusion 1.x-architecture model, as a folder and as a single file."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptkit.models.fixtures import build_tiny_sd, write_single_file
+
+# Another process may be training on the same machine: keep each test to one core.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sd_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight StableDiffusionPipeline diffusers folder (seed 0)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("sd-tiny") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd_tiny_single_file(sd_tiny_dir, tmp_path_factory) -> Path:
+    """The same model as one LDM-layout .safetensors checkpoint (load it with config=sd_tiny_dir)."""
+    return write_single_file(sd_tiny_dir, tmp_path_factory.mktemp("sd-tiny-single") / "sd-tiny.safetensors")
+
+
+@pytest.fixture
+def toy_model_env(sd_tiny_dir, monkeypatch) -> Path:
+    """Make `--model toy` resolve to the tiny fixture instead of the (separately trained) bundled model."""
+    monkeypatch.setenv("CONCEPTKIT_TOY_MODEL", str(sd_tiny_dir))
+    return sd_tiny_dir
