@@ -86,7 +86,6 @@ def generate(
         bar.update(1)
         return kwargs
 
-    device = pipe.device
     for batch in batches:
         generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
         out = pipe(

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
 from conceptkit.errors import UserError
+from conceptkit.models.clip_tokenizer import clip_vocab, write_clip_tokenizer
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
 # CLIP keeps the first 49152 - 256 - 2 merges of the BPE table; line 0 is a version header.
 CLIP_MERGE_COUNT = 49152 - 256 - 2
 
@@ -56,52 +54,17 @@ def open_clip_bpe_path() -> Path:
     raise UserError(f"open_clip's {BPE_FILE_NAME} not found; install it with: pip install --no-deps open_clip_torch")
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte mapped to a printable unicode character."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    byte_values = printable[:]
-    code_points = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in byte_values:
-            byte_values.append(byte)
-            code_points.append(256 + extra)
-            extra += 1
-    return dict(zip(byte_values, (chr(point) for point in code_points)))
-
-
 def read_clip_merges(bpe_path: Path) -> list[tuple[str, str]]:
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     return [tuple(line.split()) for line in lines[1:CLIP_MERGE_COUNT + 1]]
 
 
-def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    byte_tokens = list(bytes_to_unicode().values())
-    tokens = byte_tokens + [token + "</w>" for token in byte_tokens]
-    tokens += ["".join(merge) for merge in merges]
-    tokens += [START_TOKEN, END_TOKEN]
-    return {token: index for index, token in enumerate(tokens)}
-
-
 def write_sd_clip_tokenizer(folder: str | Path) -> Path:
     """Write SD 1.x's CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`; returns the folder."""
-    folder = Path(folder)
     merges = read_clip_merges(open_clip_bpe_path())
-    vocab = clip_vocab(merges)
-    if len(vocab) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(f"built a CLIP vocab of {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merge_lines = ["#version: 0.2"] + [" ".join(merge) for merge in merges]
-    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
-    special_tokens = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN,
-                      "pad_token": END_TOKEN}
-    tokenizer_config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_MAX_LENGTH,
-                        "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special_tokens}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
-    return folder
+    if len(clip_vocab(merges)) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"built a CLIP vocab of {len(clip_vocab(merges))} tokens, expected {CLIP_VOCAB_SIZE}")
+    return write_clip_tokenizer(folder, merges, CLIP_MAX_LENGTH)
 
 
 # ---------------------------------------------------------------------------------------------------------------

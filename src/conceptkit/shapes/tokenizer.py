@@ -6,32 +6,19 @@ write the files and load them with CLIPTokenizer.from_pretrained(folder), and te
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import regex
 
+from ..models.clip_tokenizer import bytes_to_unicode, write_clip_tokenizer
 from .captions import vocabulary
 
 # CLIP's pre-tokenisation pattern (lower-cased text).
 CLIP_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -74,28 +61,4 @@ def world_words() -> list[str]:
 
 def write_tokenizer(folder: str | os.PathLike, max_length: int = 40) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs of the bundled tokenizer into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = learn_merges(world_words())
-    base = list(bytes_to_unicode().values())
-    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": max_length,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
-    return folder
+    return write_clip_tokenizer(folder, learn_merges(world_words()), max_length)

@@ -10,10 +10,9 @@ uninterrupted one: every step's data, noise and timesteps come from (seed, step)
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..files import atomic_path, atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from .captions import caption
 from .dataset import render_all, scenes
 from .tokenizer import write_tokenizer
