@@ -126,3 +126,20 @@ def test_image_folder_has_metadata_for_every_image(tmp_path):
         stored = np.asarray(Image.open(out / row["file_name"]))
         assert np.array_equal(stored, render(Scene.from_dict(row["scene"])))
         assert row["text"]
+
+
+def test_atomic_write_replaces_whole_files_and_cleans_up_on_failure(tmp_path):
+    from conceptkit.files import atomic_write, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+    assert target.read_text() == "first" and target.stat().st_mode & 0o644 == 0o644
+
+    def broken(path):
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_text() == "first"  # the earlier version survives
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary left behind

@@ -120,7 +120,12 @@ def cmd_evaluate_oracle(args) -> None:
     from .evaluate.oracle_accuracy import oracle_accuracy
     from .models.loading import load_pipeline
 
-    vae = load_pipeline(args.model, config=args.config).vae if args.model else None
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
+    else:
+        vae = load_pipeline(args.model, config=args.config).vae if args.model else None
     results = oracle_accuracy(args.n, vae)
     print("| attribute | clean renders |" + (" VAE reconstructions |" if vae else ""))
     print("|---|---|" + ("---|" if vae else ""))
@@ -183,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
     p.add_argument("--config")
+    p.add_argument("--vae", help="a diffusers AutoencoderKL folder to test instead of --model's VAE")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--json")
     p.set_defaults(func=cmd_evaluate_oracle)
