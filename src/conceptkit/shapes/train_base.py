@@ -347,3 +347,47 @@ def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -
     latents, items = encode_pool(run, recipe, vae)
     del vae
     train_unet(run, recipe, latents, items)
+
+
+def write_model_card(folder: str | Path, evaluation: dict | None = None, oracle: dict | None = None) -> Path:
+    """README.md of the shipped folder, from its training.json (plus evaluation results, also stored there)."""
+    folder = Path(folder)
+    card = json.loads((folder / "training.json").read_text())
+    if evaluation is not None:
+        card["evaluate_base"] = {k: v for k, v in evaluation.items() if k != "model"}
+    if oracle is not None:
+        card["oracle_accuracy"] = oracle
+    atomic_write_text(folder / "training.json", json.dumps(card, indent=2) + "\n")
+    r = card["recipe"]
+    secs = card["train_seconds"]
+    lines = [
+        "# shapes-base: conceptkit's bundled text-to-image model",
+        "",
+        "A tiny Stable Diffusion-architecture model (AutoencoderKL 64x64x3 -> 16x16x4, CLIPTextModel, "
+        "UNet2DConditionModel) trained from scratch by `conceptkit shapes train-base` on the procedurally rendered "
+        "shapes world. Weights are stored in float16; conceptkit loads them in float32.",
+        "",
+        "## Recipe",
+        f"- VAE: {r['vae_crop_steps']} steps on 32x32 crops + {r['vae_full_steps']} on full images, batch "
+        f"{r['vae_batch']}, lr {r['vae_lr']}, L1+MSE, KL weight {r['vae_kl_weight']}; latents then normalised "
+        "per channel (exact reparametrisation), so scaling_factor = 1.0",
+        f"- Text encoder + UNet, trained jointly: {card['unet_steps']} steps at batch {r['batch']}, AdamW lr "
+        f"{r['lr']} ({r['warmup']} warm-up steps), min-SNR-{r['min_snr_gamma']} weighting, caption drop-out "
+        f"{r['caption_dropout']}, EMA {r['ema_decay']}, bf16 autocast; {r['latent_pool']} pre-encoded scenes, "
+        "captions re-phrased every draw",
+        f"- Seed {r['seed']}. Wall time: VAE {secs['vae'] / 60:.0f} min, UNet + text encoder "
+        f"{secs['unet'] / 3600:.1f} h, on {card['hardware']}",
+        "",
+    ]
+    if "evaluate_base" in card:
+        e = card["evaluate_base"]
+        lines += ["## Held-out evaluation (`conceptkit evaluate base`)", "",
+                  f"Settings: {json.dumps(e.get('settings', {}))}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in e.items() if isinstance(v, float) and k != "seconds"]
+        lines.append("")
+    if "oracle_accuracy" in card:
+        o = card["oracle_accuracy"]
+        lines += ["## Oracle accuracy (`conceptkit evaluate oracle`)", "", "| attribute | clean | VAE |", "|---|---|---|"]
+        lines += [f"| {k} | {o['clean'][k]:.3f} | {o.get('vae', {}).get(k, float('nan')):.3f} |" for k in o["clean"]]
+    atomic_write_text(folder / "README.md", "\n".join(lines) + "\n")
+    return folder / "README.md"
