@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer

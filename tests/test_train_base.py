@@ -54,3 +54,19 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_a_lost_run_restarts_from_its_shipped_weights(tmp_path):
+    run = tmp_path / "run"
+    train_base.train(run, Recipe(unet_steps=2, **TINY))
+    shipped = train_base.export(run, tmp_path / "shipped")
+    seeded = train_base.seed_run_from_export(tmp_path / "seeded", shipped)
+    state = _state(seeded)
+    assert state["step"] == 2 and "opt" not in state
+    exported = StableDiffusionPipeline.from_pretrained(shipped, dtype=torch.float32).unet.state_dict()
+    for key, value in exported.items():
+        assert torch.equal(state["unet"][key], value), key
+    train_base.train(seeded, Recipe(unet_steps=3, **TINY), resume=True)
+    after = _state(seeded)
+    assert after["step"] == 3 and after["warm_start"] == 2
+    assert not torch.equal(after["unet"]["conv_in.weight"], state["unet"]["conv_in.weight"])

@@ -96,6 +96,9 @@ def cmd_shapes_train_base(args) -> None:
         path = train_base.export(Path(args.run), Path(args.export_to))
         print(f"exported {path}")
         return
+    if args.init_from:
+        train_base.seed_run_from_export(args.run, args.init_from)
+        args.resume = True
     recipe = train_base.Recipe(seed=args.seed, unet_steps=args.unet_steps)
     train_base.train(args.run, recipe, resume=args.resume)
     print(f"training reached its step targets; export with: conceptkit shapes train-base --run {args.run} "
@@ -174,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-steps", type=int, default=30000)
     p.add_argument("--export-to", help="write the run's EMA weights as a diffusers folder and stop")
+    p.add_argument("--init-from", help="start a new run from shipped weights (e.g. the bundled folder) when the "
+                                       "original run's checkpoints are gone")
     p.set_defaults(func=cmd_shapes_train_base)
 
     evaluate = sub.add_parser("evaluate", help="benchmarks on the shapes world").add_subparsers(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -235,9 +236,12 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
     if "unet" in state:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
+    if "opt" in state:
+        opt.load_state_dict(state["opt"])
     step, seconds = state["step"], state["seconds"]
+    # a run seeded from shipped weights has no optimizer moments: warm the learning rate up again from there
+    warm_start = state.get("warm_start", step if "unet" in state and "opt" not in state else 0)
     if step >= r.unet_steps:
         return
     log = Log(run / "unet_log.jsonl")
@@ -257,7 +261,7 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
         t = torch.randint(0, scheduler.config.num_train_timesteps, (r.batch,), generator=g)
         zt = scheduler.add_noise(z0, noise, t)
         for group in opt.param_groups:
-            group["lr"] = r.lr * min(1.0, (step + 1) / r.warmup)
+            group["lr"] = r.lr * min(1.0, (step - warm_start + 1) / r.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(zt, t, cond).sample.float()
@@ -278,7 +282,7 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
         if step % r.checkpoint_every == 0 or step == r.unet_steps:
             _save_state(state_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                                      "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-                                     "seconds": seconds})
+                                     "seconds": seconds, "warm_start": warm_start})
     bar.close()
 
 
@@ -304,7 +308,6 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
         pipe.to(torch.float16)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     vae_state = _load_state(run / "vae_state.pt")
@@ -317,7 +320,6 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
     }
     (tmp / "training.json").write_text(json.dumps(card, indent=2))
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
     return out
@@ -325,6 +327,36 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
 
 def _recipe_of(run: Path) -> Recipe:
     return Recipe(**json.loads((run / "recipe.json").read_text()))
+
+
+def seed_run_from_export(run: str | Path, folder: str | Path) -> Path:
+    """Start a run folder from shipped weights (when a run's checkpoints were lost): its VAE, tokenizer, text
+    encoder and UNet (the EMA weights) become the run's state at the shipped step count; the optimizer starts
+    afresh, with a new learning-rate warm-up. Latents are re-encoded with the shipped (float16) VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel
+
+    run, folder = Path(run), Path(folder)
+    if (run / "recipe.json").exists():
+        raise SystemExit(f"error: {run} already holds a training run; resume it instead of seeding it")
+    card = json.loads((folder / "training.json").read_text())
+    recipe = Recipe(**card["recipe"])
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder / "tokenizer", run / "tokenizer")
+    AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).save_pretrained(run / "vae")
+    total_vae = recipe.vae_crop_steps + recipe.vae_full_steps
+    _save_state(run / "vae_state.pt", {"step": total_vae, "seconds": float(card["train_seconds"]["vae"])})
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema.optimization_step = card["unet_steps"]
+    _save_state(run / "unet_state.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                        "ema": ema.state_dict(), "step": card["unet_steps"],
+                                        "seconds": float(card["train_seconds"]["unet"])})
+    atomic_write_text(run / "recipe.json", json.dumps(asdict(recipe), indent=2))
+    return run
 
 
 def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -> None:
