@@ -90,8 +90,12 @@ def cmd_shapes_read(args) -> None:
 
 
 def cmd_shapes_train_base(args) -> None:
+    import torch
+
     from .shapes import train_base
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.export_to:
         path = train_base.export(Path(args.run), Path(args.export_to))
         print(f"exported {path}")
@@ -177,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-steps", type=int, default=30000)
     p.add_argument("--export-to", help="write the run's EMA weights as a diffusers folder and stop")
+    p.add_argument("--threads", type=int, help="CPU threads (use 1 to leave a core free for other work: two "
+                                                "busy processes on 2 threads each slow each other down many times)")
     p.add_argument("--init-from", help="start a new run from shipped weights (e.g. the bundled folder) when the "
                                        "original run's checkpoints are gone")
     p.set_defaults(func=cmd_shapes_train_base)
