@@ -36,7 +36,7 @@ def cmd_generate(args) -> None:
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out)
-    print(f"wrote {len(out.paths)} images and the grid {out.grid_path}")
+    print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
 
 
 def cmd_info(args) -> None:
