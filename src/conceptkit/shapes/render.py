@@ -75,13 +75,6 @@ _FINE = (np.arange(IMAGE_SIZE * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # fine-grid p
 _FX, _FY = np.meshgrid(_FINE, _FINE)
 
 
-def object_coverage(obj: Obj, offset: tuple[int, int] = (0, 0), size: int = IMAGE_SIZE) -> np.ndarray:
-    """Fractional coverage (size x size floats in [0,1]) of an object's silhouette."""
-    cx, cy, side = object_box(obj, offset)
-    inside = shape_mask(obj.shape, (_FX - cx) / (side / 2), (_FY - cy) / (side / 2))
-    return _pool(inside.astype(np.float32))
-
-
 def _window(centre: float, side: float) -> slice:
     lo = max(0, int((centre - side / 2 - 1) * SUPERSAMPLE))
     hi = min(IMAGE_SIZE * SUPERSAMPLE, int((centre + side / 2 + 1) * SUPERSAMPLE) + 1)
