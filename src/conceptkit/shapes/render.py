@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .world import BACKGROUNDS, COLORS, IMAGE_SIZE, MARK_RGB, Obj, Scene, object_box
+from .world import BACKGROUNDS, COLORS, IMAGE_SIZE, MARK_RGB, Scene, object_box
 
 SUPERSAMPLE = 4
 
