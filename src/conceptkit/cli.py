@@ -33,10 +33,37 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     pipe = load_pipeline(args.model, config=args.config)
+    load_embeddings(pipe, args.embedding)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out)
     print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
+
+
+def load_embeddings(pipe, specs: list[str] | None) -> None:
+    from .models.embeddings import add_embedding, read_embedding, split_spec
+
+    for spec in specs or []:
+        path, token = split_spec(spec)
+        embedding = read_embedding(path, token)
+        add_embedding(pipe, embedding)
+        print(f"loaded {embedding.token} ({embedding.vectors.shape[0]} vector(s), {embedding.layout} layout) "
+              f"from {path}", file=sys.stderr)
+
+
+def cmd_learn_ti(args) -> None:
+    from .learn.textual_inversion import TIConfig, learn_textual_inversion
+    from .models.loading import load_pipeline
+
+    cfg = TIConfig(token=args.token, init_word=args.init_word or None, vectors=args.vectors, template=args.template,
+                   steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch=args.batch, grad_accum=args.grad_accum,
+                   resolution=args.resolution, center_crop=args.center_crop, seed=args.seed,
+                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format)
+    pipe = load_pipeline(args.model, config=args.config)
+    result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume)
+    print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
+          f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
+          f"--embedding {result.out_dir} --prompt 'a photo of {cfg.token}'")
 
 
 def cmd_info(args) -> None:
@@ -158,8 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     _add_sampling(p)
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
     p.add_argument("--out", default="outputs/generate")
     p.set_defaults(func=cmd_generate)
+
+    learn = sub.add_parser("learn", help="teach the model a concept").add_subparsers(dest="learn_command",
+                                                                                     required=True)
+    p = learn.add_parser("ti", help="Textual Inversion: learn a new token from 3-5 images")
+    _add_model(p)
+    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept")
+    p.add_argument("--token", required=True, help="the new pseudo-word, e.g. '<my-cat>'")
+    p.add_argument("--init-word", default="object", help="a one-token word to start from (coarse class); '' for "
+                                                        "the vocabulary mean")
+    p.add_argument("--vectors", type=int, default=1, help="vectors per token")
+    p.add_argument("--template", default="object", help="object (27), object81, style (19), or a file of templates")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--scale-lr", action="store_true", help="multiply lr by batch x grad-accum")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers",
+                   help="a1111 also writes AUTOMATIC1111's .pt layout")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_learn_ti)
 
     p = sub.add_parser("info", help="versions, device and the bundled model, as JSON")
     p.set_defaults(func=cmd_info)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import atomic_write
+from ..models.embeddings import check_prompt_tokens
 from .schedulers import make_scheduler
 
 
@@ -71,6 +72,7 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
+    check_prompt_tokens(pipe.tokenizer, prompts + ([negative_prompt] if negative_prompt else []))
     size = default_size(pipe)
     height, width = height or size, width or size
     multiple = pipe.vae_scale_factor

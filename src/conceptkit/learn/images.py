@@ -1,0 +1,57 @@
+"""A concept's training images: read a folder, check it, and turn it into [-1, 1] tensors (ALGORITHMS.md §1.4)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+
+# Files that commonly sit next to training images and are not images: skipped, not refused.
+SIDECAR_SUFFIXES = {".txt", ".json", ".jsonl", ".md", ".caption", ".csv", ".yaml", ".yml"}
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist: pass --images DIR, a folder of 3-5 images of the concept")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() not in SIDECAR_SUFFIXES)
+    if not files:
+        raise UserError(f"image folder {folder} holds no images: put 3-5 .png/.jpg images of the concept in it")
+    return files
+
+
+def load_images(folder: str | Path, resolution: int, center_crop: bool = False) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1]. Like both reference codes: RGB, bicubic resize, squashed unless center_crop."""
+    files = image_files(folder)
+    images, unreadable, small = [], [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError):
+            unreadable.append(path.name)
+            continue
+        if min(image.size) < resolution:
+            small.append(f"{path.name} ({image.width}x{image.height})")
+        images.append(image)
+    if unreadable:
+        raise UserError(f"{Path(folder)}: cannot read {', '.join(unreadable)} as images (corrupt or not an image): "
+                        "remove or replace them")
+    if small:
+        raise UserError(f"{Path(folder)}: {', '.join(small)} smaller than the training resolution {resolution}: pass "
+                        f"--resolution {min(min(im.size) for im in images)} or larger images")
+    tensors = []
+    for image in images:
+        if center_crop:
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1))
+    return torch.stack(tensors)

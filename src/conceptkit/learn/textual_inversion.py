@@ -1,0 +1,333 @@
+"""Textual Inversion (ALGORITHMS.md §1): learn new token vectors for a concept; everything else stays frozen.
+
+Design (the spec's recommended from-scratch form, §1.2): the pipeline's embedding table is never touched while
+training. A copy of the tokenizer gets the placeholder tokens; the text encoder's token-embedding module is wrapped
+so ids past the old vocabulary read from a small (n, d) trainable tensor. Only that tensor gets gradients, so there
+is nothing to restore after each step, and the optimiser sees n*d numbers instead of the whole table.
+
+Speed: each image (and its mirror image) goes through the VAE once; every step samples from the cached latent
+distributions, as `latent_dist.sample()` would. Frozen models are in eval mode with requires_grad off, so the
+backward pass computes no weight gradients.
+
+Resumable and reproducible: every step draws its randomness from a generator seeded by (seed, step), so a run
+resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_write
+from ..models.embeddings import Embedding, add_embedding, save_embedding, write_metadata
+from .images import load_images
+from .templates import load_templates
+
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+
+
+@dataclass
+class TIConfig:
+    token: str = "<concept>"
+    init_word: str | None = "object"  # None: start from the mean of the vocabulary's vectors
+    vectors: int = 1
+    template: str = "object"  # object | object81 | style | a file
+    steps: int = 600
+    lr: float = 5e-3
+    scale_lr: bool = False  # lr *= batch * grad_accum, as --scale_lr in both reference codes
+    batch: int = 4
+    grad_accum: int = 1
+    resolution: int | None = None  # None: the model's native size
+    center_crop: bool = False
+    flip_p: float = 0.5
+    weight_decay: float = 0.01  # AdamW, applied to the learned vectors (intended in both codes)
+    seed: int = 0
+    checkpoint_every: int = 100
+    validate_every: int = 0  # 0: only at the end
+    validation_prompts: tuple[str, ...] = ("a photo of {}",)
+    validation_seeds: int = 4
+    init_includes_pos0: bool = False  # reference quirk of the official code (§1.2): init = tok[init] + pos[0]
+    fmt: str = "diffusers"  # or a1111
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch * self.grad_accum if self.scale_lr else self.lr
+
+
+@dataclass
+class TIResult:
+    embedding: Embedding
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class SplicedTokenEmbedding(torch.nn.Module):
+    """A frozen embedding table plus trainable rows for ids >= first_new_id."""
+
+    def __init__(self, base: torch.nn.Embedding, learned: torch.Tensor, first_new_id: int):
+        super().__init__()
+        self.base, self.learned, self.first_new_id = base, learned, first_new_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        new = ids >= self.first_new_id
+        out = self.base(torch.where(new, 0, ids))
+        rows = self.learned[(ids - self.first_new_id).clamp(0, self.learned.shape[0] - 1)].to(out.dtype)
+        return torch.where(new[..., None], rows, out)
+
+
+@contextlib.contextmanager
+def spliced(text_encoder, learned: torch.Tensor, first_new_id: int):
+    base = text_encoder.get_input_embeddings()
+    text_encoder.set_input_embeddings(SplicedTokenEmbedding(base, learned, first_new_id))
+    try:
+        yield
+    finally:
+        text_encoder.set_input_embeddings(base)
+
+
+def placeholder_tokens(token: str, n: int) -> list[str]:
+    """diffusers' multi-vector naming: P, P_1, ..., P_{n-1}; a prompt says P and it expands to all of them."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def training_tokenizer(tokenizer, cfg: TIConfig):
+    """A copy of the tokenizer that knows the placeholder tokens; the pipeline's own is left alone."""
+    if cfg.vectors < 1:
+        raise UserError(f"--vectors {cfg.vectors}: pass 1 or more")
+    names = placeholder_tokens(cfg.token, cfg.vectors)
+    vocab = tokenizer.get_vocab()
+    taken = [n for n in names if n in vocab]
+    if taken:
+        raise UserError(f"token '{taken[0]}' is already in the model's vocabulary: pick a new name with --token "
+                        f"(e.g. '<my-{cfg.token.strip('<>') or 'concept'}>')")
+    tok = copy.deepcopy(tokenizer)
+    if tok.add_tokens(names) != len(names) or tok.convert_tokens_to_ids(names) != list(
+            range(len(tokenizer), len(tokenizer) + len(names))):
+        raise UserError(f"token '{cfg.token}' could not be added as {len(names)} new tokens: choose another --token")
+    return tok
+
+
+def initial_vectors(tokenizer, text_encoder, cfg: TIConfig) -> torch.Tensor:
+    table = text_encoder.get_input_embeddings().weight.detach().float()
+    if cfg.init_word is None:
+        row = table.mean(0)
+    else:
+        ids = tokenizer(cfg.init_word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise UserError(f"initializer word '{cfg.init_word}' is {len(ids)} tokens "
+                            f"{tokenizer.convert_ids_to_tokens(ids)}; it must be one: pass a single-token --init-word")
+        row = table[ids[0]]
+        if cfg.init_includes_pos0:
+            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4.x / 5.x
+            row = row + embeddings.position_embedding.weight[0].detach().float()
+    return row.repeat(cfg.vectors, 1).clone()
+
+
+def encode_latent_cache(vae, images: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of q(z|x) for every image and its mirror image (flipped images come second)."""
+    both = torch.cat([images, images.flip(-1)])
+    means, stds = [], []
+    with torch.inference_mode():
+        for i in range(0, len(both), batch):
+            dist = vae.encode(both[i : i + batch].to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    template_ids: torch.Tensor
+
+
+def draw_batch(g: torch.Generator, means: torch.Tensor, stds: torch.Tensor, cfg: TIConfig, num_templates: int,
+               num_train_timesteps: int, scaling_factor: float) -> Batch:
+    n_images = means.shape[0] // 2
+    index = torch.randint(0, n_images, (cfg.batch,), generator=g)
+    flipped = torch.rand(cfg.batch, generator=g) < cfg.flip_p
+    source = index + n_images * flipped.long()
+    sample = torch.randn(means[source].shape, generator=g)
+    latents = (means[source] + stds[source] * sample) * scaling_factor
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, num_train_timesteps, (cfg.batch,), generator=g)
+    template_ids = torch.randint(0, num_templates, (cfg.batch,), generator=g)
+    return Batch(latents, noise, timesteps, template_ids)
+
+
+def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens: torch.Tensor) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (ε, or v for v-prediction models), §1.1."""
+    device = pipe.unet.device
+    latents, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    cond = pipe.text_encoder(template_ids_tokens[batch.template_ids].to(device))[0]
+    pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    return F.mse_loss(pred, target.float())
+
+
+def freeze(pipe) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+
+
+def save_checkpoint(folder: Path, step: int, learned: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    losses: list[float]) -> Path:
+    state = optimizer.state.get(learned, {})
+    tensors = {"learned": learned.detach().clone().contiguous()}
+    if state:
+        tensors.update(exp_avg=state["exp_avg"].contiguous(), exp_avg_sq=state["exp_avg_sq"].contiguous(),
+                       adam_step=state["step"].reshape(1).float())
+    meta = {"step": str(step), "losses": json.dumps(losses)}
+    return atomic_write(folder / f"step-{step:06d}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*.safetensors"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, learned: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    with torch.no_grad():
+        learned.copy_(tensors["learned"])
+    if "exp_avg" in tensors:
+        optimizer.state[learned] = {"step": tensors["adam_step"][0].clone(), "exp_avg": tensors["exp_avg"],
+                                    "exp_avg_sq": tensors["exp_avg_sq"]}
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def run_config(cfg: TIConfig, model: str) -> dict:
+    return {"method": "textual_inversion", "base_model": model, "conceptkit": __version__, **asdict(cfg),
+            "effective_lr": cfg.effective_lr}
+
+
+def check_resume_config(out: Path, config: dict) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    keys = [k for k in config if k not in ("steps", "checkpoint_every", "validate_every", "conceptkit")]
+    changed = [k for k in keys if json.loads(json.dumps(config[k])) != saved.get(k)]
+    if changed:
+        raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same settings "
+                        "to --resume it, or a new --out folder")
+
+
+def validate(pipe, tok, learned, first_new_id, cfg: TIConfig, out_dir: Path, step: int) -> Path:
+    from ..generate.images import generate
+
+    prompts = [p.format(cfg.token) for p in cfg.validation_prompts]
+    original = pipe.tokenizer
+    pipe.tokenizer = tok
+    try:
+        with spliced(pipe.text_encoder, learned.detach(), first_new_id), torch.no_grad():
+            result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
+                              guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
+    finally:
+        pipe.tokenizer = original
+    return result.grid_path
+
+
+def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, cfg: TIConfig | None = None, *,
+                            model_name: str = "", resume: bool = False, progress: bool = True) -> TIResult:
+    """Learn `cfg.token` from the images in `images_dir`; write the embedding + metadata into `out_dir`.
+
+    On return the pipeline knows the token (loaded as diffusers would load the written file).
+    """
+    cfg = cfg or TIConfig()
+    out = Path(out_dir)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = cfg.resolution or native
+    images = load_images(images_dir, resolution, cfg.center_crop)
+    templates = load_templates(cfg.template)
+    tok = training_tokenizer(pipe.tokenizer, cfg)
+    first_new_id = len(pipe.tokenizer)
+    freeze(pipe)
+    learned = torch.nn.Parameter(initial_vectors(pipe.tokenizer, pipe.text_encoder, cfg).to(pipe.text_encoder.device))
+    optimizer = torch.optim.AdamW([learned], lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    config = run_config(cfg, model_name)
+    checkpoints = out / "checkpoints"
+    start, losses = 0, []
+    if resume:
+        check_resume_config(out, config)
+        last = latest_checkpoint(checkpoints)
+        if last is not None:
+            start, losses = load_checkpoint(last, learned, optimizer)
+    elif latest_checkpoint(checkpoints) is not None:
+        raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    means, stds = encode_latent_cache(pipe.vae, images)
+    placeholder = " ".join(placeholder_tokens(cfg.token, cfg.vectors))
+    template_tokens = tok([t.format(placeholder) for t in templates], padding="max_length",
+                          max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    scaling = pipe.vae.config.scaling_factor
+
+    began = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"textual inversion {cfg.token}", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    with spliced(pipe.text_encoder, learned, first_new_id):
+        for step in range(start, cfg.steps):
+            g = step_generator(cfg.seed, step)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = draw_batch(g, means, stds, cfg, len(templates), scheduler.config.num_train_timesteps, scaling)
+                loss = ti_loss(pipe, scheduler, batch, template_tokens) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(checkpoints, done, learned, optimizer, losses)
+            if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
+                validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done)
+    bar.close()
+    seconds = time.perf_counter() - began
+    if cfg.steps > start or not (out / "validation").exists():
+        validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
+
+    vectors = learned.detach().float().cpu()
+    embedding = Embedding(cfg.token, vectors, cfg.fmt)
+    metadata = {**config, "steps_done": cfg.steps, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses
+                else None, "vector_norms": [round(float(v.norm()), 4) for v in vectors]}
+    if cfg.fmt == "a1111":
+        save_embedding(out / f"{cfg.token.strip('<>') or 'embedding'}.pt", cfg.token, vectors, fmt="a1111",
+                       metadata={"steps": cfg.steps, "base_model": model_name})
+    save_embedding(out / EMBEDDINGS_FILE, cfg.token, vectors, metadata=metadata)
+    write_metadata(out / "metadata.json", metadata)
+    add_embedding(pipe, embedding)
+    return TIResult(embedding, out, losses, seconds)
