@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .learn.ti_config import TIConfig
+
+TI_DEFAULTS = TIConfig()
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -15,6 +18,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "or a hub id already in the local Hugging Face cache")
     p.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder (or cached hub id) "
                                     "whose configs describe it")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float = 7.5) -> None:
@@ -32,7 +36,7 @@ def cmd_generate(args) -> None:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    pipe = load_pipeline(args.model, config=args.config)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
     load_embeddings(pipe, args.embedding)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
@@ -52,14 +56,15 @@ def load_embeddings(pipe, specs: list[str] | None) -> None:
 
 
 def cmd_learn_ti(args) -> None:
-    from .learn.textual_inversion import TIConfig, learn_textual_inversion
+    from .learn.textual_inversion import learn_textual_inversion
     from .models.loading import load_pipeline
 
     cfg = TIConfig(token=args.token, init_word=args.init_word or None, vectors=args.vectors, template=args.template,
                    steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch=args.batch, grad_accum=args.grad_accum,
                    resolution=args.resolution, center_crop=args.center_crop, seed=args.seed,
-                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format)
-    pipe = load_pipeline(args.model, config=args.config)
+                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
+                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
     result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume)
     print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
           f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
@@ -140,11 +145,30 @@ def cmd_evaluate_base(args) -> None:
     from .evaluate.base import evaluate_base, table, write_json
     from .models.loading import load_pipeline
 
-    pipe = load_pipeline(args.model, config=args.config)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
     results = evaluate_base(pipe, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                             scheduler=args.scheduler, image_dir=args.images)
     results["model"] = args.model
     print(table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_evaluate_ti(args) -> None:
+    from .evaluate.base import write_json
+    from .evaluate.ti import evaluate_ti, table
+    from .shapes.concepts import CONCEPTS, by_name
+
+    try:
+        concepts = [by_name(n) for n in args.concepts.split(",")] if args.concepts else list(CONCEPTS)
+    except KeyError as e:
+        raise UserError(f"unknown concept {e}: pass some of {', '.join(c.name for c in CONCEPTS)}") from None
+    cfg = TIConfig(steps=args.ti_steps, lr=args.lr, batch=args.batch, vectors=args.vectors,
+                   init_word=args.init_word or None, seed=args.seed)
+    results = evaluate_ti(args.model, cfg, concepts=concepts, seeds=args.seeds, out_dir=args.out)
+    print(table(results))
+    print(f"picture grid: {Path(args.out) / 'grid.png'}")
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")
@@ -159,7 +183,7 @@ def cmd_evaluate_oracle(args) -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
     else:
-        vae = load_pipeline(args.model, config=args.config).vae if args.model else None
+        vae = load_pipeline(args.model, config=args.config, device=args.device).vae if args.model else None
     results = oracle_accuracy(args.n, vae)
     print("| attribute | clean renders |" + (" VAE reconstructions |" if vae else ""))
     print("|---|---|" + ("---|" if vae else ""))
@@ -196,22 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--images", required=True, help="folder of 3-5 images of the concept")
     p.add_argument("--token", required=True, help="the new pseudo-word, e.g. '<my-cat>'")
-    p.add_argument("--init-word", default="object", help="a one-token word to start from (coarse class); '' for "
+    p.add_argument("--init-word", default=TI_DEFAULTS.init_word, help="a one-token word to start from (coarse class); '' for "
                                                         "the vocabulary mean")
-    p.add_argument("--vectors", type=int, default=1, help="vectors per token")
-    p.add_argument("--template", default="object", help="object (27), object81, style (19), or a file of templates")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--vectors", type=int, default=TI_DEFAULTS.vectors, help="vectors per token")
+    p.add_argument("--template", default=TI_DEFAULTS.template, help="object (27), object81, style (19), or a file of templates")
+    p.add_argument("--steps", type=int, default=TI_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=TI_DEFAULTS.lr)
     p.add_argument("--scale-lr", action="store_true", help="multiply lr by batch x grad-accum")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=TI_DEFAULTS.batch)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
     p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=TI_DEFAULTS.checkpoint_every)
     p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
     p.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers",
                    help="a1111 also writes AUTOMATIC1111's .pt layout")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the frozen models (GPU); the learned vectors stay fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (GPU, 512 px)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_ti)
@@ -251,9 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.add_argument("--images", help="also write the generated images here")
     p.set_defaults(func=cmd_evaluate_base)
+    p = evaluate.add_parser("ti", help="Textual Inversion on the bundled concept sets: fidelity and adherence")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--concepts", help="comma-separated concept names (default: all bundled sets)")
+    p.add_argument("--ti-steps", type=int, default=TI_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=TI_DEFAULTS.lr)
+    p.add_argument("--batch", type=int, default=TI_DEFAULTS.batch)
+    p.add_argument("--vectors", type=int, default=TI_DEFAULTS.vectors)
+    p.add_argument("--init-word", default=TI_DEFAULTS.init_word)
+    p.add_argument("--seed", type=int, default=0, help="training seed (sampling uses the held-out seeds)")
+    p.add_argument("--seeds", type=int, default=4, help="held-out sampling seeds per prompt")
+    p.add_argument("--out", default="outputs/evaluate-ti", help="embeddings, images and the picture grid")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_evaluate_ti)
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
     p.add_argument("--config")
+    p.add_argument("--device", default="auto")
     p.add_argument("--vae", help="a diffusers AutoencoderKL folder to test instead of --model's VAE")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--json")

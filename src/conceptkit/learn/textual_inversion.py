@@ -32,37 +32,10 @@ from ..errors import UserError
 from ..files import atomic_write
 from ..models.embeddings import Embedding, add_embedding, save_embedding, write_metadata
 from .images import load_images
+from .ti_config import TIConfig
 from .templates import load_templates
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
-
-
-@dataclass
-class TIConfig:
-    token: str = "<concept>"
-    init_word: str | None = "object"  # None: start from the mean of the vocabulary's vectors
-    vectors: int = 1
-    template: str = "object"  # object | object81 | style | a file
-    steps: int = 600
-    lr: float = 5e-3
-    scale_lr: bool = False  # lr *= batch * grad_accum, as --scale_lr in both reference codes
-    batch: int = 4
-    grad_accum: int = 1
-    resolution: int | None = None  # None: the model's native size
-    center_crop: bool = False
-    flip_p: float = 0.5
-    weight_decay: float = 0.01  # AdamW, applied to the learned vectors (intended in both codes)
-    seed: int = 0
-    checkpoint_every: int = 100
-    validate_every: int = 0  # 0: only at the end
-    validation_prompts: tuple[str, ...] = ("a photo of {}",)
-    validation_seeds: int = 4
-    init_includes_pos0: bool = False  # reference quirk of the official code (§1.2): init = tok[init] + pos[0]
-    fmt: str = "diffusers"  # or a1111
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr * self.batch * self.grad_accum if self.scale_lr else self.lr
 
 
 @dataclass
@@ -187,6 +160,15 @@ def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens: torch.Tensor) ->
     return F.mse_loss(pred, target.float())
 
 
+def autocast(pipe, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise UserError(f"--mixed-precision {mixed_precision}: pass no, bf16 or fp16")
+    return torch.autocast(pipe.unet.device.type, dtype=dtypes[mixed_precision])
+
+
 def freeze(pipe) -> None:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -270,6 +252,8 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     tok = training_tokenizer(pipe.tokenizer, cfg)
     first_new_id = len(pipe.tokenizer)
     freeze(pipe)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     learned = torch.nn.Parameter(initial_vectors(pipe.tokenizer, pipe.text_encoder, cfg).to(pipe.text_encoder.device))
     optimizer = torch.optim.AdamW([learned], lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -302,7 +286,8 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = draw_batch(g, means, stds, cfg, len(templates), scheduler.config.num_train_timesteps, scaling)
-                loss = ti_loss(pipe, scheduler, batch, template_tokens) / cfg.grad_accum
+                with autocast(pipe, cfg.mixed_precision):
+                    loss = ti_loss(pipe, scheduler, batch, template_tokens) / cfg.grad_accum
                 loss.backward()
                 total += loss.item()
             optimizer.step()
@@ -313,11 +298,11 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(checkpoints, done, learned, optimizer, losses)
-            if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
+            if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
                 validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done)
     bar.close()
     seconds = time.perf_counter() - began
-    if cfg.steps > start or not (out / "validation").exists():
+    if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
         validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
 
     vectors = learned.detach().float().cpu()

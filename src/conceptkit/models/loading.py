@@ -199,8 +199,11 @@ def load_from_source(source: ModelSource, dtype: torch.dtype):
 
 
 def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dtype: torch.dtype = torch.float32,
-                  device: str = "cpu"):
-    """Load a StableDiffusionPipeline from `model` (see the module docstring), on `device` in `dtype`."""
+                  device: str = "auto"):
+    """Load a StableDiffusionPipeline from `model` (see the module docstring), on `device` ("auto": CUDA when
+    there is one) in `dtype`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     source = resolve_model(str(model), None if config is None else str(config))
     silence_empty_keep_in_float32_warning()
     try:

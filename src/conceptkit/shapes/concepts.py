@@ -1,0 +1,79 @@
+"""Concept sets for personalization: a few rendered images of one object, the way users bring 3-5 photos.
+
+Each set shows one (shape, colour, pattern) at four backgrounds, positions and both sizes, so a learned word
+has to capture the object and not its surroundings. Two sets use shapes the base model's captions never name
+(a learned word is the only way to ask for them); the others use held-out shape/colour/pattern combinations that
+no training image shows. The sets are rendered deterministically and also shipped as PNGs in
+`bundled/concepts/<name>/` (a test checks the two agree).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+import conceptkit
+
+from ..files import atomic_write
+from .captions import shape_word
+from .render import render
+from .world import UNNAMED_SHAPES, Obj, Scene
+
+VIEWS = (("gray", "center", "large", (1, -1)), ("navy", "left", "small", (0, 2)), ("teal", "right", "large", (-2, 0)),
+         ("white", "top", "small", (2, 1)))
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    shape: str
+    color: str
+    pattern: str
+
+    @property
+    def description(self) -> str:
+        """The best plain-text description the base model's vocabulary allows ('red striped object')."""
+        return f"{self.color} {self.pattern} {shape_word(self.shape)}"
+
+    @property
+    def named(self) -> bool:
+        return self.shape not in UNNAMED_SHAPES
+
+    def scenes(self) -> list[Scene]:
+        return [Scene(bg, (Obj(self.shape, self.color, self.pattern, pos, size),), (offset,))
+                for bg, pos, size, offset in VIEWS]
+
+    def images(self) -> list[Image.Image]:
+        return [Image.fromarray(render(s)) for s in self.scenes()]
+
+
+CONCEPTS = (
+    Concept("red-striped-star", "star", "red", "striped"),
+    Concept("cyan-dotted-moon", "moon", "cyan", "dotted"),
+    Concept("pink-checkered-cross", "cross", "pink", "checkered"),
+    Concept("purple-dotted-diamond", "diamond", "purple", "dotted"),
+)
+
+
+def bundled_concepts_path() -> Path:
+    return Path(conceptkit.__file__).parent / "bundled" / "concepts"
+
+
+def concept_folder(concept: Concept) -> Path:
+    return bundled_concepts_path() / concept.name
+
+
+def write_concept(concept: Concept, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(concept.images()):
+        atomic_write(folder / f"{i}.png", lambda p, image=image: image.save(p, format="PNG"))
+    return folder
+
+
+def by_name(name: str) -> Concept:
+    for c in CONCEPTS:
+        if c.name == name:
+            return c
+    raise KeyError(name)
