@@ -163,8 +163,11 @@ def test_mirrored_images_are_cached_after_the_originals(pipe):
 
 
 def test_resumed_run_equals_uninterrupted_run(sd_tiny_dir, concept, tmp_path):
-    cfg = TIConfig(token="<t>", steps=4, batch=2, lr=1e-2, checkpoint_every=2, seed=5)
+    cfg = TIConfig(token="<t>", steps=4, batch=2, lr=1e-2, checkpoint_every=2, seed=5, validate_every=2)
     whole = learn_textual_inversion(load_pipeline(str(sd_tiny_dir)), concept, tmp_path / "a", cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-000002.safetensors",
+                                                                                  "step-000004.safetensors"]
+    assert [p.name for p in sorted((tmp_path / "a" / "validation").iterdir())] == ["step-000002", "step-000004"]
     half = TIConfig(**{**cfg.__dict__, "steps": 2})
     learn_textual_inversion(load_pipeline(str(sd_tiny_dir)), concept, tmp_path / "b", half, progress=False)
     resumed = learn_textual_inversion(load_pipeline(str(sd_tiny_dir)), concept, tmp_path / "b", cfg, resume=True,
