@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write
-from ..models.embeddings import Embedding, add_embedding, save_embedding, write_metadata
+from ..files import atomic_write, atomic_write_text
+from ..models.embeddings import Embedding, add_embedding, save_embedding
 from .images import load_images
 from .ti_config import TIConfig
 from .templates import load_templates
@@ -269,7 +269,7 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
     means, stds = encode_latent_cache(pipe.vae, images)
     placeholder = " ".join(placeholder_tokens(cfg.token, cfg.vectors))
@@ -313,6 +313,6 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
         save_embedding(out / f"{cfg.token.strip('<>') or 'embedding'}.pt", cfg.token, vectors, fmt="a1111",
                        metadata={"steps": cfg.steps, "base_model": model_name})
     save_embedding(out / EMBEDDINGS_FILE, cfg.token, vectors, metadata=metadata)
-    write_metadata(out / "metadata.json", metadata)
+    atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
     add_embedding(pipe, embedding)
     return TIResult(embedding, out, losses, seconds)

@@ -11,7 +11,6 @@ Pickled files are only ever read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ def _load_pickle(path: Path) -> dict:
 
 
 def _as_matrix(value, path: Path, key: str) -> torch.Tensor:
-    if isinstance(value, torch.nn.ParameterDict) or isinstance(value, dict):
+    if isinstance(value, (torch.nn.ParameterDict, dict)):
         if len(value) != 1:
             raise UserError(f"embedding {path}: '{key}' holds {len(value)} placeholders {list(value)}; conceptkit "
                             "loads one per file: pass a file with a single placeholder")
@@ -123,10 +122,6 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, fmt: 
     raise UserError(f"unknown embedding format {fmt!r}: pass 'diffusers' or 'a1111'")
 
 
-def write_metadata(path: str | Path, metadata: dict) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(json.dumps(metadata, indent=2) + "\n"))
-
-
 def add_embedding(pipe, embedding: Embedding) -> None:
     """Teach the pipeline's tokenizer/text encoder `embedding.token` (diffusers' loader, after our checks)."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
@@ -152,10 +147,9 @@ def add_embedding(pipe, embedding: Embedding) -> None:
 
 def check_prompt_tokens(tokenizer, prompts: list[str]) -> None:
     """Refuse a prompt that names a <placeholder> no loaded embedding defines (it would silently become text)."""
-    vocab = tokenizer.get_vocab()
-    special = set(getattr(tokenizer, "all_special_tokens", []))
+    vocab = tokenizer.get_vocab()  # added tokens and special tokens included
     for prompt in prompts:
         for word in PLACEHOLDER_PATTERN.findall(prompt):
-            if word not in vocab and word not in special:
+            if word not in vocab:
                 raise UserError(f"prompt uses {word} but no loaded embedding defines it: load one with "
                                 f"--embedding FILE:{word}")
