@@ -1,0 +1,1 @@
+"""Composing several LoRA concepts in one image: CLoRA (ALGORITHMS.md §2) and the baselines it is compared with."""

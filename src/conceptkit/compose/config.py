@@ -1,0 +1,65 @@
+"""Composition settings: plain data (no torch import), shared by the sampler, the CLI and the benchmarks.
+
+`CLoRAConfig()` holds conceptkit's defaults, which fix the official code's quirks (ALGORITHMS.md §5);
+`CLoRAConfig.reference()` reproduces the official behaviour (maps averaged over both CFG halves, stale noise
+predictions, no epsilon in the min-max normalisation, the notebook's schedule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+METHODS = ("clora", "merge", "switch", "composite", "none")
+
+
+@dataclass
+class CLoRAConfig:
+    steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    # latent optimisation (§2.5)
+    latent_update: bool = True
+    step_size: float = 20.0  # plain gradient step on z, constant (no decay), as the official code
+    max_iter_to_alter: int | None = None  # None: the first half of the steps (the notebook: 50 of 100)
+    iterative_steps: tuple[int, ...] = (0, 10, 20)
+    iterative_steps_steps: int = 20
+    temperature: float = 0.5
+    # attention maps (§2.3)
+    attn_res: int | None = None  # None: latent side / 4 (the spec's H/32 for SD), but at least 8 (tiny models)
+    cond_only_maps: bool = True  # reference: False (the unconditional half is averaged in, keyed to other tokens)
+    minmax_eps: float = 1e-8  # reference: 0 (divides by zero on a flat map)
+    # masks (§2.6)
+    apply_mask_after: int = 0
+    mask_threshold: float = 0.4
+    dilate: bool = False
+    erode: bool = False
+    opening: bool = False
+    closing: bool = False
+    # §5 fixes
+    fresh_predictions: bool = True  # reference: False (the DDIM step uses ε from before the last latent update)
+    explicit_attention: bool = False  # reference: True (explicit softmax(QKᵀ) in every layer, not only the mapped ones)
+    graphs_every_step: bool = False  # reference: True (autograd graphs even on steps without a latent update)
+    use_text_encoder_lora: bool = True
+    style_weight: float = 0.8
+    # execution: "batched" = all branches and both CFG halves in one UNet call with per-row adapters;
+    # "sequential" = the official structure (one batch-2 call per branch with adapter switching)
+    execution: str = "batched"
+    # baselines
+    merge_weight: float = 1.0
+    switch_every: int = 5
+    extra: dict = field(default_factory=dict)
+
+    QUIRKS = dict(cond_only_maps=False, minmax_eps=0.0, fresh_predictions=False, execution="sequential",
+                  graphs_every_step=True, explicit_attention=True)
+
+    @classmethod
+    def reference(cls, **overrides) -> "CLoRAConfig":
+        """The official code's behaviour, quirks included (§5). Schedule values stay conceptkit's unless overridden;
+        the notebook's are steps=100, guidance_scale=10, max_iter_to_alter=50, iterative_steps=(0, 10, 20)."""
+        return cls(**overrides).as_reference()
+
+    def as_reference(self) -> "CLoRAConfig":
+        """These settings with the official code's quirks switched back on."""
+        return replace(self, **self.QUIRKS)
+
+    def alter_until(self) -> int:
+        return self.steps // 2 if self.max_iter_to_alter is None else self.max_iter_to_alter
