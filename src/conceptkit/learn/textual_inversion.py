@@ -130,6 +130,7 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     template_ids: torch.Tensor
+    image_ids: torch.Tensor | None = None  # which image each sample shows (its mirror image included)
 
 
 def draw_batch(g: torch.Generator, means: torch.Tensor, stds: torch.Tensor, cfg: TIConfig, num_templates: int,
@@ -143,7 +144,7 @@ def draw_batch(g: torch.Generator, means: torch.Tensor, stds: torch.Tensor, cfg:
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, num_train_timesteps, (cfg.batch,), generator=g)
     template_ids = torch.randint(0, num_templates, (cfg.batch,), generator=g)
-    return Batch(latents, noise, timesteps, template_ids)
+    return Batch(latents, noise, timesteps, template_ids, index)
 
 
 def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens: torch.Tensor) -> torch.Tensor:

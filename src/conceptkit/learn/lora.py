@@ -1,0 +1,285 @@
+"""DreamBooth-style LoRA (no prior preservation): low-rank adapters on the UNet's attention projections (and, by
+default, the text encoder's), trained on a few captioned images of a concept; every base weight stays frozen.
+
+It runs like the Textual Inversion trainer and shares its machinery (learn/textual_inversion.py): the images (and
+their mirror images) go through the VAE once and every step samples from the cached latent distributions; every step
+draws its randomness from a generator seeded by (seed, step), so a run resumed from a checkpoint takes exactly the
+steps an uninterrupted run takes; checkpoints and outputs are written atomically.
+
+The adapters are added with diffusers' / transformers' PEFT integration (`add_adapter`, as diffusers'
+`train_dreambooth_lora.py` does) under a private name and removed again before returning: the pipeline is left as it
+was. The result is a diffusers-layout `pytorch_lora_weights.safetensors` that a plain `load_lora_weights` reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_write, atomic_write_text
+from ..models.lora import LORA_WEIGHT_NAME, LoraInfo, loaded_adapters, quiet_diffusers, read_lora_info, save_lora
+from .images import image_files, load_images
+from .lora_config import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, LoRAConfig
+from .textual_inversion import (
+    autocast,
+    check_resume_config,
+    draw_batch,
+    encode_latent_cache,
+    freeze,
+    latest_checkpoint,
+    step_generator,
+    ti_loss,
+)
+
+ADAPTER = "conceptkit_training"
+COMPONENTS = ("unet", "text_encoder")
+
+
+@dataclass
+class LoRAResult:
+    path: Path  # the LoRA file
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    info: LoraInfo | None = None
+
+
+def read_captions(files: list[Path], cfg: LoRAConfig) -> list[str]:
+    """One caption per image: cfg.prompt ('{}' = trigger + class word) for all, else `<image stem>.txt` (kohya)."""
+    if cfg.prompt is not None:
+        if not cfg.prompt.strip():
+            raise UserError("--prompt is empty: pass the instance prompt, e.g. 'a photo of sks dog'")
+        return [cfg.prompt.replace("{}", cfg.phrase)] * len(files)
+    captions = []
+    for image in files:
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.is_file():
+            raise UserError(f"no caption for {image.name}: write {sidecar} (one line naming the concept, e.g. "
+                            f"'a photo of {cfg.phrase}'), or pass --prompt 'a photo of {cfg.phrase}' to use one "
+                            "prompt for every image")
+        try:
+            caption = sidecar.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"caption {sidecar} is not UTF-8 text: save it as UTF-8") from None
+        if not caption:
+            raise UserError(f"caption {sidecar} is empty: write one line naming the concept, e.g. "
+                            f"'a photo of {cfg.phrase}'")
+        captions.append(" ".join(caption.split()))
+    return captions
+
+
+def check_config(cfg: LoRAConfig) -> None:
+    for name, value in (("rank", cfg.rank), ("steps", cfg.steps), ("batch", cfg.batch), ("grad-accum", cfg.grad_accum),
+                        ("checkpoint-every", cfg.checkpoint_every)):
+        if value < 1:
+            raise UserError(f"--{name} {value}: pass 1 or more")
+    if cfg.lr <= 0 or cfg.effective_text_encoder_lr <= 0 or cfg.effective_alpha <= 0:
+        raise UserError("--lr, --text-encoder-lr and --alpha must be positive")
+    if not cfg.trigger.strip():
+        raise UserError("--trigger is empty: pass a rare word such as 'sks' or 'zwx'")
+
+
+def add_training_adapters(pipe, cfg: LoRAConfig, seed: int) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Add LoRA adapter ADAPTER (diffusers' init: gaussian A, zero B, seeded) and return its parameters per
+    component, in fp32 (diffusers' cast_training_params)."""
+    from peft import LoraConfig
+
+    params: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for component, targets in (("unet", UNET_TARGET_MODULES), ("text_encoder", TEXT_ENCODER_TARGET_MODULES)):
+            if component == "text_encoder" and not cfg.text_encoder:
+                continue
+            model = getattr(pipe, component)
+            config = LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha, init_lora_weights="gaussian",
+                                target_modules=list(targets))
+            model.add_adapter(config, adapter_name=ADAPTER)
+            named = [(n, p) for n, p in model.named_parameters() if f".{ADAPTER}." in n]
+            for _, p in named:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+            params[component] = named
+    return params
+
+
+def remove_training_adapters(pipe) -> None:
+    """Take every LoRA layer out again (diffusers' unload): the original Linear modules are back in place."""
+    with quiet_diffusers():
+        pipe.unload_lora_weights()
+
+
+@contextlib.contextmanager
+def restored_pipeline(pipe):
+    """Whatever training does to the pipeline (adapters, requires_grad, train/eval, the sampling scheduler) is undone
+    on the way out, on errors too."""
+    modules = [getattr(pipe, c) for c in ("unet", "vae", "text_encoder")]
+    grads = [[p.requires_grad for p in m.parameters()] for m in modules]
+    modes = [[s.training for s in m.modules()] for m in modules]
+    scheduler = pipe.scheduler
+    try:
+        yield
+    finally:
+        if loaded_adapters(pipe):
+            remove_training_adapters(pipe)
+        for m, g, mode in zip(modules, grads, modes):
+            for p, flag in zip(m.parameters(), g):
+                p.requires_grad_(flag)
+            for s, flag in zip(m.modules(), mode):
+                s.training = flag
+        pipe.scheduler = scheduler
+
+
+def flat_params(params: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict[str, torch.nn.Parameter]:
+    return {f"{component}.{name}": p for component, named in params.items() for name, p in named}
+
+
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    losses: list[float]) -> Path:
+    """The LoRA weights, Adam's moments and step, and the losses so far, in one safetensors file."""
+    tensors = {}
+    for name, p in params.items():
+        tensors[f"param/{name}"] = p.detach().cpu().clone().contiguous()
+        state = optimizer.state.get(p, {})
+        if state:
+            tensors[f"exp_avg/{name}"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"adam_step/{name}"] = state["step"].detach().cpu().reshape(1).float()
+    meta = {"step": str(step), "losses": json.dumps(losses)}
+    return atomic_write(folder / f"step-{step:06d}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    saved = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
+    if saved != set(params):
+        raise UserError(f"checkpoint {path} holds other LoRA layers than this run has (different rank or "
+                        "--text-encoder setting?): pass the run's settings, or a new --out folder")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {"step": tensors[f"adam_step/{name}"][0].clone(),
+                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def run_config(cfg: LoRAConfig, model: str, captions: list[str]) -> dict:
+    return {"method": "lora", "base_model": model, "conceptkit": __version__, **asdict(cfg),
+            "alpha": cfg.effective_alpha, "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
+
+
+def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int) -> Path:
+    from ..generate.images import generate
+
+    prompts = [p.format(cfg.phrase) for p in cfg.validation_prompts]
+    scheduler = pipe.scheduler  # generate() installs its own sampler; training keeps the pipeline's
+    try:
+        with torch.no_grad():
+            result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
+                              guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
+    finally:
+        pipe.scheduler = scheduler
+    return result.grid_path
+
+
+def file_metadata(cfg: LoRAConfig, model_name: str, seconds: float, losses: list[float]) -> dict:
+    """What the LoRA file's header says about it (conceptkit.* entries)."""
+    return {"trigger": cfg.trigger, "class_word": cfg.class_word, "base_model": model_name or None,
+            "rank": cfg.rank, "alpha": cfg.effective_alpha, "prompt": cfg.prompt, "text_encoder": cfg.text_encoder,
+            "steps": cfg.steps, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
+            "version": __version__}
+
+
+def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfig | None = None, *,
+               model_name: str = "", resume: bool = False, progress: bool = True) -> LoRAResult:
+    """Train a LoRA on the images in `images_dir`; write it (plus metadata, checkpoints, validation grids) into
+    `out_dir`. On return the pipeline is exactly as before (load the written file with models.lora.load_lora)."""
+    cfg = cfg or LoRAConfig()
+    check_config(cfg)
+    out = Path(out_dir)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = cfg.resolution or native
+    files = image_files(images_dir)
+    images = load_images(images_dir, resolution, cfg.center_crop)
+    captions = read_captions(files, cfg)
+    if loaded_adapters(pipe):
+        raise UserError(f"the pipeline already has LoRA adapters loaded ({', '.join(loaded_adapters(pipe))}): train "
+                        "on a freshly loaded model")
+
+    config = run_config(cfg, model_name, captions)
+    checkpoints = out / "checkpoints"
+    last = latest_checkpoint(checkpoints)
+    if resume:
+        check_resume_config(out, config)
+    elif last is not None:
+        raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
+
+    with restored_pipeline(pipe):
+        freeze(pipe)
+        params = flat_params(add_training_adapters(pipe, cfg, cfg.seed))
+        groups = [{"params": [p for n, p in params.items() if n.startswith("unet.")], "lr": cfg.lr}]
+        if cfg.text_encoder:
+            groups.append({"params": [p for n, p in params.items() if n.startswith("text_encoder.")],
+                           "lr": cfg.effective_text_encoder_lr})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+        start, losses = 0, []
+        if resume and last is not None:
+            start, losses = load_checkpoint(last, params, optimizer)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+
+        means, stds = encode_latent_cache(pipe.vae, images)
+        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+        scaling = pipe.vae.config.scaling_factor
+
+        began = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=f"lora {cfg.trigger}", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        for step in range(start, cfg.steps):
+            g = step_generator(cfg.seed, step)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = draw_batch(g, means, stds, cfg, 1, scheduler.config.num_train_timesteps, scaling)
+                batch = dataclasses.replace(batch, template_ids=batch.image_ids)  # each image with its caption
+                with autocast(pipe, cfg.mixed_precision):
+                    loss = ti_loss(pipe, scheduler, batch, tokens) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(checkpoints, done, params, optimizer, losses)
+            if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
+                validate(pipe, cfg, out / "validation", done)
+        bar.close()
+        seconds = time.perf_counter() - began
+        if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
+            validate(pipe, cfg, out / "validation", cfg.steps)
+
+        meta = file_metadata(cfg, model_name, seconds, losses)
+        path = save_lora(out / LORA_WEIGHT_NAME, pipe.unet, pipe.text_encoder if cfg.text_encoder else None,
+                         metadata=meta, adapter_name=ADAPTER)
+    atomic_write_text(out / "metadata.json", json.dumps({**config, **meta, "steps_done": cfg.steps}, indent=2) + "\n")
+    return LoRAResult(path, out, losses, seconds, read_lora_info(path))
