@@ -356,3 +356,62 @@ def test_reference_preset_switches_the_quirks_on():
             ref.graphs_every_step) == (False, False, 0.0, "sequential", True, True)
     assert ref.steps == 100 and CLoRAConfig().cond_only_maps and CLoRAConfig().fresh_predictions
     assert np.isclose(CLoRAConfig(steps=50).alter_until(), 25)
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def fixture_lora_files(sd_tiny_dir, tmp_path_factory):
+    from conceptkit.models.lora import save_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = load_pipeline(str(sd_tiny_dir))
+    paths = {}
+    for seed, (name, trigger, word) in enumerate([("cat", "sks", "cat"), ("dog", "zwx", "dog")]):
+        add_random_lora(pipe, name, 10 + seed)
+        paths[name] = save_lora(folder / f"{name}.safetensors", pipe.unet, pipe.text_encoder, adapter_name=name,
+                                metadata={"trigger": trigger, "class_word": word} if name == "cat" else None)
+    return paths
+
+
+def test_compose_cli_writes_images_grid_maps_and_masks(sd_tiny_dir, fixture_lora_files, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from conceptkit.cli import main
+
+    out = tmp_path / "out"
+    code = main(["compose", "--model", str(sd_tiny_dir), "--prompt", "a {cat} and a {dog} on the grass",
+                 "--lora", f"cat={fixture_lora_files['cat']}", "--lora", f"dog={fixture_lora_files['dog']}:zwx:dog",
+                 "--method", "clora,merge", "--steps", "3", "--num-images", "2", "--save-maps", "--out", str(out)])
+    assert code in (0, None)
+    summary = json.loads((out / "compose.json").read_text())
+    # trigger and class word of "cat" come from the file's metadata, "dog"'s from the command line
+    assert summary["branch_prompts"] == ["a cat and a dog on the grass", "a sks cat and a dog on the grass",
+                                         "a cat and a zwx dog on the grass"]
+    assert summary["methods"]["merge"]["branch_prompts"] == ["a sks cat and a zwx dog on the grass"]
+    for method in ("clora", "merge"):
+        for seed in (0, 1):
+            assert Image.open(out / method / f"s{seed}.png").size == (64, 64)
+    assert Image.open(out / "grid.png").size == (128, 128)  # rows: seeds, columns: methods
+    for kind in ("attention", "masks"):
+        assert (out / "clora" / f"s0-{kind}.png").exists()
+    assert not (out / "merge" / "s0-masks.png").exists()  # merge has no masks
+
+
+def test_compose_cli_errors_are_one_line(sd_tiny_dir, fixture_lora_files, tmp_path, capsys):
+    from conceptkit.cli import main
+
+    base = ["compose", "--model", str(sd_tiny_dir), "--steps", "2", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--prompt", "a {cat} and a {dog}", "--lora", f"cat={fixture_lora_files['cat']}", "--lora",
+          f"dog={fixture_lora_files['dog']}"], "no class word"),
+        (["--prompt", "a {cat}", "--lora", f"cat={tmp_path / 'missing.safetensors'}"], "missing.safetensors"),
+        (["--prompt", "a {cat}", "--lora", f"cat={fixture_lora_files['cat']}", "--method", "blend"],
+         "unknown method"),
+    ]
+    for args, words in cases:
+        assert main(base + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and "\n" not in err, err

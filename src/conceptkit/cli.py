@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .learn.lora_config import LoRAConfig
 from .learn.ti_config import TIConfig
 
 TI_DEFAULTS = TIConfig()
+LORA_DEFAULTS = LoRAConfig()
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -38,6 +40,7 @@ def cmd_generate(args) -> None:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     pipe = load_pipeline(args.model, config=args.config, device=args.device)
     load_embeddings(pipe, args.embedding)
+    load_loras(pipe, args.lora)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out)
@@ -55,6 +58,34 @@ def load_embeddings(pipe, specs: list[str] | None) -> None:
               f"from {path}", file=sys.stderr)
 
 
+def split_lora_spec(spec: str) -> tuple[Path, float]:
+    """'FILE' or 'FILE:WEIGHT' (a path that exists as given wins, so a ':' inside a file name still works)."""
+    if Path(spec).exists() or ":" not in spec:
+        return Path(spec), 1.0
+    path, weight = spec.rsplit(":", 1)
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise UserError(f"--lora {spec}: the weight after ':' must be a number, e.g. {path}:0.8") from None
+
+
+def load_loras(pipe, specs: list[str] | None) -> None:
+    from .models.lora import adapter_name_for, load_lora, loaded_adapters
+
+    names, weights = [], []
+    for spec in specs or []:
+        path, weight = split_lora_spec(spec)
+        name = adapter_name_for(path, loaded_adapters(pipe))
+        info = load_lora(pipe, path, name)
+        names.append(name)
+        weights.append(weight)
+        trigger = f", trigger '{info.trigger}'" if info.trigger else ""
+        print(f"loaded LoRA {path} as '{name}' at weight {weight:g} (rank {info.rank or '?'}{trigger})",
+              file=sys.stderr)
+    if names:
+        pipe.set_adapters(names, weights)
+
+
 def cmd_learn_ti(args) -> None:
     from .learn.textual_inversion import learn_textual_inversion
     from .models.loading import load_pipeline
@@ -69,6 +100,24 @@ def cmd_learn_ti(args) -> None:
     print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
           f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
           f"--embedding {result.out_dir} --prompt 'a photo of {cfg.token}'")
+
+
+def cmd_learn_lora(args) -> None:
+    from .learn.lora import learn_lora
+    from .models.loading import load_pipeline
+
+    cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, prompt=args.prompt, rank=args.rank,
+                     alpha=args.alpha, steps=args.steps, lr=args.lr, text_encoder=args.text_encoder,
+                     text_encoder_lr=args.text_encoder_lr, batch=args.batch, grad_accum=args.grad_accum,
+                     resolution=args.resolution, center_crop=args.center_crop, flip_p=args.flip_p, seed=args.seed,
+                     checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+                     validation_prompts=tuple(args.validation_prompt) if args.validation_prompt is not None
+                     else LORA_DEFAULTS.validation_prompts, mixed_precision=args.mixed_precision)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume)
+    final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
+    print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
+          f"conceptkit generate --model {args.model} --lora {result.out_dir} --prompt 'a photo of {cfg.phrase}'")
 
 
 def cmd_info(args) -> None:
@@ -195,6 +244,76 @@ def cmd_evaluate_oracle(args) -> None:
         write_json(results, args.json)
 
 
+def compose_config(args):
+    from dataclasses import fields
+
+    from .compose.config import CLoRAConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(CLoRAConfig) if getattr(args, f.name, None) is not None}
+    if "iterative_steps" in values:
+        values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
+    return CLoRAConfig(**values)
+
+
+def cmd_compose(args) -> None:
+    from .compose.run import LoraSpec, compose
+    from .models.loading import load_pipeline
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    result = compose(pipe, args.prompt, [LoraSpec.parse(s) for s in args.lora or []], methods=methods,
+                     seeds=[args.seed + i for i in range(args.num_images)], cfg=compose_config(args),
+                     negative_prompt=args.negative_prompt, style_lora=args.style_lora, height=args.height,
+                     width=args.width, out_dir=args.out, save_maps=args.save_maps)
+    for m in methods:
+        print(f"{m}: {len(result.images[m])} image(s), {result.seconds[m]:.2f} s/image, "
+              f"{result.unet_calls[m]} UNet calls/image")
+    print(f"wrote {Path(args.out).resolve()} (grid.png: rows seeds, columns methods; compose.json)")
+
+
+def cmd_evaluate_clora(args) -> None:
+    from .evaluate.base import write_json
+    from .evaluate.clora import METHODS, evaluate_clora, table, train_concept_loras
+    from .models.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    loras = None
+    if args.train_loras:
+        train_concept_loras(pipe, Path(args.train_loras), model_name=args.model)
+        loras = Path(args.train_loras)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    result = evaluate_clora(pipe, compose_config(args), methods=methods, loras=loras,
+                            out_dir=Path(args.images) if args.images else None)
+    result["model"] = args.model
+    print(table(result, methods))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def _add_compose_settings(p: argparse.ArgumentParser) -> None:
+    from .compose.config import CLoRAConfig
+
+    d = CLoRAConfig()
+    g = p.add_argument_group("CLoRA (ALGORITHMS.md §2; defaults fix the official quirks, --method reference keeps them)")
+    g.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
+    g.add_argument("--guidance-scale", type=float, help=f"default {d.guidance_scale}")
+    g.add_argument("--step-size", type=float, help=f"latent update step (default {d.step_size})")
+    g.add_argument("--max-iter-to-alter", type=int, help="update the latent on the first N steps (default: half)")
+    g.add_argument("--iterative-steps", help="steps with extra refinement, comma-separated (default "
+                                             f"{','.join(map(str, d.iterative_steps))}; '' for none)")
+    g.add_argument("--iterative-steps-steps", type=int, help=f"refinements at those steps (default {d.iterative_steps_steps})")
+    g.add_argument("--no-latent-update", dest="latent_update", action="store_false", default=None)
+    g.add_argument("--mask-threshold", type=float, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
+    g.add_argument("--apply-mask-after", type=int, help="blend uniformly before this step (default 0)")
+    g.add_argument("--attn-res", type=int, help="side of the attention maps used (default: latent/4, at least 8)")
+    for name in ("dilate", "erode", "opening", "closing"):
+        g.add_argument(f"--{name}", action="store_true", default=None, help=f"{name} the masks (3x3)")
+    g.add_argument("--execution", choices=["batched", "sequential"], help="default batched (one UNet call a step)")
+    g.add_argument("--merge-weight", type=float, help=f"merge: weight of every LoRA (default {d.merge_weight})")
+    g.add_argument("--switch-every", type=int, help=f"switch: steps per LoRA (default {d.switch_every})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conceptkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA file or `learn lora` folder (diffusers or kohya layout), at WEIGHT (default 1); "
+                        "repeatable")
     p.add_argument("--out", default="outputs/generate")
     p.set_defaults(func=cmd_generate)
 
@@ -242,6 +364,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_ti)
+
+    p = learn.add_parser("lora", help="DreamBooth-style LoRA: fine-tune low-rank adapters on 3-5 captioned images")
+    _add_model(p)
+    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept (captions: --prompt, or "
+                                                   "<image>.txt next to each image)")
+    p.add_argument("--prompt", default=LORA_DEFAULTS.prompt,
+                   help="instance prompt for every image, e.g. 'a photo of zwx circle' ({} = trigger + class word)")
+    p.add_argument("--trigger", default=LORA_DEFAULTS.trigger, help="the rare word the captions use for the concept")
+    p.add_argument("--class-word", default=LORA_DEFAULTS.class_word, help="the concept's class, e.g. 'circle' "
+                                                                          "(validation prompts say 'trigger class')")
+    p.add_argument("--rank", type=int, default=LORA_DEFAULTS.rank)
+    p.add_argument("--alpha", type=float, default=LORA_DEFAULTS.alpha, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=int, default=LORA_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=LORA_DEFAULTS.lr)
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=LORA_DEFAULTS.text_encoder,
+                   help="also train LoRA on the text encoder's attention")
+    p.add_argument("--text-encoder-lr", type=float, default=LORA_DEFAULTS.text_encoder_lr, help="(default: --lr)")
+    p.add_argument("--batch", type=int, default=LORA_DEFAULTS.batch)
+    p.add_argument("--grad-accum", type=int, default=LORA_DEFAULTS.grad_accum)
+    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
+    p.add_argument("--flip-p", type=float, default=LORA_DEFAULTS.flip_p, help="probability of a mirrored image")
+    p.add_argument("--seed", type=int, default=LORA_DEFAULTS.seed)
+    p.add_argument("--checkpoint-every", type=int, default=LORA_DEFAULTS.checkpoint_every)
+    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--validation-prompt", action="append",
+                   help="repeatable; {} = trigger + class word (default: 'a photo of {}')")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the models (GPU); the LoRA weights stay fp32")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_learn_lora)
+
+    p = sub.add_parser("compose", help="several LoRA concepts in one image: CLoRA and the baselines")
+    _add_model(p)
+    p.add_argument("--prompt", required=True, help='template with a slot per concept: "a {cat} and a {dog} on the grass"')
+    p.add_argument("--lora", action="append", metavar="NAME=FILE[:TRIGGER[:CLASS]]",
+                   help="one per slot; trigger and class word default to the LoRA's metadata")
+    p.add_argument("--style-lora", metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
+    p.add_argument("--method", default="clora", help="clora, reference, merge, switch, composite, none; "
+                                                      "comma-separated for a side-by-side grid")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="seeds seed, seed+1, ...")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--save-maps", action="store_true", help="also write per-step attention maps and masks as PNG grids")
+    p.add_argument("--out", default="outputs/compose")
+    _add_compose_settings(p)
+    p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("info", help="versions, device and the bundled model, as JSON")
     p.set_defaults(func=cmd_info)
@@ -291,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/evaluate-ti", help="embeddings, images and the picture grid")
     p.add_argument("--json")
     p.set_defaults(func=cmd_evaluate_ti)
+    p = evaluate.add_parser("clora", help="compose pairs of concept LoRAs: success of CLoRA and the baselines")
+    _add_model(p)
+    p.add_argument("--methods", help="comma-separated (default: clora,reference,merge,switch,composite,none)")
+    p.add_argument("--train-loras", metavar="DIR", help="train (or resume) the concept LoRAs into DIR and use "
+                                                        "them instead of the bundled ones")
+    p.add_argument("--images", help="also write every image into this folder")
+    p.add_argument("--json", help="write the results (keys <method>.success, <method>.seconds_per_image)")
+    _add_compose_settings(p)
+    p.set_defaults(func=cmd_evaluate_clora)
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
     p.add_argument("--config")

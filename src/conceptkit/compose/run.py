@@ -66,11 +66,11 @@ def load_concepts(pipe, specs: list[LoraSpec]) -> list[tuple[ConceptSlot, str]]:
     out = []
     for spec in specs:
         adapter = adapter_name(spec.name)
-        info = None
-        if adapter not in loaded:
-            info = load_lora(pipe, spec.path, adapter)
-        trigger = spec.trigger or (info.trigger if info else None)
-        class_word = spec.class_word or (info.class_word if info else None)
+        if adapter in loaded:  # a slot name reused with another file: replace it
+            pipe.delete_adapters(adapter)
+        info = load_lora(pipe, spec.path, adapter)
+        trigger = spec.trigger or info.trigger
+        class_word = spec.class_word or info.class_word
         if not class_word:
             raise UserError(f"LoRA '{spec.name}' ({spec.path}) has no class word in its metadata: pass "
                             f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
@@ -88,8 +88,9 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
         w = float(weight) if weight else 0.8
     except ValueError:
         raise UserError(f"--style-lora {spec!r}: the weight after ':' must be a number") from None
-    if "style" not in (getattr(pipe.unet, "peft_config", {}) or {}):
-        load_lora(pipe, path, "style")
+    if "style" in (getattr(pipe.unet, "peft_config", {}) or {}):
+        pipe.delete_adapters("style")
+    load_lora(pipe, path, "style")
     return "style", w
 
 

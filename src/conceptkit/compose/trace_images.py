@@ -8,9 +8,10 @@ from PIL import Image, ImageDraw
 CELL = 64
 
 
-def _cell(a: torch.Tensor) -> Image.Image:
+def _cell(a: torch.Tensor, normalise: bool = True) -> Image.Image:
     a = a.float()
-    a = (a - a.min()) / (a.max() - a.min() + 1e-12)
+    if normalise:  # attention maps: stretch to the full grey range; masks are already 0/1
+        a = (a - a.min()) / (a.max() - a.min() + 1e-12)
     img = Image.fromarray((a.numpy() * 255).astype(np.uint8), mode="L")
     return img.resize((CELL, CELL * a.shape[0] // a.shape[1]), Image.Resampling.NEAREST)
 
@@ -40,7 +41,7 @@ def trace_grids(trace, bp, every: int | None = None) -> tuple[Image.Image, Image
         maps, masks = trace.maps[i], trace.masks[i]
         # concept c in its own branch (c+1), averaged over its trigger+class tokens
         map_rows.append([_cell(maps[c + 1][:, :, bp.mask_indices[c + 1]].mean(-1)) for c in range(len(names))])
-        mask_rows.append([_cell(m) for m in masks])
+        mask_rows.append([_cell(m, normalise=False) for m in masks])
     labels = [f"t{trace.steps[i]}" for i in picked]
     attention = _grid(map_rows, names, labels)
     mask_grid = _grid(mask_rows, ["base"] + names, labels)

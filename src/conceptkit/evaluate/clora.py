@@ -1,0 +1,137 @@
+"""`conceptkit evaluate clora`: compose two concept LoRAs in one image; does each object keep its own concept?
+
+Concept LoRAs: one per bundled concept set (a shape with a colour and a pattern), trained DreamBooth-style with a
+trigger word and per-image captions that name the view ("a large zwx object in the center, on a gray background").
+The LoRAs shipped in `bundled/loras/` were made by this module's `train_concept_loras`.
+
+Prompts: every pair of concepts, "a {A} on the left and a {B} on the right, on a <bg> background" (two-object
+scenes; the LoRAs only ever saw single objects), at held-out seeds. An image is a **success** when the oracle
+finds two objects and they can be matched one-to-one to the two concepts with shape, colour and pattern all equal
+(nothing missing, swapped or blended).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import conceptkit
+
+from ..compose.config import CLoRAConfig
+from ..compose.run import LoraSpec, compose
+from ..files import atomic_write_text
+from ..shapes import oracle
+from ..shapes.captions import POSITION_PHRASES, shape_word
+from ..shapes.concepts import CONCEPTS, VIEWS, Concept, concept_folder
+from ..shapes.world import EVAL_SEED_BASE
+
+TRIGGERS = {"red-striped-star": "zwx", "cyan-dotted-moon": "qrv", "pink-checkered-cross": "vlk",
+            "purple-dotted-diamond": "bty"}
+BACKGROUNDS = ("gray", "white", "navy", "teal", "brown", "gray")
+TEMPLATE = "a {{{a}}} on the left and a {{{b}}} on the right, on a {bg} background"
+METHODS = ("clora", "reference", "merge", "switch", "composite", "none")
+EVAL_SEEDS = tuple(EVAL_SEED_BASE + 7000 + i for i in range(8))  # held out: tuning used EVAL_SEED_BASE + 9000 + i
+TUNING_SEEDS = tuple(EVAL_SEED_BASE + 9000 + i for i in range(4))
+
+
+def bundled_loras_path() -> Path:
+    return Path(conceptkit.__file__).parent / "bundled" / "loras"
+
+
+def slot(concept: Concept) -> str:
+    return concept.name.split("-")[-1]
+
+
+def captions(concept: Concept) -> list[str]:
+    trigger, noun = TRIGGERS[concept.name], shape_word(concept.shape)
+    return [f"a {size} {trigger} {noun} {POSITION_PHRASES[pos]}, on a {bg} background" for bg, pos, size, _ in VIEWS]
+
+
+def training_folder(concept: Concept, folder: Path) -> Path:
+    """The concept's images with one caption file each (kohya convention: 0.png + 0.txt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, text) in enumerate(zip(sorted(concept_folder(concept).glob("*.png")), captions(concept))):
+        shutil.copyfile(image, folder / f"{i}.png")
+        atomic_write_text(folder / f"{i}.txt", text + "\n")
+    return folder
+
+
+def train_concept_loras(pipe, out_dir: Path, model_name: str = "toy", progress: bool = True, **overrides) -> dict:
+    """Train (or resume) one LoRA per bundled concept into out_dir/<name>/; returns {name: LoRA file}."""
+    from ..learn.lora import learn_lora
+    from ..learn.lora_config import LoRAConfig
+
+    paths = {}
+    for concept in CONCEPTS:
+        run = out_dir / concept.name
+        final = run / "pytorch_lora_weights.safetensors"
+        if not final.exists():
+            cfg = LoRAConfig(trigger=TRIGGERS[concept.name], class_word=shape_word(concept.shape), **overrides)
+            images = training_folder(concept, out_dir / "images" / concept.name)
+            learn_lora(pipe, images, run, cfg, model_name=model_name, resume=run.exists(), progress=progress)
+        paths[concept.name] = final
+    return paths
+
+
+def success(image, a: Concept, b: Concept) -> bool:
+    objects = oracle.read(image).objects
+    if len(objects) != 2:
+        return False
+    want = [(c.shape, c.color, c.pattern) for c in (a, b)]
+    got = [(o.shape, o.color, o.pattern) for o in objects]
+    return sorted(got) == sorted(want)
+
+
+def pairs() -> list[tuple[Concept, Concept, str]]:
+    return [(a, b, BACKGROUNDS[i % len(BACKGROUNDS)]) for i, (a, b) in enumerate(itertools.combinations(CONCEPTS, 2))]
+
+
+def lora_files(folder: Path | None) -> dict[str, Path]:
+    folder = folder or bundled_loras_path()
+    return {c.name: (folder / f"{c.name}.safetensors") if (folder / f"{c.name}.safetensors").exists()
+            else folder / c.name / "pytorch_lora_weights.safetensors" for c in CONCEPTS}
+
+
+def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS, loras: Path | None = None,
+                   out_dir: Path | None = None, progress: bool = True) -> dict:
+    files = lora_files(loras)
+    results: dict[str, dict] = {m: {"success": 0, "images": 0, "seconds": 0.0} for m in methods}
+    per_pair = []
+    for a, b, bg in pairs():
+        template = TEMPLATE.format(a=slot(a), b=slot(b), bg=bg)
+        specs = [LoraSpec(slot(c), str(files[c.name])) for c in (a, b)]
+        composed = compose(pipe, template, specs, methods=list(methods), seeds=list(seeds), cfg=cfg,
+                           out_dir=None if out_dir is None else out_dir / f"{slot(a)}-{slot(b)}", progress=False)
+        row = {"template": template}
+        for m in methods:
+            ok = [success(image, a, b) for image in composed.images[m]]
+            results[m]["success"] += sum(ok)
+            results[m]["images"] += len(ok)
+            results[m]["seconds"] += composed.seconds[m] * len(ok)
+            row[m] = sum(ok) / len(ok)
+        per_pair.append(row)
+        if progress:
+            print(json.dumps(row), flush=True)
+        unload_concepts(pipe)
+    out = {}
+    for m, r in results.items():
+        out[f"{m}.success"] = round(r["success"] / r["images"], 4)
+        out[f"{m}.seconds_per_image"] = round(r["seconds"] / r["images"], 3)
+    out["images_per_method"] = results[methods[0]]["images"]
+    out["pairs"] = per_pair
+    return out
+
+
+def unload_concepts(pipe) -> None:
+    from ..models.lora import loaded_adapters
+
+    if loaded_adapters(pipe):
+        pipe.unload_lora_weights()
+
+
+def table(result: dict, methods=METHODS) -> str:
+    lines = ["| method | success | seconds / image |", "|---|---|---|"]
+    for m in methods:
+        lines.append(f"| {m} | {result[f'{m}.success']:.3f} | {result[f'{m}.seconds_per_image']:.2f} |")
+    return "\n".join(lines)
