@@ -122,28 +122,37 @@ class BranchModel:
         self.calls = 0
         self.work_dtype = torch.promote_types(pipe.unet.dtype, torch.float32)  # latent updates and blending in fp32+
 
-    def __call__(self, z: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (1, C, h, w) -> (ε_uncond (K, C, h, w), ε_cond (K, C, h, w), maps (K, r_h, r_w, L))."""
+    def __call__(self, z: torch.Tensor, t, cond_only: bool = False):
+        """z (1, C, h, w) -> (ε_uncond (K, C, h, w) or None, ε_cond (K, C, h, w), maps (K, r_h, r_w, L)).
+
+        cond_only: run the conditional rows alone (the latent update's forward, when maps come from the
+        conditional half and ε is recomputed after the update: the unconditional half would be thrown away)."""
         unet, K = self.pipe.unet, len(self.branches)
+        halves = 1 if cond_only else 2
         if self.cfg.execution == "batched":
             self.store.reset()
-            x = z.to(unet.dtype).expand(2 * K, *z.shape[1:])
-            with per_row_adapters([unet], plan_rows(self.branches)):
-                eps = unet(x, t, encoder_hidden_states=self.embeddings).sample.to(self.work_dtype)
+            x = z.to(unet.dtype).expand(halves * K, *z.shape[1:])
+            embeddings = self.embeddings[K:] if cond_only else self.embeddings
+            with per_row_adapters([unet], plan_rows(self.branches, halves)):
+                eps = unet(x, t, encoder_hidden_states=embeddings).sample.to(self.work_dtype)
             self.calls += 1
+            if cond_only:
+                return None, eps, self.store.aggregate([[p] for p in range(K)])
             rows = [[K + p] if self.cfg.cond_only_maps else [p, K + p] for p in range(K)]
             return eps[:K], eps[K:], self.store.aggregate(rows)
         uncond, cond, maps = [], [], []
         for p, adapters in enumerate(self.branches.adapters):
             self.store.reset()
+            index = [K + p] if cond_only else [p, K + p]
             with active_adapters(self.pipe, adapters, text_encoder=False):
-                e = unet(z.to(unet.dtype).expand(2, *z.shape[1:]), t,
-                         encoder_hidden_states=self.embeddings[[p, K + p]]).sample.to(self.work_dtype)
+                e = unet(z.to(unet.dtype).expand(halves, *z.shape[1:]), t,
+                         encoder_hidden_states=self.embeddings[index]).sample.to(self.work_dtype)
             self.calls += 1
-            uncond.append(e[0])
-            cond.append(e[1])
-            maps.append(self.store.aggregate([[1] if self.cfg.cond_only_maps else [0, 1]])[0])
-        return torch.stack(uncond), torch.stack(cond), torch.stack(maps)
+            uncond.append(None if cond_only else e[0])
+            cond.append(e[-1])
+            own = [[0]] if cond_only else [[1] if self.cfg.cond_only_maps else [0, 1]]
+            maps.append(self.store.aggregate(own)[0])
+        return None if cond_only else torch.stack(uncond), torch.stack(cond), torch.stack(maps)
 
 
 def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
@@ -174,15 +183,20 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     def loss_of(maps):
         return clora_loss(maps.to(work_dtype), groups, cfg.temperature, cfg.minmax_eps)
 
+    # With maps from the conditional half and ε recomputed after the update, the update's forward needs only the
+    # K conditional rows: half the forward and half the backward of the official all-rows graph.
+    cond_only = cfg.cond_only_maps and cfg.fresh_predictions
+
     def gradient_step(z, model, t):
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            eps_u, eps_c, maps = model(z, t)
+            eps_u, eps_c, maps = model(z, t, cond_only=cond_only)
             loss = loss_of(maps)
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, z)
                 z = z - cfg.step_size * grad
-        return z.detach(), eps_u.detach(), eps_c.detach(), maps.detach(), float(loss.detach())
+        eps_u = None if eps_u is None else eps_u.detach()
+        return z.detach(), eps_u, eps_c.detach(), maps.detach(), float(loss.detach())
 
     with capturing(pipe.unet, store, explicit_everywhere=cfg.explicit_attention):
         for i, t in enumerate(scheduler.timesteps):

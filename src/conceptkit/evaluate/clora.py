@@ -26,8 +26,10 @@ from ..shapes.captions import POSITION_PHRASES, shape_word
 from ..shapes.concepts import CONCEPTS, VIEWS, Concept, concept_folder
 from ..shapes.world import EVAL_SEED_BASE
 
-TRIGGERS = {"red-striped-star": "zwx", "cyan-dotted-moon": "qrv", "pink-checkered-cross": "vlk",
-            "purple-dotted-diamond": "bty"}
+# The bundled tokenizer has no rare words: an unknown word splits into byte pieces whose maps are diffuse, and
+# a concept's mask is the OR over its tokens' maps. Single letters are single, untrained tokens.
+TRIGGERS = {"red-striped-star": "z", "cyan-dotted-moon": "q", "pink-checkered-cross": "j",
+            "purple-dotted-diamond": "v"}
 BACKGROUNDS = ("gray", "white", "navy", "teal", "brown", "gray")
 TEMPLATE = "a {{{a}}} on the left and a {{{b}}} on the right, on a {bg} background"
 METHODS = ("clora", "reference", "merge", "switch", "composite", "none")
@@ -74,13 +76,17 @@ def train_concept_loras(pipe, out_dir: Path, model_name: str = "toy", progress: 
     return paths
 
 
-def success(image, a: Concept, b: Concept) -> bool:
+def concepts_found(image, a: Concept, b: Concept) -> tuple[int, bool]:
+    """(how many of the two concepts appear as an object with all three attributes right, success)."""
     objects = oracle.read(image).objects
-    if len(objects) != 2:
-        return False
-    want = [(c.shape, c.color, c.pattern) for c in (a, b)]
     got = [(o.shape, o.color, o.pattern) for o in objects]
-    return sorted(got) == sorted(want)
+    want = [(c.shape, c.color, c.pattern) for c in (a, b)]
+    found = sum(1 for w in want if w in got) if want[0] != want[1] else min(2, got.count(want[0]))
+    return found, len(objects) == 2 and sorted(got) == sorted(want)
+
+
+def success(image, a: Concept, b: Concept) -> bool:
+    return concepts_found(image, a, b)[1]
 
 
 def pairs() -> list[tuple[Concept, Concept, str]]:
@@ -96,7 +102,7 @@ def lora_files(folder: Path | None) -> dict[str, Path]:
 def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS, loras: Path | None = None,
                    out_dir: Path | None = None, progress: bool = True) -> dict:
     files = lora_files(loras)
-    results: dict[str, dict] = {m: {"success": 0, "images": 0, "seconds": 0.0} for m in methods}
+    results: dict[str, dict] = {m: {"success": 0, "found": 0, "images": 0, "seconds": 0.0} for m in methods}
     per_pair = []
     for a, b, bg in pairs():
         template = TEMPLATE.format(a=slot(a), b=slot(b), bg=bg)
@@ -105,7 +111,9 @@ def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS,
                            out_dir=None if out_dir is None else out_dir / f"{slot(a)}-{slot(b)}", progress=False)
         row = {"template": template}
         for m in methods:
-            ok = [success(image, a, b) for image in composed.images[m]]
+            reads = [concepts_found(image, a, b) for image in composed.images[m]]
+            ok = [r[1] for r in reads]
+            results[m]["found"] += sum(r[0] for r in reads)
             results[m]["success"] += sum(ok)
             results[m]["images"] += len(ok)
             results[m]["seconds"] += composed.seconds[m] * len(ok)
@@ -117,9 +125,35 @@ def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS,
     out = {}
     for m, r in results.items():
         out[f"{m}.success"] = round(r["success"] / r["images"], 4)
+        # partial credit: the share of the concepts (two per image) that appear with all three attributes right
+        out[f"{m}.concepts_found"] = round(r["found"] / (2 * r["images"]), 4)
         out[f"{m}.seconds_per_image"] = round(r["seconds"] / r["images"], 3)
     out["images_per_method"] = results[methods[0]]["images"]
+    single = single_lora_fidelity(pipe, cfg, seeds=seeds, loras=loras)
+    out["single_lora.fidelity"] = single["mean"]
+    out["single_lora.per_concept"] = single
     out["pairs"] = per_pair
+    return out
+
+
+def single_lora_fidelity(pipe, cfg: CLoRAConfig, *, seeds=EVAL_SEEDS, loras: Path | None = None) -> dict:
+    """The ceiling: each concept LoRA alone ("a {x} on the left, on a <bg> background"), how often the oracle
+    reads the concept's shape, colour and pattern. A composition can only succeed as often as both of its LoRAs
+    would alone."""
+    files = lora_files(loras)
+    out = {}
+    for i, concept in enumerate(CONCEPTS):
+        template = "a {x} on the left, on a " + BACKGROUNDS[i] + " background"
+        composed = compose(pipe, template, [LoraSpec("x", str(files[concept.name]))], methods=["merge"],
+                           seeds=list(seeds), cfg=cfg, progress=False)
+        hits = 0
+        for image in composed.images["merge"]:
+            objects = oracle.read(image).objects
+            hits += any((o.shape, o.color, o.pattern) == (concept.shape, concept.color, concept.pattern)
+                        for o in objects)
+        out[concept.name] = round(hits / len(seeds), 4)
+        unload_concepts(pipe)
+    out["mean"] = round(sum(out.values()) / len(CONCEPTS), 4)
     return out
 
 
@@ -131,7 +165,10 @@ def unload_concepts(pipe) -> None:
 
 
 def table(result: dict, methods=METHODS) -> str:
-    lines = ["| method | success | seconds / image |", "|---|---|---|"]
+    lines = ["| method | success | concepts found | seconds / image |", "|---|---|---|---|"]
     for m in methods:
-        lines.append(f"| {m} | {result[f'{m}.success']:.3f} | {result[f'{m}.seconds_per_image']:.2f} |")
+        lines.append(f"| {m} | {result[f'{m}.success']:.3f} | {result[f'{m}.concepts_found']:.3f} | "
+                     f"{result[f'{m}.seconds_per_image']:.2f} |")
+    if "single_lora.fidelity" in result:
+        lines.append(f"| (one LoRA alone, the ceiling) | — | {result['single_lora.fidelity']:.3f} | — |")
     return "\n".join(lines)
