@@ -31,7 +31,8 @@ def reference_loop(pipe, images: torch.Tensor, cfg, steps: int) -> tuple[list[fl
     from diffusers import DDPMScheduler
 
     from conceptkit.learn.templates import load_templates
-    from conceptkit.learn.textual_inversion import placeholder_tokens, step_generator
+    from conceptkit.learn.loop import step_generator
+    from conceptkit.learn.textual_inversion import placeholder_tokens
 
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     names = placeholder_tokens(cfg.token, cfg.vectors)

@@ -6,7 +6,7 @@ from conceptkit.evaluate.clora import (EVAL_SEEDS, TRIGGERS, TUNING_SEEDS, capti
 from conceptkit.models.loading import load_pipeline
 from conceptkit.shapes.concepts import CONCEPTS, by_name
 from conceptkit.shapes.render import render
-from conceptkit.shapes.world import EVAL_SEED_BASE, PAIR_SIZE, Obj, Scene
+from conceptkit.shapes.world import EVAL_SEED_BASE, Obj, Scene
 
 STAR, CROSS = by_name("red-striped-star"), by_name("pink-checkered-cross")
 
@@ -18,7 +18,6 @@ def scene(left, right) -> Image.Image:
 
 
 def test_success_needs_both_concepts_each_with_its_own_attributes():
-    assert PAIR_SIZE  # two-object scenes are rendered at the pair size
     both = scene((STAR, STAR.color), (CROSS, CROSS.color))
     assert success(both, STAR, CROSS) and success(both, CROSS, STAR)
     swapped = scene((STAR, CROSS.color), (CROSS, STAR.color))  # colours swapped between the objects

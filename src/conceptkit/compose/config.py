@@ -6,7 +6,7 @@ predictions, no epsilon in the min-max normalisation, the notebook's schedule).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 METHODS = ("clora", "merge", "switch", "composite", "none")
 
@@ -46,7 +46,6 @@ class CLoRAConfig:
     # baselines
     merge_weight: float = 1.0
     switch_every: int = 5
-    extra: dict = field(default_factory=dict)
 
     QUIRKS = dict(cond_only_maps=False, minmax_eps=0.0, fresh_predictions=False, execution="sequential",
                   graphs_every_step=True, explicit_attention=True)

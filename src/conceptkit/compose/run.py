@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from .config import CLoRAConfig, METHODS
 from .prompts import ConceptSlot, branch_prompts
-from .sampler import decode, method_branches, sample
+from .sampler import decode, encode_branches, method_branches, sample
 from .trace_images import trace_grids
 
 MAX_CONCEPTS = 4
@@ -32,7 +32,6 @@ class LoraSpec:
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
             raise UserError(f"--lora {spec!r}: write NAME=FILE[:TRIGGER[:CLASS]], e.g. cat=cat.safetensors:sks:cat")
-        # a Windows drive letter or a path with ':' in it: only split off the last two fields when they are words
         parts = rest.split(":")
         path, words = parts[0], parts[1:]
         if len(words) > 2:
@@ -56,13 +55,13 @@ def adapter_name(name: str) -> str:
 
 
 def load_concepts(pipe, specs: list[LoraSpec]) -> list[tuple[ConceptSlot, str]]:
-    from ..models.lora import load_lora
+    from ..models.lora import load_lora, loaded_adapters
 
     if not specs:
         raise UserError("no LoRA given: pass --lora NAME=FILE for each {NAME} slot of the prompt")
     if len(specs) > MAX_CONCEPTS:
         raise UserError(f"{len(specs)} concept LoRAs given; compose takes at most {MAX_CONCEPTS}")
-    loaded = set(getattr(pipe.unet, "peft_config", {}) or {})
+    loaded = loaded_adapters(pipe)
     out = []
     for spec in specs:
         adapter = adapter_name(spec.name)
@@ -79,7 +78,7 @@ def load_concepts(pipe, specs: list[LoraSpec]) -> list[tuple[ConceptSlot, str]]:
 
 
 def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
-    from ..models.lora import load_lora
+    from ..models.lora import load_lora, loaded_adapters
 
     if not spec:
         return None
@@ -88,7 +87,7 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
         w = float(weight) if weight else 0.8
     except ValueError:
         raise UserError(f"--style-lora {spec!r}: the weight after ':' must be a number") from None
-    if "style" in (getattr(pipe.unet, "peft_config", {}) or {}):
+    if "style" in loaded_adapters(pipe):
         pipe.delete_adapters("style")
     load_lora(pipe, path, "style")
     return "style", w
@@ -97,7 +96,7 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
 def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = ("clora",), seeds: list[int] = (0,),
             cfg: CLoRAConfig | None = None, negative_prompt: str = "", style_lora: str | None = None,
             height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
-            save_maps: bool = False, progress: bool = True) -> Composed:
+            save_maps: bool = False) -> Composed:
     cfg = cfg or CLoRAConfig()
     methods = list(methods)
     for m in methods:
@@ -113,10 +112,12 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
         sets, updates, masks, switch_every = method_branches("clora" if method == "reference" else method, bp,
                                                              adapters, run_cfg, negative_prompt, style)
         images, seconds, calls = [], 0.0, 0
+        style_name = style[0] if style else None
+        embeddings = [encode_branches(pipe, b, run_cfg, style_name) for b in sets]  # once for every seed
         for seed in seeds:
             g = torch.Generator(device="cpu").manual_seed(seed)
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
-                       mask_indices=bp.mask_indices if masks else None, generator=g, style=style[0] if style else None,
+                       mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
                        height=height, width=width, switch_every=switch_every, record=save_maps)
             images.append(decode(pipe, r.latents))
             seconds += r.seconds

@@ -48,7 +48,7 @@ class Trace:
     """What a user looks at to debug a composition: per step, each branch's map for its tokens and the masks."""
     steps: list[int] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)  # (K, r_h, r_w, tokens) per recorded step
-    masks: list[torch.Tensor] = field(default_factory=list)  # (K, r_h... latent h, w) per recorded step
+    masks: list[torch.Tensor] = field(default_factory=list)  # (K, latent h, latent w) per recorded step
     losses: list[float] = field(default_factory=list)
 
 
@@ -158,10 +158,11 @@ class BranchModel:
 def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
            mask_indices: list[list[int]] | None, generator: torch.Generator, style: str | None = None,
            height: int | None = None, width: int | None = None, switch_every: int | None = None,
-           record: bool = False) -> SampleResult:
+           record: bool = False, embeddings: list[torch.Tensor] | None = None) -> SampleResult:
     """Denoise one latent. `branch_sets` has one entry, or (switch) one per adapter, used in turn.
 
-    groups=None turns latent updates off; mask_indices=None blends the branches uniformly.
+    groups=None turns latent updates off; mask_indices=None blends the branches uniformly. `embeddings`: the
+    branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts.
     """
     began = time.perf_counter()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -176,7 +177,9 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     z = randn_tensor((1, pipe.unet.config.in_channels, *latent_hw), generator=generator,
                      device=pipe.unet.device, dtype=torch.float32).to(work_dtype) * scheduler.init_noise_sigma
     store = AttentionStore(default_attn_res(latent_hw, cfg.attn_res))
-    models = [BranchModel(pipe, b, encode_branches(pipe, b, cfg, style), cfg, store) for b in branch_sets]
+    if embeddings is None:
+        embeddings = [encode_branches(pipe, b, cfg, style) for b in branch_sets]
+    models = [BranchModel(pipe, b, e, cfg, store) for b, e in zip(branch_sets, embeddings)]
     update_until = cfg.alter_until() if (cfg.latent_update and groups is not None) else 0
     trace = Trace()
 

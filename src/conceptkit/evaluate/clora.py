@@ -108,7 +108,7 @@ def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS,
         template = TEMPLATE.format(a=slot(a), b=slot(b), bg=bg)
         specs = [LoraSpec(slot(c), str(files[c.name])) for c in (a, b)]
         composed = compose(pipe, template, specs, methods=list(methods), seeds=list(seeds), cfg=cfg,
-                           out_dir=None if out_dir is None else out_dir / f"{slot(a)}-{slot(b)}", progress=False)
+                           out_dir=None if out_dir is None else out_dir / f"{slot(a)}-{slot(b)}")
         row = {"template": template}
         for m in methods:
             reads = [concepts_found(image, a, b) for image in composed.images[m]]
@@ -145,7 +145,7 @@ def single_lora_fidelity(pipe, cfg: CLoRAConfig, *, seeds=EVAL_SEEDS, loras: Pat
     for i, concept in enumerate(CONCEPTS):
         template = "a {x} on the left, on a " + BACKGROUNDS[i] + " background"
         composed = compose(pipe, template, [LoraSpec("x", str(files[concept.name]))], methods=["merge"],
-                           seeds=list(seeds), cfg=cfg, progress=False)
+                           seeds=list(seeds), cfg=cfg)
         hits = 0
         for image in composed.images["merge"]:
             objects = oracle.read(image).objects

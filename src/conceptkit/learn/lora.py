@@ -15,30 +15,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..models.lora import LORA_WEIGHT_NAME, LoraInfo, loaded_adapters, quiet_diffusers, read_lora_info, save_lora
 from .images import image_files, load_images
 from .lora_config import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, LoRAConfig
+from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
 from .textual_inversion import (
     autocast,
     check_resume_config,
     draw_batch,
     encode_latent_cache,
     freeze,
-    latest_checkpoint,
-    step_generator,
     ti_loss,
 )
 
@@ -144,40 +139,6 @@ def flat_params(params: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict
     return {f"{component}.{name}": p for component, named in params.items() for name, p in named}
 
 
-def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    losses: list[float]) -> Path:
-    """The LoRA weights, Adam's moments and step, and the losses so far, in one safetensors file."""
-    tensors = {}
-    for name, p in params.items():
-        tensors[f"param/{name}"] = p.detach().cpu().clone().contiguous()
-        state = optimizer.state.get(p, {})
-        if state:
-            tensors[f"exp_avg/{name}"] = state["exp_avg"].detach().cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
-            tensors[f"adam_step/{name}"] = state["step"].detach().cpu().reshape(1).float()
-    meta = {"step": str(step), "losses": json.dumps(losses)}
-    return atomic_write(folder / f"step-{step:06d}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
-
-
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(path)
-    saved = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
-    if saved != set(params):
-        raise UserError(f"checkpoint {path} holds other LoRA layers than this run has (different rank or "
-                        "--text-encoder setting?): pass the run's settings, or a new --out folder")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
-            if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {"step": tensors[f"adam_step/{name}"][0].clone(),
-                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
-    return int(meta["step"]), json.loads(meta["losses"])
-
-
 def run_config(cfg: LoRAConfig, model: str, captions: list[str]) -> dict:
     return {"method": "lora", "base_model": model, "conceptkit": __version__, **asdict(cfg),
             "alpha": cfg.effective_alpha, "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
@@ -250,31 +211,17 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
                                 truncation=True, return_tensors="pt").input_ids
         scaling = pipe.vae.config.scaling_factor
 
-        began = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=f"lora {cfg.trigger}", unit="step",
-                   disable=not progress, dynamic_ncols=True)
-        for step in range(start, cfg.steps):
-            g = step_generator(cfg.seed, step)
-            total = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = draw_batch(g, means, stds, cfg, 1, scheduler.config.num_train_timesteps, scaling)
-                batch = dataclasses.replace(batch, template_ids=batch.image_ids)  # each image with its caption
-                with autocast(pipe, cfg.mixed_precision):
-                    loss = ti_loss(pipe, scheduler, batch, tokens) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(checkpoints, done, params, optimizer, losses)
-            if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
-                validate(pipe, cfg, out / "validation", done)
-        bar.close()
-        seconds = time.perf_counter() - began
+        def batch_loss(g):
+            batch = draw_batch(g, means, stds, cfg, 1, scheduler.config.num_train_timesteps, scaling)
+            batch = dataclasses.replace(batch, template_ids=batch.image_ids)  # each image with its caption
+            with autocast(pipe, cfg.mixed_precision):
+                return ti_loss(pipe, scheduler, batch, tokens)
+
+        seconds = train_steps(
+            cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
+            checkpoint=lambda done: save_checkpoint(checkpoints, done, params, optimizer, losses),
+            validate=lambda done: validate(pipe, cfg, out / "validation", done),
+            desc=f"lora {cfg.trigger}", progress=progress)
         if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
             validate(pipe, cfg, out / "validation", cfg.steps)
 

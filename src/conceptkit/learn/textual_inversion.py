@@ -17,21 +17,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..models.embeddings import Embedding, add_embedding, save_embedding
 from .images import load_images
+from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
 from .ti_config import TIConfig
 from .templates import load_templates
 
@@ -120,10 +118,6 @@ def encode_latent_cache(vae, images: torch.Tensor, batch: int = 16) -> tuple[tor
     return torch.cat(means), torch.cat(stds)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 @dataclass
 class Batch:
     latents: torch.Tensor
@@ -174,36 +168,6 @@ def freeze(pipe) -> None:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
-
-
-def save_checkpoint(folder: Path, step: int, learned: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    losses: list[float]) -> Path:
-    state = optimizer.state.get(learned, {})
-    tensors = {"learned": learned.detach().clone().contiguous()}
-    if state:
-        tensors.update(exp_avg=state["exp_avg"].contiguous(), exp_avg_sq=state["exp_avg_sq"].contiguous(),
-                       adam_step=state["step"].reshape(1).float())
-    meta = {"step": str(step), "losses": json.dumps(losses)}
-    return atomic_write(folder / f"step-{step:06d}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step-*.safetensors"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, learned: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(path)
-    with torch.no_grad():
-        learned.copy_(tensors["learned"])
-    if "exp_avg" in tensors:
-        optimizer.state[learned] = {"step": tensors["adam_step"][0].clone(), "exp_avg": tensors["exp_avg"],
-                                    "exp_avg_sq": tensors["exp_avg_sq"]}
-    return int(meta["step"]), json.loads(meta["losses"])
 
 
 def run_config(cfg: TIConfig, model: str) -> dict:
@@ -266,7 +230,7 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
         check_resume_config(out, config)
         last = latest_checkpoint(checkpoints)
         if last is not None:
-            start, losses = load_checkpoint(last, learned, optimizer)
+            start, losses = load_checkpoint(last, {"learned": learned}, optimizer)
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -278,31 +242,17 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
                           max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     scaling = pipe.vae.config.scaling_factor
 
-    began = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"textual inversion {cfg.token}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    def batch_loss(g):
+        batch = draw_batch(g, means, stds, cfg, len(templates), scheduler.config.num_train_timesteps, scaling)
+        with autocast(pipe, cfg.mixed_precision):
+            return ti_loss(pipe, scheduler, batch, template_tokens)
+
     with spliced(pipe.text_encoder, learned, first_new_id):
-        for step in range(start, cfg.steps):
-            g = step_generator(cfg.seed, step)
-            total = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = draw_batch(g, means, stds, cfg, len(templates), scheduler.config.num_train_timesteps, scaling)
-                with autocast(pipe, cfg.mixed_precision):
-                    loss = ti_loss(pipe, scheduler, batch, template_tokens) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(checkpoints, done, learned, optimizer, losses)
-            if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
-                validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done)
-    bar.close()
-    seconds = time.perf_counter() - began
+        seconds = train_steps(
+            cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
+            checkpoint=lambda done: save_checkpoint(checkpoints, done, {"learned": learned}, optimizer, losses),
+            validate=lambda done: validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done),
+            desc=f"textual inversion {cfg.token}", progress=progress)
     if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
         validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
 

@@ -11,7 +11,6 @@ Pickled files are only ever read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from .pickles import load_weights_only
 from ..files import atomic_write
 
 PLACEHOLDER_PATTERN = re.compile(r"<[^<>\s]+>")
@@ -44,15 +44,7 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 def _load_pickle(path: Path) -> dict:
     # ParameterDict is the official repo's container; allowing it (and nothing else) keeps weights_only's guarantee
     # that no code from the file runs.
-    try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"embedding {path} holds more than tensors ({str(e).splitlines()[0][:120]}); conceptkit never "
-                        "unpickles code: convert it to .safetensors with a tool you trust") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"embedding {path} is not a readable torch file ({e.__class__.__name__}): re-download or "
-                        "re-export it") from None
+    return load_weights_only(path, "embedding", (torch.nn.ParameterDict,))
 
 
 def _as_matrix(value, path: Path, key: str) -> torch.Tensor:

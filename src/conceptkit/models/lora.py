@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import re
 import tempfile
 import warnings
@@ -24,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..files import atomic_write
+from .loading import first_line
+from .pickles import load_weights_only
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_PREFIX = "conceptkit."
@@ -58,9 +59,9 @@ def lora_file(path: str | Path) -> Path:
     return path
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
+def _unreadable(path: Path, error: BaseException) -> UserError:
+    return UserError(f"LoRA {path} is not a readable .safetensors file ({first_line(error)[:160]}): re-download or "
+                     "re-export it")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -69,17 +70,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"LoRA {path} is not a readable .safetensors file ({_first_line(e)}): re-download or "
-                            "re-export it") from None
+            raise _unreadable(path, e) from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(f"LoRA {path} holds more than tensors ({_first_line(e)[:120]}); conceptkit never "
-                            "unpickles code: convert it to .safetensors with a tool you trust") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise UserError(f"LoRA {path} is not a readable torch file ({e.__class__.__name__}): re-download it or "
-                            "pass a .safetensors file") from None
+        state = load_weights_only(path, "LoRA")
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UserError(f"LoRA {path} is not a LoRA file (expected named tensors): pass a diffusers or kohya LoRA")
@@ -93,8 +86,7 @@ def _header(path: Path) -> dict[str, str]:
         with safe_open(path, "pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise UserError(f"LoRA {path} is not a readable .safetensors file ({_first_line(e)}): re-download or "
-                        "re-export it") from None
+        raise _unreadable(path, e) from None
 
 
 def _shapes_and_alpha(path: Path) -> tuple[dict[str, tuple], float | None]:
@@ -106,8 +98,7 @@ def _shapes_and_alpha(path: Path) -> tuple[dict[str, tuple], float | None]:
                 alpha_key = next((k for k in shapes if k.endswith(".alpha")), None)
                 alpha = float(f.get_tensor(alpha_key).reshape(-1)[0]) if alpha_key else None
         except (SafetensorError, OSError) as e:
-            raise UserError(f"LoRA {path} is not a readable .safetensors file ({_first_line(e)}): re-download or "
-                            "re-export it") from None
+            raise _unreadable(path, e) from None
         return shapes, alpha
     state = read_state_dict(path)
     alpha_key = next((k for k in state if k.endswith(".alpha")), None)
@@ -222,7 +213,7 @@ def check_lora_fits(pipe, path: str | Path) -> list[str]:
         with quiet_diffusers():
             state_dict, _ = StableDiffusionPipeline.lora_state_dict(dict(raw))
     except (ValueError, KeyError, RuntimeError, IndexError) as e:
-        raise UserError(f"LoRA {path.name} is in a layout diffusers cannot read ({_first_line(e)}): pass a diffusers "
+        raise UserError(f"LoRA {path.name} is in a layout diffusers cannot read ({first_line(e)[:160]}): pass a diffusers "
                         "or kohya LoRA for Stable Diffusion 1.x") from None
     name = path.name
     problems: list[str] = []
@@ -344,7 +335,7 @@ def load_lora(pipe, path: str | Path, adapter_name: str) -> LoraInfo:
         with quiet_diffusers():
             pipe.load_lora_weights(source, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"LoRA {file} could not be loaded ({_first_line(e)}): pass a diffusers or kohya LoRA made "
+        raise UserError(f"LoRA {file} could not be loaded ({first_line(e)[:160]}): pass a diffusers or kohya LoRA made "
                         "for this base model") from None
     return info
 

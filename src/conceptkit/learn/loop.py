@@ -1,0 +1,91 @@
+"""What every conceptkit trainer shares: the step loop and its resumable, atomic checkpoints.
+
+A step draws all its randomness from a generator seeded by (seed, step) (`step_generator`), so a run resumed from
+a checkpoint takes exactly the steps an uninterrupted run takes. A checkpoint holds the trained tensors, Adam's
+moments and step for each, and the losses so far, in one safetensors file written atomically.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..files import atomic_write
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    losses: list[float]) -> Path:
+    tensors = {}
+    for name, p in params.items():
+        tensors[f"param/{name}"] = p.detach().cpu().clone().contiguous()
+        state = optimizer.state.get(p, {})
+        if state:
+            tensors[f"exp_avg/{name}"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"adam_step/{name}"] = state["step"].detach().cpu().reshape(1).float()
+    meta = {"step": str(step), "losses": json.dumps(losses)}
+    return atomic_write(folder / f"step-{step:06d}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*.safetensors"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    saved = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
+    if saved != set(params):
+        raise UserError(f"checkpoint {path} holds other trained tensors than this run has (a different rank, "
+                        "--vectors or --text-encoder setting?): pass the run's settings, or a new --out folder")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {"step": tensors[f"adam_step/{name}"][0].clone(),
+                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.Optimizer,
+                batch_loss: Callable[[torch.Generator], torch.Tensor], checkpoint: Callable[[int], None],
+                validate: Callable[[int], None], desc: str, progress: bool) -> float:
+    """Steps start..cfg.steps (gradient accumulation, checkpoints, validation between checkpoints); the seconds
+    they took. `batch_loss(g)` draws one batch from g and returns its loss."""
+    began = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=desc, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        g = step_generator(cfg.seed, step)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            loss = batch_loss(g) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            checkpoint(done)
+        if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
+            validate(done)
+    bar.close()
+    return time.perf_counter() - began
