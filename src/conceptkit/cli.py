@@ -8,10 +8,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .learn.lora_config import LoRAConfig
+from .learn.promptnet_config import FinetuneConfig, PretrainConfig
 from .learn.ti_config import TIConfig
 
 TI_DEFAULTS = TIConfig()
 LORA_DEFAULTS = LoRAConfig()
+PRETRAIN_DEFAULTS = PretrainConfig()
+FINETUNE_DEFAULTS = FinetuneConfig()
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -41,9 +44,41 @@ def cmd_generate(args) -> None:
     pipe = load_pipeline(args.model, config=args.config, device=args.device)
     load_embeddings(pipe, args.embedding)
     load_loras(pipe, args.lora)
+    if args.promptnet or args.image:
+        return generate_with_promptnet(pipe, prompts, args)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
-                   steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                   steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+                   scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out)
+    print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
+
+
+def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
+    """ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt; fusion sampling unless --no-fusion."""
+    from .learn.images import load_reference_image
+    from .profusion.sampling import FusionConfig, generate_profusion
+    from .profusion.saved import load_promptnet
+
+    saved = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
+    image = args.image or saved.reference_path
+    if image is None:
+        raise UserError(f"no reference image: pass --image FILE (the PromptNet in {saved.folder} was not "
+                        "fine-tuned on one)")
+    if args.scheduler != "ddim":
+        raise UserError(f"--scheduler {args.scheduler}: ProFusion samples with DDIM (fusion sampling is defined on "
+                        "its steps); leave --scheduler out")
+    base = FusionConfig() if args.fusion else FusionConfig.plain()
+    given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
+             "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
+             "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
+             "class_word": args.class_word, "ref_prompt": args.ref_prompt, "placeholder": args.placeholder,
+             "negative_prompt": args.negative_prompt}
+    from dataclasses import replace
+
+    cfg = replace(base, steps=args.steps, **{k: v for k, v in given.items() if v is not None})
+    reference = load_reference_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    out = generate_profusion(pipe, saved, reference, prompts, cfg, seed=args.seed, num_images=args.num_images,
+                             out_dir=args.out)
     print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
 
 
@@ -118,6 +153,66 @@ def cmd_learn_lora(args) -> None:
     final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
     print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
           f"conceptkit generate --model {args.model} --lora {result.out_dir} --prompt 'a photo of {cfg.phrase}'")
+
+
+def cmd_learn_promptnet(args) -> None:
+    from .models.loading import load_pipeline
+
+    if args.pretrain == args.finetune:
+        raise UserError("pass exactly one of --pretrain (with --images DIR) or --finetune (with --image FILE)")
+    if args.pretrain and not args.images:
+        raise UserError("--pretrain needs --images DIR, a folder of images of the domain")
+    if args.finetune and not args.image:
+        raise UserError("--finetune needs --image FILE, the one image of the concept")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    if args.pretrain:
+        from .learn.promptnet import pretrain_promptnet
+
+        d = PRETRAIN_DEFAULTS
+        cfg = PretrainConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
+                             grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix,
+                             pad_prompt=bool(args.pad_prompt), latents=args.latents or "sample", flip_p=args.flip_p,
+                             seed=args.seed,
+                             checkpoint_every=args.checkpoint_every or d.checkpoint_every,
+                             validate_every=d.validate_every if args.validate_every is None else args.validate_every)
+        encoder = None
+        if args.image_encoder:
+            from .profusion.image_encoders import ClipVisionEncoder
+
+            encoder = ClipVisionEncoder(args.image_encoder, device=pipe.unet.device)
+        result = pretrain_promptnet(pipe, args.images, args.out, cfg, image_encoder=encoder, model_name=args.model,
+                                    resume=args.resume)
+        print(f"pre-trained PromptNet in {result.seconds:.0f} s (loss over the last 100 steps "
+              f"{sum(result.losses[-100:]) / max(len(result.losses[-100:]), 1):.4f}); wrote {result.out_dir}; "
+              f"fine-tune it with: conceptkit learn promptnet --finetune --promptnet {result.out_dir} "
+              "--image IMAGE --out OUT")
+        return
+    from .learn.promptnet import finetune_promptnet
+    from .profusion.saved import load_promptnet
+
+    d = FINETUNE_DEFAULTS
+    cfg = FinetuneConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
+                         grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix, augment=args.augment,
+                         copies=args.copies, train_unet_attention=args.unet_attention, seed=args.seed,
+                         pad_prompt=args.pad_prompt, latents=args.latents)
+    pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
+    result = finetune_promptnet(pipe, pretrained, args.image, args.out, cfg, model_name=args.model,
+                                resume=args.resume)
+    print(f"fine-tuned PromptNet on {args.image} in {result.seconds:.1f} s; wrote {result.out_dir}; use it with: "
+          f"conceptkit generate --model {args.model} --promptnet {result.out_dir} --prompt 'S* on a navy background'")
+
+
+def bundled_promptnet_path(model: str) -> Path:
+    from .models.loading import BUNDLED_PROMPTNET
+
+    if model != "toy":
+        raise UserError(f"no PromptNet ships for --model {model}: pass --promptnet DIR (pre-train one with "
+                        "`conceptkit learn promptnet --pretrain --images DIR`)")
+    return BUNDLED_PROMPTNET
 
 
 def cmd_info(args) -> None:
@@ -291,6 +386,29 @@ def cmd_evaluate_clora(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_evaluate_profusion(args) -> None:
+    from .evaluate.base import write_json
+    from .evaluate.profusion import METHODS, evaluate_profusion, table
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}: pass some of {', '.join(METHODS)}")
+    d = FINETUNE_DEFAULTS
+    finetune = FinetuneConfig(steps=args.finetune_steps or d.steps, lr=args.finetune_lr or d.lr,
+                              augment=args.augment or d.augment)
+    result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
+                                finetune=finetune, objects=args.objects, split=args.split, out_dir=args.out)
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 def _add_compose_settings(p: argparse.ArgumentParser) -> None:
     from .compose.config import CLoRAConfig
 
@@ -327,12 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    _add_sampling(p)
+    _add_sampling(p, guidance=None)
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA file or `learn lora` folder (diffusers or kohya layout), at WEIGHT (default 1); "
                         "repeatable")
+    g = p.add_argument_group("ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt")
+    g.add_argument("--promptnet", help="a PromptNet folder (`learn promptnet`; default with --image: the bundled one)")
+    g.add_argument("--image", help="the reference image (default: the one a fine-tuned PromptNet was tuned on)")
+    g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="fusion sampling (default), or plain sampling with S* (--no-fusion: CFG 5, no reference prompt)")
+    g.add_argument("--refine-steps", type=int, help="fusion sub-steps per step, m (default 1)")
+    g.add_argument("--refine-eta", type=float, help="η of the fusion sub-step, in [0, sqrt(2)] (default 1)")
+    g.add_argument("--refine-emb-scale", type=float, help="λ: S* output scale in the fusion sub-step (default 0.6)")
+    g.add_argument("--refine-guidance", type=float, help="w_f: guidance in the fusion sub-step (default 7)")
+    g.add_argument("--ref-guidance-scale", type=float, help="w2: guidance of the reference prompt (default 5; 0 with --no-fusion)")
+    g.add_argument("--class-word", help="the reference prompt is the prompt with S* replaced by this (default 'object')")
+    g.add_argument("--ref-prompt", help="the reference prompt, given whole")
+    g.add_argument("--placeholder", help="the word that stands for the image in the prompt (default S*)")
     p.add_argument("--out", default="outputs/generate")
     p.set_defaults(func=cmd_generate)
 
@@ -396,6 +527,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_lora)
+
+    p = learn.add_parser("promptnet", help="ProFusion's PromptNet: --pretrain on a domain, or --finetune on one image")
+    _add_model(p)
+    p.add_argument("--pretrain", action="store_true", help="domain pre-training on --images DIR (ALGORITHMS.md §3.4)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune on one --image FILE (§3.5)")
+    p.add_argument("--images", help="--pretrain: a folder of images of the domain")
+    p.add_argument("--image", help="--finetune: the image of the concept")
+    p.add_argument("--promptnet", help="--finetune: the pre-trained PromptNet folder (default: the bundled one)")
+    p.add_argument("--image-encoder", help="--pretrain: a local transformers CLIPVisionModel folder for the context "
+                                           "tokens (default: the VAE-latent patch encoder of the bundled model)")
+    p.add_argument("--steps", type=int, help=f"default {PRETRAIN_DEFAULTS.steps} (pretrain), {FINETUNE_DEFAULTS.steps} (finetune)")
+    p.add_argument("--lr", type=float, help=f"default {PRETRAIN_DEFAULTS.lr} (pretrain), {FINETUNE_DEFAULTS.lr} (finetune)")
+    p.add_argument("--batch", type=int, help=f"default {PRETRAIN_DEFAULTS.batch} (pretrain), {FINETUNE_DEFAULTS.batch} (finetune)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--l2-reg", type=float, default=0.0, help="λ·mean(S*²) (default 0: the official regularisation-free objective)")
+    p.add_argument("--prefix", default=PRETRAIN_DEFAULTS.prefix, help="training prompt before S*")
+    p.add_argument("--pad-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad the training prompt like inference does (default: no, the official 6 tokens; "
+                        "--finetune: as the PromptNet was pre-trained)")
+    p.add_argument("--latents", choices=["sample", "mean"],
+                   help="z ~ q(z|x) (default, official) or its mean (for a UNet trained on means, like the bundled "
+                        "one); --finetune default: as pre-trained")
+    p.add_argument("--flip-p", type=float, default=0.0, help="--pretrain: probability of a mirrored image")
+    p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
+                   help="--finetune: the mini dataset's augmentation")
+    p.add_argument("--copies", type=int, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
+    p.add_argument("--unet-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="--finetune: also train the UNet's to_q/to_k/to_v (default yes, as the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_learn_promptnet)
 
     p = sub.add_parser("compose", help="several LoRA concepts in one image: CLoRA and the baselines")
     _add_model(p)
@@ -472,6 +638,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results (keys <method>.success, <method>.seconds_per_image)")
     _add_compose_settings(p)
     p.set_defaults(func=cmd_evaluate_clora)
+    p = evaluate.add_parser("profusion", help="ProFusion on held-out objects: detail preservation and prompt adherence")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--promptnet", help="the pre-trained PromptNet (default: the bundled one)")
+    p.add_argument("--methods", help="comma-separated (default: fusion,plain,pretrained,pretrained_plain,ti)")
+    p.add_argument("--objects", type=int, default=8, help="held-out test objects (at most 8)")
+    p.add_argument("--split", choices=["test", "tune"], default="test",
+                   help="tune: 4 objects seen in pre-training and seeds of their own, for choosing settings")
+    p.add_argument("--seeds", type=int, default=4, help="held-out sampling seeds per prompt")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--augment", choices=["none", "flip", "affine"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="outputs/evaluate-profusion", help="fine-tuned PromptNets, images, grid.png")
+    p.add_argument("--json", help="write the results (keys <method>.preservation/.adherence/.seconds)")
+    p.set_defaults(func=cmd_evaluate_profusion)
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
     p.add_argument("--config")

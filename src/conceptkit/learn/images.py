@@ -55,3 +55,27 @@ def load_images(folder: str | Path, resolution: int, center_crop: bool = False) 
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         tensors.append(torch.from_numpy(array).permute(2, 0, 1))
     return torch.stack(tensors)
+
+
+def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
+    """(1, 3, R, R) in [-1, 1]: one image, center-cropped to a square and resized with LANCZOS (ProFusion, §3.1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist: pass --image FILE, a .png/.jpg of the concept")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UserError(f"cannot read {path} as an image (corrupt or not an image): pass a .png or .jpg") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] → a PIL image."""
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+    return Image.fromarray(array.numpy())

@@ -64,9 +64,11 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
 
 def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.Optimizer,
                 batch_loss: Callable[[torch.Generator], torch.Tensor], checkpoint: Callable[[int], None],
-                validate: Callable[[int], None], desc: str, progress: bool) -> float:
+                validate: Callable[[int], None], desc: str, progress: bool,
+                before_update: Callable[[], None] | None = None) -> float:
     """Steps start..cfg.steps (gradient accumulation, checkpoints, validation between checkpoints); the seconds
-    they took. `batch_loss(g)` draws one batch from g and returns its loss."""
+    they took. `batch_loss(g)` draws one batch from g and returns its loss; `before_update` runs between the
+    backward passes and the optimiser step (gradient clipping)."""
     began = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -77,6 +79,8 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
             loss = batch_loss(g) / cfg.grad_accum
             loss.backward()
             total += loss.item()
+        if before_update is not None:
+            before_update()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)

@@ -43,6 +43,9 @@ class ModelSource:
     single_file: Path | None = None  # an LDM-layout checkpoint, read with `folder` as its config
 
 
+BUNDLED_PROMPTNET = Path(conceptkit.__file__).parent / "bundled" / "promptnet"
+
+
 def bundled_model_path() -> Path:
     """Where the bundled toy model lives inside the installed package."""
     return Path(conceptkit.__file__).parent / "bundled" / "shapes-base"

@@ -1,0 +1,353 @@
+"""PromptNet training (ALGORITHMS.md §3.4, §3.5): domain pre-training and single-image fine-tuning.
+
+Both minimise  mean((UNet(x_t, t, τ("a photo of S*")) − target)²) + λ·mean(S*²)  with S* = PromptNet(x_ref, t,
+tokens(ref), x_t); the target is ε, or v for v-prediction models, as the base model was trained. The VAE, text
+encoder and (in pre-training) UNet are frozen; fine-tuning also trains the UNet's to_q/to_k/to_v and puts the
+pipeline's weights back when it returns (the tuned ones are written next to the PromptNet).
+
+- Pre-training: x_ref and the target are the same image (the official FFHQ/CC3M setting). Latents are encoded
+  once (mean and std of q(z|x), cached in the run folder) and sampled every step.
+- Fine-tuning: a mini dataset of the image plus augmented copies (§3.5; for the shapes world an affine jitter with
+  the border colour filled in, instead of the face-inpainting of the notebook), and two independent random batches
+  per step: one gives the reference, the other the denoising target.
+
+Like the other trainers: per-step generators (resume == uninterrupted run), atomic checkpoints, validation grids.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_write, atomic_write_text
+from ..profusion.image_encoders import LatentPatchEncoder
+from ..profusion.promptnet import PromptNet
+from ..profusion.prompts import encode_with_word, training_ids
+from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
+from .images import image_files, load_images, load_reference_image, to_pil
+from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
+from .promptnet_config import FinetuneConfig, PretrainConfig
+
+
+@dataclass
+class PromptNetResult:
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def freeze(pipe) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of q(z|x), unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i : i + batch].to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(means, stds, index, g, scaling, how: str = "sample") -> torch.Tensor:
+    if how == "mean":
+        return means[index] * scaling
+    if how != "sample":
+        raise UserError(f"latents {how!r}: pass sample or mean")
+    return (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling
+
+
+def promptnet_loss(pipe, scheduler, promptnet, *, reference, tokens, target, noise, timesteps, ids, slot,
+                   l2_reg: float) -> torch.Tensor:
+    device = pipe.unet.device
+    target, noise, t = target.to(device), noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(target, noise, t)
+    words = promptnet(reference.to(device), t, tokens.to(device), noisy)
+    b = target.shape[0]
+    cond = encode_with_word(pipe.text_encoder, ids.expand(b, -1), torch.full((b,), slot), words)
+    pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample.float()
+    goal = scheduler.get_velocity(target, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    loss = F.mse_loss(pred, goal.float())
+    if l2_reg:
+        loss = loss + l2_reg * words.float().pow(2).mean()
+    return loss
+
+
+def check_resume(out: Path, config: dict, resume: bool, checkpoints: Path) -> None:
+    if not resume:
+        if latest_checkpoint(checkpoints) is not None:
+            raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
+        return
+    path = out / "training.json"
+    if path.exists():
+        saved = json.loads(path.read_text()).get("config", {})
+        keys = [k for k in config if k not in ("steps", "checkpoint_every", "validate_every", "keep_checkpoints")]
+        changed = [k for k in keys if json.loads(json.dumps(config[k])) != saved.get(k)]
+        if changed:
+            raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same "
+                            "settings to --resume it, or a new --out folder")
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for old in sorted(folder.glob("step-*.safetensors"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def validation_grid(pipe, saved: SavedPromptNet, pixels: torch.Tensor, prompts, out: Path, step: int,
+                    seed: int) -> Path:
+    """Row 0: the reference images; then one row per prompt, plain sampling with S* (25 DDIM steps)."""
+    from diffusers.utils import make_image_grid
+
+    from ..profusion.sampling import FusionConfig, generate_profusion
+
+    cells = [to_pil(p) for p in pixels]
+    for prompt in prompts:
+        for i, image in enumerate(pixels):
+            result = generate_profusion(pipe, saved, image[None], [prompt], FusionConfig.plain(steps=25),
+                                        seed=seed + i, progress=False)
+            cells.append(result.images[0])
+    grid = make_image_grid(cells, rows=1 + len(prompts), cols=len(pixels))
+    return atomic_write(out / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+
+
+def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, params: dict, draw, val_pixels,
+         resume: bool, progress: bool, unet_attention: dict | None = None) -> PromptNetResult:
+    """The shared part of both trainers: optimiser, checkpoints, resume, validation, final save."""
+    checkpoints = out / "checkpoints"
+    config = {"kind": kind, **json.loads(json.dumps(asdict(cfg)))}
+    check_resume(out, config, resume, checkpoints)
+    decay = [p for n, p in params.items()]
+    optimizer = torch.optim.AdamW(decay, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = 0, []
+    last = latest_checkpoint(checkpoints) if resume else None
+    if last is not None:
+        start, losses = load_checkpoint(last, params, optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ids, slot = training_ids(pipe.tokenizer, cfg.prefix, meta["pad_prompt"])
+    meta = {**meta, "prefix": cfg.prefix, "placeholder": "S*"}
+
+    def batch_loss(g):
+        b = draw(g)
+        return promptnet_loss(pipe, scheduler, promptnet, ids=ids, slot=slot, l2_reg=cfg.l2_reg, **b)
+
+    def current() -> SavedPromptNet:
+        return SavedPromptNet(promptnet, encoder, meta, None, out)
+
+    def checkpoint(done):
+        save_checkpoint(checkpoints, done, params, optimizer, losses)
+        prune_checkpoints(checkpoints, getattr(cfg, "keep_checkpoints", 2))
+        atomic_write_text(out / "training.json", json.dumps({"config": config, "steps_done": done,
+                                                              "loss_last_100": _mean(losses[-100:])}, indent=2) + "\n")
+
+    def validate(done):
+        promptnet.eval()
+        validation_grid(pipe, current(), val_pixels, cfg.validation_prompts, out / "validation", done, cfg.seed)
+        promptnet.train()
+
+    clip = None
+    if cfg.max_grad_norm:
+        def clip():
+            torch.nn.utils.clip_grad_norm_(decay, cfg.max_grad_norm)
+    promptnet.train()
+    seconds = train_steps(cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
+                          checkpoint=checkpoint, validate=validate, desc=f"promptnet {kind}", progress=progress,
+                          before_update=clip)
+    promptnet.eval()
+    previous = json.loads((out / "training.json").read_text()).get("seconds_total", 0.0) \
+        if resume and (out / "training.json").exists() else 0.0
+    meta.update({"steps": cfg.steps, "seconds_this_run": round(seconds, 1),
+                 "seconds_total": round(previous + seconds, 1), "loss_last_100": _mean(losses[-100:]),
+                 "config": config, "conceptkit": __version__})
+    save_promptnet(out, promptnet, encoder, meta, unet_attention() if unet_attention else None)
+    atomic_write_text(out / "training.json", json.dumps({"config": config, "steps_done": cfg.steps,
+                                                          "seconds_total": meta["seconds_total"],
+                                                          "loss_last_100": meta["loss_last_100"]}, indent=2) + "\n")
+    if cfg.validation_prompts and len(val_pixels) and (cfg.steps > start or not (out / "validation").exists()):
+        validate(cfg.steps)
+    return PromptNetResult(out, losses, seconds)
+
+
+def _mean(xs):
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def _latent_cache(pipe, images_dir: Path, out: Path, resolution: int) -> dict[str, torch.Tensor]:
+    """Latent mean/std of every image (and the images themselves when the encoder needs pixels), cached in out."""
+    files = image_files(images_dir)
+    path = out / "latent_cache.safetensors"
+    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}"
+    if path.is_file():
+        cache = load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("stamp") == stamp:
+                return cache
+    means, stds, pixels = [], [], []
+    chunk = 512
+    for i in range(0, len(files), chunk):
+        images = _load_files(files[i : i + chunk], resolution)
+        m, s = encode_images(pipe.vae, images)
+        means.append(m)
+        stds.append(s)
+        pixels.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    cache = {"means": torch.cat(means), "stds": torch.cat(stds), "pixels": torch.cat(pixels)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: save_file(cache, p, metadata={"stamp": stamp}))
+    return cache
+
+
+def _load_files(files: list[Path], resolution: int) -> torch.Tensor:
+    import tempfile
+
+    # load_images works on folders; link the chunk into a temporary one so its checks and messages apply
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            (Path(tmp) / f.name).symlink_to(f.resolve())
+        return load_images(tmp, resolution)
+
+
+def default_image_encoder(pipe):
+    return LatentPatchEncoder(pipe.vae.config.latent_channels, patch=2)
+
+
+def image_tokens(encoder, pixels: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    return encoder(pixels, latents)
+
+
+def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig | None = None, *,
+                       image_encoder=None, model_name: str = "", resume: bool = False,
+                       progress: bool = True) -> PromptNetResult:
+    """Pre-train a PromptNet on a folder of domain images (§3.4); write it into out_dir."""
+    cfg = cfg or PretrainConfig()
+    out = Path(out_dir)
+    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    freeze(pipe)
+    encoder = image_encoder or default_image_encoder(pipe)
+    cache = _latent_cache(pipe, Path(images_dir), out, resolution)
+    means, stds, pixels_u8 = cache["means"], cache["stds"], cache["pixels"]
+    scaling = pipe.vae.config.scaling_factor
+    text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(cfg.seed)
+    promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, cfg.projection_channels).float()
+    params = dict(promptnet.named_parameters())
+    needs_pixels = not isinstance(encoder, LatentPatchEncoder)
+    T = pipe.scheduler.config.num_train_timesteps
+
+    def draw(g):
+        index = torch.randint(0, len(means), (cfg.batch,), generator=g)
+        flip = torch.rand(cfg.batch, generator=g) < cfg.flip_p
+        latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
+        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, T, (cfg.batch,), generator=g)
+        pixels = None
+        if needs_pixels:
+            pixels = pixels_u8[index].float() / 127.5 - 1
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        return {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
+                "timesteps": t}
+
+    val = pixels_u8[: cfg.validation_images].float() / 127.5 - 1
+    meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
+            "latents": cfg.latents,
+            "images": str(images_dir), "num_images": len(means)}
+    return _run(pipe, promptnet, encoder, cfg, out=out, kind="pretrain", meta=meta, params=params, draw=draw,
+                val_pixels=val, resume=resume, progress=progress)
+
+
+def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch.Tensor:
+    """(copies, 3, R, R): the image first, then augmented versions (flip; rotation, translation, scale with the
+    border colour filled in, like the shapes world's flat backgrounds)."""
+    g = torch.Generator().manual_seed(seed)
+    out = [image[0]]
+    for _ in range(cfg.copies - 1):
+        x = image
+        if cfg.augment in ("flip", "affine") and torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        if cfg.augment == "affine":
+            angle = math.radians((torch.rand((), generator=g).item() * 2 - 1) * cfg.rotate)
+            scale = cfg.scale[0] + torch.rand((), generator=g).item() * (cfg.scale[1] - cfg.scale[0])
+            tx, ty = ((torch.rand(2, generator=g) * 2 - 1) * cfg.translate * 2).tolist()  # grid units: side = 2
+            cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+            theta = torch.tensor([[[cos, -sin, -tx], [sin, cos, -ty]]], dtype=x.dtype)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        elif cfg.augment not in ("none", "flip"):
+            raise UserError(f"--augment {cfg.augment}: pass none, flip or affine")
+        out.append(x[0])
+    return torch.stack(out)
+
+
+def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path, out_dir: str | Path,
+                       cfg: FinetuneConfig | None = None, *, model_name: str = "", resume: bool = False,
+                       progress: bool = True) -> PromptNetResult:
+    """Fine-tune a pre-trained PromptNet (and the UNet's to_q/to_k/to_v) on one image (§3.5); write it into out_dir.
+    The pipeline's own weights are unchanged on return."""
+    cfg = cfg or FinetuneConfig()
+    out = Path(out_dir)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = load_reference_image(image_path, resolution)
+    freeze(pipe)
+    encoder = pretrained.image_encoder
+    promptnet = PromptNet.from_config(pretrained.promptnet.config)
+    promptnet.load_state_dict(pretrained.promptnet.state_dict())
+    promptnet = promptnet.to(pipe.unet.device, torch.float32).requires_grad_(True)
+    params = {f"promptnet.{n}": p for n, p in promptnet.named_parameters()}
+    unet_params = dict(pipe.unet.named_parameters())
+    names = attention_weight_names(pipe.unet) if cfg.train_unet_attention else []
+    originals = {n: unet_params[n].detach().clone() for n in names}
+    if pretrained.unet_attention:
+        raise UserError("this PromptNet is already fine-tuned on an image: fine-tune the pre-trained one instead")
+    for n in names:
+        unet_params[n].requires_grad_(True)
+        params[f"unet.{n}"] = unet_params[n]
+    pad = pretrained.meta.get("pad_prompt", False) if cfg.pad_prompt is None else cfg.pad_prompt
+    how = pretrained.meta.get("latents", "sample") if cfg.latents is None else cfg.latents
+    copies = augment_copies(image, cfg, cfg.seed)
+    means, stds = encode_images(pipe.vae, copies)
+    scaling = pipe.vae.config.scaling_factor
+    needs_pixels = not isinstance(encoder, LatentPatchEncoder)
+    fixed_tokens = encoder(copies, means * scaling) if needs_pixels else None
+    T = pipe.scheduler.config.num_train_timesteps
+
+    def draw(g):
+        ref_index = torch.randint(0, len(means), (cfg.batch,), generator=g)
+        target_index = torch.randint(0, len(means), (cfg.batch,), generator=g)
+        reference = sample_latents(means, stds, ref_index, g, scaling, how)
+        target = sample_latents(means, stds, target_index, g, scaling, how)
+        noise = torch.randn(target.shape, generator=g)
+        t = torch.randint(0, T, (cfg.batch,), generator=g)
+        tokens = fixed_tokens[ref_index] if needs_pixels else encoder(None, reference)
+        return {"reference": reference, "tokens": tokens, "target": target, "noise": noise, "timesteps": t}
+
+    meta = {"method": "profusion", "base_model": model_name or pretrained.meta.get("base_model", ""),
+            "stage": "finetuned", "pad_prompt": pad, "latents": how, "image": str(image_path),
+            "pretrained": str(pretrained.folder) if pretrained.folder else None}
+    cfg_used = FinetuneConfig(**{**asdict(cfg), "pad_prompt": pad, "latents": how})
+    began = time.perf_counter()
+    try:
+        result = _run(pipe, promptnet, encoder, cfg_used, out=out, kind="finetune", meta=meta, params=params,
+                      draw=draw, val_pixels=image, resume=resume, progress=progress,
+                      unet_attention=lambda: {n: unet_params[n] for n in names})
+        atomic_write(out / "reference.png", lambda p: to_pil(image[0]).save(p, format="PNG"))
+    finally:
+        with torch.no_grad():
+            for n, w in originals.items():
+                unet_params[n].copy_(w)
+                unet_params[n].requires_grad_(False)
+    result.seconds = time.perf_counter() - began
+    return result

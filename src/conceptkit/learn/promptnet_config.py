@@ -1,0 +1,58 @@
+"""PromptNet training settings (ALGORITHMS.md §3.4 pre-training, §3.5 single-image fine-tuning): plain data.
+
+Pre-training trains PromptNet only; fine-tuning trains PromptNet plus every UNet attention `to_q`, `to_k`, `to_v`
+(self- and cross-attention, not `to_out`). Both minimise the diffusion loss of "a photo of S*" with S* =
+PromptNet(reference); the official objective is regularisation-free (`l2_reg` 0; it exists for ablation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 20_000
+    lr: float = 1e-4  # train.py's argparse default (its README run uses 2e-5 at batch 8 for 80k steps on SD 2)
+    batch: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    l2_reg: float = 0.0  # λ_p · mean(S*²); the official default is 0 ("regularisation-free")
+    prefix: str = "a photo of"
+    pad_prompt: bool = False  # official: the 6-token unpadded sequence; True pads like inference does
+    # sample: z ~ q(z|x), as the official code (SD's VAE posterior is narrow). mean: the posterior mean, for models
+    # whose UNet was trained on means (the bundled VAE's posterior std is 0.32 against latents of std 1).
+    latents: str = "sample"
+    projection_channels: int = 128
+    flip_p: float = 0.0
+    resolution: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 1000
+    validation_images: int = 4  # the first N training images, reconstructed with "a photo of S*"
+    validation_prompts: tuple[str, ...] = ("a photo of S*",)
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 100  # [nb-PF]: 100 iterations
+    lr: float = 2e-5  # [nb-PF]
+    batch: int = 4  # two independent batches of this size: one gives the reference, the other the target
+    copies: int = 32  # the mini dataset: the image plus copies-1 augmented versions
+    augment: str = "affine"  # none (the image repeated) | flip | affine (flip + rotate/translate/scale, border fill)
+    rotate: float = 10.0  # degrees, ±
+    translate: float = 0.2  # fraction of the side, ±
+    scale: tuple[float, float] = (0.6, 1.0)
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = None  # the notebook does not clip
+    l2_reg: float = 0.0
+    prefix: str = "a photo of"
+    pad_prompt: bool | None = None  # None: as the PromptNet was pre-trained
+    latents: str | None = None  # sample | mean; None: as the PromptNet was pre-trained
+    train_unet_attention: bool = True
+    seed: int = 0
+    grad_accum: int = 1
+    checkpoint_every: int = 10_000  # short runs: the final weights are the checkpoint
+    validate_every: int = 0
+    validation_prompts: tuple[str, ...] = ()
