@@ -158,6 +158,17 @@ def cmd_learn_lora(args) -> None:
 def cmd_learn_promptnet(args) -> None:
     from .models.loading import load_pipeline
 
+    if args.export_to:
+        from .learn.promptnet import export_pretrain_checkpoint
+        from .models.loading import load_pipeline
+
+        pipe = load_pipeline(args.model, config=args.config, device=args.device)
+        import torch
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.export_dtype]
+        path = export_pretrain_checkpoint(pipe, args.out, args.export_to, dtype, model_name=args.model)
+        print(f"wrote the latest checkpoint of {args.out} as a PromptNet folder: {path}")
+        return
     if args.pretrain == args.finetune:
         raise UserError("pass exactly one of --pretrain (with --images DIR) or --finetune (with --image FILE)")
     if args.pretrain and not args.images:
@@ -560,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
     p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--export-to", help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
+                                       "folder here, and stop (works while the run goes on)")
+    p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_promptnet)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ def encode_images(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Ten
         dist = vae.encode(images[i : i + batch].to(vae.device, vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
+    # contiguous: the VAE may return channels-last views, which safetensors refuses to save (latent cache)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
 def sample_latents(means, stds, index, g, scaling, how: str = "sample") -> torch.Tensor:
@@ -344,6 +346,7 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
                       draw=draw, val_pixels=image, resume=resume, progress=progress,
                       unet_attention=lambda: {n: unet_params[n] for n in names})
         atomic_write(out / "reference.png", lambda p: to_pil(image[0]).save(p, format="PNG"))
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished fine-tune keeps only its weights
     finally:
         with torch.no_grad():
             for n, w in originals.items():
@@ -351,3 +354,32 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
                 unet_params[n].requires_grad_(False)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                               model_name: str = "") -> Path:
+    """Write the latest checkpoint of a pre-training run (which may still be running) as a PromptNet folder."""
+    run = Path(run_dir)
+    last = latest_checkpoint(run / "checkpoints")
+    info = run / "training.json"
+    if last is None or not info.is_file():
+        raise UserError(f"{run} holds no pre-training checkpoint: pass the --out folder of a `learn promptnet "
+                        "--pretrain` run")
+    config = json.loads(info.read_text())["config"]
+    encoder = default_image_encoder(pipe)
+    text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, config["projection_channels"]).float()
+    tensors = load_file(last)
+    from safetensors import safe_open
+
+    with safe_open(last, "pt") as f:
+        meta_ckpt = f.metadata()
+    promptnet.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")})
+    losses = json.loads(meta_ckpt["losses"])
+    step = int(meta_ckpt["step"])
+    meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained",
+            "pad_prompt": config["pad_prompt"], "latents": config.get("latents", "sample"), "prefix": config["prefix"],
+            "placeholder": "S*", "steps": step, "loss_last_100": _mean(losses[-100:]), "config": config,
+            "exported_from": str(last), "conceptkit": __version__}
+    promptnet = promptnet.to(dtype)
+    return save_promptnet(Path(out_dir), promptnet, encoder, meta)

@@ -52,7 +52,7 @@ def save_promptnet(out: Path, promptnet: PromptNet, image_encoder, meta: dict,
                    unet_attention: dict[str, torch.Tensor] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in promptnet.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in promptnet.state_dict().items()}  # as they are (fp16 ships)
     atomic_write(out / "diffusion_pytorch_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", promptnet.to_json_string())
     atomic_write_text(out / DESCRIPTION_FILE, json.dumps(image_encoder.describe(), indent=2) + "\n")
