@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
-from ..profusion.image_encoders import LatentPatchEncoder
+from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, load_image_encoder, read_description
 from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
@@ -138,6 +138,8 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     if last is not None:
         start, losses = load_checkpoint(last, params, optimizer)
     out.mkdir(parents=True, exist_ok=True)
+    # the encoder's description goes in first, so a running pre-training's checkpoints can be exported
+    atomic_write_text(out / DESCRIPTION_FILE, json.dumps(encoder.describe(), indent=2) + "\n")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ids, slot = training_ids(pipe.tokenizer, cfg.prefix, meta["pad_prompt"])
     meta = {**meta, "prefix": cfg.prefix, "placeholder": "S*"}
@@ -366,7 +368,7 @@ def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, d
         raise UserError(f"{run} holds no pre-training checkpoint: pass the --out folder of a `learn promptnet "
                         "--pretrain` run")
     config = json.loads(info.read_text())["config"]
-    encoder = default_image_encoder(pipe)
+    encoder = load_image_encoder(read_description(run), device=pipe.unet.device)
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, config["projection_channels"]).float()
     tensors = load_file(last)

@@ -1,0 +1,308 @@
+"""ProFusion on the command line: `learn promptnet` (--pretrain, --export-to, --finetune), `generate --promptnet`
+and `evaluate profusion`, end to end on the bundled toy model, and their one-line errors (exit code 2)."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conceptkit.cli import main
+from conceptkit.models.loading import load_pipeline
+from conceptkit.profusion.saved import UNET_ATTENTION_FILE, load_promptnet
+from conceptkit.shapes.dataset import scenes, write_image_folder
+
+PROMPT = "a small S* on the left, on a navy background"
+PROMPTNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "image_encoder.json", "promptnet.json")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def toy():
+    """The bundled toy pipeline; loading it first also gets the one-time import warnings out of the way, so the
+    captured stderr of every test holds only what the command printed."""
+    return load_pipeline("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("domain") / "images", scenes(6, seed=1, p_pair=0))
+
+
+@pytest.fixture(scope="module")
+def pretrained(images, tmp_path_factory):
+    """`learn promptnet --pretrain`: the run folder and the exit code."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    code = main(["learn", "promptnet", "--pretrain", "--images", str(images), "--steps", "2", "--batch", "2",
+                 "--validate-every", "0", "--latents", "mean", "--pad-prompt", "--out", str(out)])
+    return out, code
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained, tmp_path_factory):
+    """`learn promptnet --export-to DIR --export-dtype fp16` of the pre-training run."""
+    run, code = pretrained
+    assert code == 0
+    out = tmp_path_factory.mktemp("export") / "promptnet"
+    code = main(["learn", "promptnet", "--export-to", str(out), "--export-dtype", "fp16", "--out", str(run)])
+    return out, code
+
+
+@pytest.fixture(scope="module")
+def finetuned(exported, images, tmp_path_factory):
+    """`learn promptnet --finetune` of the exported PromptNet on one image."""
+    export, code = exported
+    assert code == 0
+    out = tmp_path_factory.mktemp("finetune") / "ft"
+    code = main(["learn", "promptnet", "--finetune", "--promptnet", str(export), "--image",
+                 str(images / "000000.png"), "--steps", "2", "--out", str(out)])
+    return out, code
+
+
+def generate(promptnet, out, *extra):
+    return main(["generate", "--promptnet", str(promptnet), "--prompt", PROMPT, "--steps", "3", "--num-images", "2",
+                 "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def generated(finetuned, tmp_path_factory):
+    """generate with the fine-tuned PromptNet and no --image: twice with fusion (same seed), once --no-fusion."""
+    ft, code = finetuned
+    assert code == 0
+    root = tmp_path_factory.mktemp("generate")
+    codes = {name: generate(ft, root / name, *extra)
+             for name, extra in (("fusion", ()), ("again", ()), ("plain", ("--no-fusion",)))}
+    return root, codes
+
+
+def pngs(folder):
+    """The images a generate run wrote (not the grid), in order."""
+    return sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+
+
+# ------------------------------------------------------------------------------------ learn promptnet
+
+def test_pretrain_writes_a_promptnet_folder_with_the_settings_given(pretrained, toy):
+    run, code = pretrained
+    assert code == 0
+    for name in PROMPTNET_FILES:
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "promptnet.json").read_text())
+    assert meta["pad_prompt"] is True and meta["latents"] == "mean"
+    assert meta["stage"] == "pretrained" and meta["steps"] == 2 and meta["base_model"] == "toy"
+    assert meta["num_images"] == 6
+    config = json.loads((run / "training.json").read_text())["config"]
+    assert (config["kind"], config["steps"], config["batch"], config["validate_every"]) == ("pretrain", 2, 2, 0)
+    # --validate-every 0: one validation grid, at the end
+    assert [p.name for p in sorted((run / "validation").glob("*.png"))] == ["step-000002.png"]
+    assert [p.name for p in sorted((run / "checkpoints").glob("*.safetensors"))] == ["step-000002.safetensors"]
+    saved = load_promptnet(run, toy)
+    assert saved.unet_attention is None and saved.reference_path is None
+
+
+def test_export_writes_an_fp16_promptnet_folder_of_the_latest_checkpoint(pretrained, exported, toy):
+    run, _ = pretrained
+    export, code = exported
+    assert code == 0
+    for name in PROMPTNET_FILES:
+        assert (export / name).is_file(), name
+    weights = export / "diffusion_pytorch_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.float16}
+    meta = json.loads((export / "promptnet.json").read_text())
+    assert meta["pad_prompt"] is True and meta["latents"] == "mean" and meta["steps"] == 2
+    assert meta["exported_from"].endswith("step-000002.safetensors")
+    saved = load_promptnet(export, toy)
+    assert saved.meta["stage"] == "pretrained"
+    # the exported weights are the run's final (step-2) weights, rounded to fp16, loaded back as float32
+    final = load_file(run / "diffusion_pytorch_model.safetensors")
+    state = saved.promptnet.state_dict()
+    assert state.keys() == final.keys()
+    for k, v in final.items():
+        assert state[k].dtype == torch.float32
+        assert torch.equal(state[k].cpu(), v.half().float()), k
+
+
+def test_finetune_writes_attention_weights_and_the_reference_and_no_checkpoints(finetuned, images, toy):
+    ft, code = finetuned
+    assert code == 0
+    for name in PROMPTNET_FILES + (UNET_ATTENTION_FILE, "reference.png"):
+        assert (ft / name).is_file(), name
+    assert not (ft / "checkpoints").exists()
+    meta = json.loads((ft / "promptnet.json").read_text())
+    # --pad-prompt and --latents not given: as the PromptNet was pre-trained
+    assert meta["stage"] == "finetuned" and meta["pad_prompt"] is True and meta["latents"] == "mean"
+    # the reference is the given image (64 px already: no resize)
+    given = np.asarray(Image.open(images / "000000.png").convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(ft / "reference.png").convert("RGB")), given)
+    saved = load_promptnet(ft, toy)
+    assert saved.unet_attention and saved.reference_path == ft / "reference.png"
+    names = set(saved.unet_attention)
+    assert names and all(re.search(r"\.to_[qkv]\.", n) for n in names)
+    # the tuned to_q/to_k/to_v moved away from the pipeline's
+    unet = dict(toy.unet.named_parameters())
+    assert any(not torch.equal(saved.unet_attention[n], unet[n].detach().cpu()) for n in names)
+
+
+# ------------------------------------------------------------------------------------ generate --promptnet
+
+def test_generate_with_a_finetuned_promptnet_writes_images_and_a_grid(generated):
+    root, codes = generated
+    assert codes == {"fusion": 0, "again": 0, "plain": 0}
+    for name in codes:
+        files = pngs(root / name)
+        assert len(files) == 2, name
+        assert [f.name.rsplit("-", 1)[1] for f in files] == ["s0.png", "s1.png"]
+        assert all(Image.open(f).size == (64, 64) for f in files)
+        assert Image.open(root / name / "grid.png").size == (128, 64)
+        # seed and seed + 1 give different images
+        assert files[0].read_bytes() != files[1].read_bytes()
+
+
+def test_generate_is_reproducible_and_fusion_differs_from_plain(generated):
+    root, _ = generated
+    fusion, again, plain = (pngs(root / name) for name in ("fusion", "again", "plain"))
+    assert [f.read_bytes() for f in fusion] == [f.read_bytes() for f in again]
+    for a, b in zip(fusion, plain):
+        assert a.read_bytes() != b.read_bytes()
+
+
+def test_generate_without_image_uses_the_finetuned_reference(finetuned, generated, images, tmp_path):
+    ft, _ = finetuned
+    root, _ = generated
+    # the same reference passed explicitly gives the same images; another image gives other ones
+    assert generate(ft, tmp_path / "same", "--image", str(ft / "reference.png")) == 0
+    assert [f.read_bytes() for f in pngs(tmp_path / "same")] == [f.read_bytes() for f in pngs(root / "fusion")]
+    assert generate(ft, tmp_path / "other", "--image", str(images / "000003.png")) == 0
+    assert pngs(tmp_path / "other")[0].read_bytes() != pngs(root / "fusion")[0].read_bytes()
+
+
+# ------------------------------------------------------------------------------------ one-line errors
+
+@pytest.fixture
+def paths(exported, finetuned, images, sd_tiny_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "promptnet.json").write_text("{}")
+    return {"export": exported[0], "ft": finetuned[0], "png": images / "000000.png", "images": images,
+            "corrupt": tmp_path / "x.png", "missing": tmp_path / "missing.png", "empty": tmp_path / "empty",
+            "norun": tmp_path / "not-a-run", "sd": sd_tiny_dir, "out": tmp_path / "out"}
+
+
+LEARN = ["learn", "promptnet"]
+GEN = ["generate", "--out", "{out}"]
+ERRORS = {
+    "both-stages": (LEARN + ["--pretrain", "--finetune", "--images", "{images}", "--image", "{png}",
+                             "--out", "{out}"], "exactly one of --pretrain"),
+    "neither-stage": (LEARN + ["--out", "{out}"], "exactly one of --pretrain"),
+    "pretrain-without-images": (LEARN + ["--pretrain", "--out", "{out}"], "--pretrain needs --images"),
+    "finetune-without-image": (LEARN + ["--finetune", "--promptnet", "{export}", "--out", "{out}"],
+                               "--finetune needs --image"),
+    "finetune-missing-image": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{missing}",
+                                        "--out", "{out}"], r"missing\.png does not exist"),
+    "finetune-corrupt-image": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{corrupt}",
+                                        "--out", "{out}"], r"cannot read .*x\.png as an image"),
+    "generate-missing-image": (GEN + ["--promptnet", "{export}", "--image", "{missing}", "--prompt", "S*"],
+                               r"missing\.png does not exist"),
+    "generate-corrupt-image": (GEN + ["--promptnet", "{export}", "--image", "{corrupt}", "--prompt", "S*"],
+                               r"cannot read .*x\.png as an image"),
+    "pretrained-without-image": (GEN + ["--promptnet", "{export}", "--prompt", "S*"], "no reference image"),
+    "prompt-without-placeholder": (GEN + ["--promptnet", "{ft}", "--prompt", "a circle on a navy background"],
+                                   "names S\\* 0 times"),
+    "prompt-placeholder-twice": (GEN + ["--promptnet", "{ft}", "--prompt", "S* next to S*"], "names S\\* 2 times"),
+    "refine-eta-2": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--refine-eta", "2"], r"--refine-eta 2\.0"),
+    "scheduler-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--scheduler", "euler"],
+                        "--scheduler euler: ProFusion samples with DDIM"),
+    "not-a-promptnet": (GEN + ["--promptnet", "{empty}", "--image", "{png}", "--prompt", "S*"],
+                        "is not a PromptNet folder"),
+    "finetune-not-a-promptnet": (LEARN + ["--finetune", "--promptnet", "{empty}", "--image", "{png}",
+                                          "--out", "{out}"], "is not a PromptNet folder"),
+    "other-architecture": (GEN + ["--model", "{sd}", "--promptnet", "{export}", "--image", "{png}", "--prompt", "S*"],
+                           "was built for a UNet with .*pass the --model it was trained for"),
+    "finetune-other-architecture": (LEARN + ["--finetune", "--model", "{sd}", "--promptnet", "{export}",
+                                             "--image", "{png}", "--out", "{out}"], "was built for a UNet with"),
+    "no-bundled-promptnet": (GEN + ["--model", "{sd}", "--image", "{png}", "--prompt", "S*"],
+                             "no PromptNet ships for --model .*pass --promptnet DIR"),
+    "finetune-no-bundled-promptnet": (LEARN + ["--finetune", "--model", "{sd}", "--image", "{png}", "--out", "{out}"],
+                                      "no PromptNet ships for --model"),
+    "export-without-checkpoints": (LEARN + ["--export-to", "{out}", "--out", "{norun}"],
+                                   "holds no pre-training checkpoint"),
+    "export-a-finetuned-folder": (LEARN + ["--export-to", "{out}", "--out", "{ft}"],
+                                  "holds no pre-training checkpoint"),
+    "evaluate-bogus-method": (["evaluate", "profusion", "--methods", "fusion,bogus", "--out", "{out}"],
+                              "unknown method 'bogus'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line_with_exit_code_2(case, paths, capsys):
+    template, pattern = ERRORS[case]
+    argv = [a.format(**paths) for a in template]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(pattern, err[0]), err[0]
+    assert not paths["out"].exists()  # nothing written
+
+
+# ------------------------------------------------------------------------------------ evaluate profusion
+
+EVALUATE = ["evaluate", "profusion", "--objects", "1", "--seeds", "1", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(exported, tmp_path_factory):
+    export, code = exported
+    assert code == 0
+    root = tmp_path_factory.mktemp("evaluate")
+    test = main(EVALUATE + ["--promptnet", str(export), "--finetune-steps", "2",
+                            "--methods", "fusion,plain,pretrained", "--json", str(root / "out.json"),
+                            "--out", str(root / "test")])
+    tune = main(EVALUATE + ["--promptnet", str(export), "--split", "tune", "--methods", "pretrained",
+                            "--json", str(root / "tune.json"), "--out", str(root / "tune")])
+    return root, test, tune
+
+
+def test_evaluate_profusion_writes_scores_timings_and_a_grid(evaluated, exported):
+    root, code, _ = evaluated
+    assert code == 0
+    results = json.loads((root / "out.json").read_text())
+    for method in ("fusion", "plain", "pretrained"):
+        for key in ("preservation", "adherence"):
+            assert 0 <= results[f"{method}.{key}"] <= 1, (method, key)
+        assert results[f"{method}.seconds"] > 0, method
+    assert not any(k.startswith(("pretrained_plain.", "ti.")) for k in results)
+    assert results["finetune_seconds"] > 0
+    settings = results["settings"]
+    assert settings["split"] == "test" and settings["steps"] == 3 and len(settings["seeds"]) == 1
+    assert settings["promptnet"] == str(exported[0])
+    assert (root / "test" / "grid.png").is_file()
+    (name,) = [p.name for p in (root / "test").iterdir() if p.is_dir()]
+    assert list(results["objects"]) == [name]
+    # the fine-tuned PromptNet and one image per prompt (5 compositional prompts, 1 seed) per method
+    assert (root / "test" / name / "promptnet" / UNET_ATTENTION_FILE).is_file()
+    for method in ("fusion", "plain", "pretrained"):
+        assert len(pngs(root / "test" / name / method)) == 5, method
+
+
+def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
+    root, test_code, code = evaluated
+    assert test_code == 0 and code == 0
+    test = json.loads((root / "out.json").read_text())
+    tune = json.loads((root / "tune.json").read_text())
+    assert tune["settings"]["split"] == "tune"
+    test_objects = {p.name for p in (root / "test").iterdir() if p.is_dir()}
+    tune_objects = {p.name for p in (root / "tune").iterdir() if p.is_dir()}
+    assert len(test_objects) == len(tune_objects) == 1 and not test_objects & tune_objects
+    assert set(tune["objects"]) == tune_objects
+    assert not set(test["settings"]["seeds"]) & set(tune["settings"]["seeds"])
+    # no fine-tuning for the pre-trained method alone
+    assert not any((root / "tune" / name / "promptnet").exists() for name in tune_objects)
+    assert "finetune_seconds" not in tune
