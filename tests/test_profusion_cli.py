@@ -2,6 +2,7 @@
 and `evaluate profusion`, end to end on the bundled toy model, and their one-line errors (exit code 2)."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -306,3 +307,20 @@ def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
     # no fine-tuning for the pre-trained method alone
     assert not any((root / "tune" / name / "promptnet").exists() for name in tune_objects)
     assert "finetune_seconds" not in tune
+
+
+def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, generated, tmp_path):
+    """promptnet.json `fusion_settings` replace the notebook's fusion call as generate's defaults."""
+    ft, _ = finetuned
+    root, _ = generated
+    copy = tmp_path / "ft"
+    shutil.copytree(ft, copy)
+    meta = json.loads((copy / "promptnet.json").read_text())
+    meta["fusion_settings"] = {"refine_steps": 0, "ref_guidance_scale": 0.0, "guidance_scale": 5.0}
+    (copy / "promptnet.json").write_text(json.dumps(meta))
+    # with those, "fusion" is exactly the plain sampling of --no-fusion
+    assert generate(copy, tmp_path / "recommended") == 0
+    assert [f.read_bytes() for f in pngs(tmp_path / "recommended")] == [f.read_bytes() for f in pngs(root / "plain")]
+    # and an explicit option still wins over the recommendation
+    assert generate(copy, tmp_path / "explicit", "--refine-steps", "1") == 0
+    assert pngs(tmp_path / "explicit")[0].read_bytes() != pngs(root / "plain")[0].read_bytes()

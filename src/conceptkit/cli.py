@@ -67,7 +67,9 @@ def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
     if args.scheduler != "ddim":
         raise UserError(f"--scheduler {args.scheduler}: ProFusion samples with DDIM (fusion sampling is defined on "
                         "its steps); leave --scheduler out")
-    base = FusionConfig() if args.fusion else FusionConfig.plain()
+    from .evaluate.profusion import recommended_fusion
+
+    base = recommended_fusion(saved) if args.fusion else FusionConfig.plain()
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
@@ -412,8 +414,14 @@ def cmd_evaluate_profusion(args) -> None:
     d = FINETUNE_DEFAULTS
     finetune = FinetuneConfig(steps=args.finetune_steps or d.steps, lr=args.finetune_lr or d.lr,
                               augment=args.augment or d.augment)
+    given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
+             "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
+             "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
+             "class_word": args.class_word}
     result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
-                                finetune=finetune, objects=args.objects, split=args.split, out_dir=args.out)
+                                finetune=finetune, fusion_overrides={k: v for k, v in given.items() if v is not None},
+                                objects=args.objects, split=args.split,
+                                out_dir=args.out)
     print(table(result))
     if args.json:
         write_json(result, args.json)
@@ -466,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--promptnet", help="a PromptNet folder (`learn promptnet`; default with --image: the bundled one)")
     g.add_argument("--image", help="the reference image (default: the one a fine-tuned PromptNet was tuned on)")
     g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
-                   help="fusion sampling (default), or plain sampling with S* (--no-fusion: CFG 5, no reference prompt)")
+                   help="fusion sampling (default; the PromptNet folder's recommended settings, else the notebook's),"
+                        " or plain sampling with S* (--no-fusion: CFG 5, no reference prompt)")
     g.add_argument("--refine-steps", type=int, help="fusion sub-steps per step, m (default 1)")
     g.add_argument("--refine-eta", type=float, help="η of the fusion sub-step, in [0, sqrt(2)] (default 1)")
     g.add_argument("--refine-emb-scale", type=float, help="λ: S* output scale in the fusion sub-step (default 0.6)")
@@ -655,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = evaluate.add_parser("profusion", help="ProFusion on held-out objects: detail preservation and prompt adherence")
     p.add_argument("--model", default="toy")
     p.add_argument("--promptnet", help="the pre-trained PromptNet (default: the bundled one)")
-    p.add_argument("--methods", help="comma-separated (default: fusion,plain,pretrained,pretrained_plain,ti)")
+    p.add_argument("--methods", help="comma-separated (default: fusion,fusion_notebook,plain,pretrained,"
+                                     "pretrained_plain,ti)")
     p.add_argument("--objects", type=int, default=8, help="held-out test objects (at most 8)")
     p.add_argument("--split", choices=["test", "tune"], default="test",
                    help="tune: 4 objects seen in pre-training and seeds of their own, for choosing settings")
@@ -664,6 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int)
     p.add_argument("--finetune-lr", type=float)
     p.add_argument("--augment", choices=["none", "flip", "affine"])
+    g = p.add_argument_group("fusion sampling settings (default: the notebook's fusion call, see generate --help)")
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--ref-guidance-scale", type=float)
+    g.add_argument("--refine-steps", type=int)
+    g.add_argument("--refine-eta", type=float)
+    g.add_argument("--refine-emb-scale", type=float)
+    g.add_argument("--refine-guidance", type=float)
+    g.add_argument("--class-word")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="outputs/evaluate-profusion", help="fine-tuned PromptNets, images, grid.png")
     p.add_argument("--json", help="write the results (keys <method>.preservation/.adherence/.seconds)")

@@ -6,9 +6,10 @@ compositional prompts of `evaluate ti` (each asks for a size, a position and a b
 held-out seeds EVAL_SEED_BASE + k. The oracle scores
 - preservation: the (largest) object has the test object's shape, colour and pattern (all three);
 - adherence: the fraction of requested attributes (background, position, size) the image has.
-Methods: `fusion` (fine-tuned PromptNet, fusion sampling), `plain` (fine-tuned, plain sampling), `pretrained`
-(the pre-trained PromptNet without fine-tuning, fusion sampling), `pretrained_plain`, and `ti` (Textual Inversion
-on the same single image, its default recipe, DDIM with CFG 7.5).
+Methods: `fusion` (fine-tuned PromptNet, fusion sampling with the PromptNet's recommended settings, see
+`recommended_fusion`), `fusion_notebook` (the same with the notebook's fusion call, §3.7), `plain` (fine-tuned,
+plain sampling), `pretrained` (the pre-trained PromptNet without fine-tuning, fusion sampling), `pretrained_plain`,
+and `ti` (Textual Inversion on the same single image, its default recipe, DDIM with CFG 7.5).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from ..shapes.render import render
 from ..shapes.world import EVAL_SEED_BASE, HELD_OUT_TRIPLES, Obj, Scene
 from .ti import COMPOSITIONAL
 
-METHODS = ("fusion", "plain", "pretrained", "pretrained_plain", "ti")
+METHODS = ("fusion", "fusion_notebook", "plain", "pretrained", "pretrained_plain", "ti")
+FINETUNED = ("fusion", "fusion_notebook", "plain")
 
 
 def _diverse(triples, n: int) -> tuple:
@@ -59,20 +61,30 @@ def test_scene(triple: tuple[str, str, str]) -> Scene:
     return Scene("gray", (Obj(*triple, position="center", size="large"),), ((0, 0),))
 
 
+def recommended_fusion(saved) -> FusionConfig:
+    """The notebook's fusion call, with the settings the PromptNet's folder recommends (promptnet.json
+    `fusion_settings`) on top."""
+    return replace(FusionConfig(), **saved.meta.get("fusion_settings", {}))
+
+
 def score(image, triple, requested: dict[str, str]) -> dict:
     from ..shapes import oracle
 
     reading = oracle.read(image)
     obj = max(reading.objects, key=lambda o: o.area) if reading.objects else None
     row = {"preservation": obj is not None and (obj.shape, obj.color, obj.pattern) == tuple(triple)}
+    for i, attr in enumerate(("shape", "color", "pattern")):
+        row[f"kept_{attr}"] = obj is not None and getattr(obj, attr) == triple[i]
     for attr, want in requested.items():
         row[attr] = (reading.background if attr == "background" else getattr(obj, attr, None)) == want
     return row
 
 
 def summarise(rows: list[dict]) -> dict:
-    checks = [v for r in rows for k, v in r.items() if k != "preservation"]
+    checks = [v for r in rows for k, v in r.items() if k in ("background", "position", "size")]
     out = {"preservation": sum(r["preservation"] for r in rows) / len(rows), "adherence": sum(checks) / len(checks)}
+    for attr in ("shape", "color", "pattern"):
+        out[f"preservation_{attr}"] = sum(r[f"kept_{attr}"] for r in rows) / len(rows)
     for attr in ("background", "position", "size"):
         out[f"adherence_{attr}"] = sum(r[attr] for r in rows) / len(rows)
     return out
@@ -80,6 +92,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, *, methods=METHODS, seeds: int = 4,
                        steps: int = 50, finetune: FinetuneConfig | None = None, fusion: FusionConfig | None = None,
+                       fusion_overrides: dict | None = None,
                        ti: TIConfig | None = None, objects: int = len(TEST_TRIPLES), split: str = "test",
                        out_dir: str | Path = "outputs/evaluate-profusion", progress: bool = True) -> dict:
     from ..cli import bundled_promptnet_path
@@ -87,12 +100,13 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
     out_dir = Path(out_dir)
     triples, seed0 = (TEST_TRIPLES, EVAL_SEED_BASE) if split == "test" else (TUNE_TRIPLES, TUNE_SEED_BASE)
     finetune = finetune or FinetuneConfig()
-    fusion = replace(fusion or FusionConfig(), steps=steps)
-    plain = FusionConfig.plain(steps=steps, class_word=fusion.class_word)
     ti = ti or TIConfig()
     pipe = load_pipeline(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pretrained = load_promptnet(promptnet or bundled_promptnet_path(model), pipe)
+    fusion = replace(fusion or recommended_fusion(pretrained), **(fusion_overrides or {}), steps=steps)
+    notebook = FusionConfig(steps=steps, class_word=fusion.class_word)
+    plain = FusionConfig.plain(steps=steps, class_word=fusion.class_word)
     prompts = [t.format("S*") for t, _ in COMPOSITIONAL]
     requested = [r for _, r in COMPOSITIONAL for _ in range(seeds)]
     rows = {m: [] for m in methods}
@@ -109,7 +123,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
             reference = torch.nn.functional.interpolate(reference, size=(size, size), mode="bicubic")
         here, images = {}, {}
         tuned = None
-        if {"fusion", "plain"} & set(methods):
+        if set(FINETUNED) & set(methods):
             t0 = time.perf_counter()
             finetune_promptnet(pipe, pretrained, reference_path, folder / "promptnet", finetune, model_name=model,
                                progress=False)
@@ -131,8 +145,8 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                                   num_images=seeds, steps=steps, guidance_scale=7.5, progress=False,
                                   out_dir=folder / method)
             else:
-                saved = tuned if method in ("fusion", "plain") else pretrained
-                cfg = fusion if method in ("fusion", "pretrained") else plain
+                saved = tuned if method in FINETUNED else pretrained
+                cfg = {"fusion": fusion, "pretrained": fusion, "fusion_notebook": notebook}.get(method, plain)
                 result = generate_profusion(pipe, saved, reference, prompts, cfg, seed=seed0,
                                             num_images=seeds, batch_size=len(prompts) * seeds, progress=False,
                                             out_dir=folder / method)
@@ -156,7 +170,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
     results["objects"] = per_object
     results["settings"] = {"model": model, "promptnet": str(pretrained.folder), "steps": steps,
                            "split": split, "seeds": [seed0 + k for k in range(seeds)], "prompts": prompts,
-                           "fusion": fusion.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
+                           "fusion": fusion.__dict__, "fusion_notebook": notebook.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
                            "ti": {k: v for k, v in ti.__dict__.items() if k != "token"}, "threads": torch.get_num_threads()}
     write_showcase(showcase, [m for m in ("fusion", "plain") if m in methods] or list(methods)[:1], seeds,
                    out_dir / "grid.png")
@@ -181,16 +195,19 @@ def write_showcase(rows, methods: list[str], seeds: int, path: Path, scale: int 
 
 
 def table(results: dict) -> str:
-    names = {"fusion": "fusion sampling (fine-tuned)", "plain": "plain sampling (fine-tuned)",
+    names = {"fusion": "fusion sampling (fine-tuned)", "fusion_notebook": "fusion sampling, notebook settings (fine-tuned)",
+             "plain": "plain sampling (fine-tuned)",
              "pretrained": "pre-trained, no fine-tuning (fusion)", "pretrained_plain": "pre-trained, no fine-tuning (plain)",
              "ti": "Textual Inversion on the one image"}
-    lines = ["| method | preservation | adherence | background | position | size | sum | s / image |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | preservation | (shape / colour / pattern) | adherence | background | position | size | sum | "
+             "s / image |", "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         if f"{m}.preservation" not in results:
             continue
         r = {k.split(".", 1)[1]: v for k, v in results.items() if k.startswith(f"{m}.")}
-        lines.append(f"| {names[m]} | {r['preservation']:.3f} | {r['adherence']:.3f} | {r['adherence_background']:.3f} "
+        lines.append(f"| {names[m]} | {r['preservation']:.3f} | {r['preservation_shape']:.2f} / "
+                     f"{r['preservation_color']:.2f} / {r['preservation_pattern']:.2f} | {r['adherence']:.3f} | "
+                     f"{r['adherence_background']:.3f} "
                      f"| {r['adherence_position']:.3f} | {r['adherence_size']:.3f} | "
                      f"{r['preservation'] + r['adherence']:.3f} | {r['seconds']:.2f} |")
     return "\n".join(lines)
