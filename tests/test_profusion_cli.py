@@ -324,3 +324,30 @@ def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, gen
     # and an explicit option still wins over the recommendation
     assert generate(copy, tmp_path / "explicit", "--refine-steps", "1") == 0
     assert pngs(tmp_path / "explicit")[0].read_bytes() != pngs(root / "plain")[0].read_bytes()
+
+
+def test_the_bundled_promptnet_loads_for_the_bundled_model_and_is_small(toy, tmp_path):
+    from conceptkit.evaluate.profusion import recommended_fusion
+    from conceptkit.learn.images import load_reference_image
+    from conceptkit.models.loading import BUNDLED_PROMPTNET
+
+    files = list(BUNDLED_PROMPTNET.iterdir())
+    assert sum(f.stat().st_size for f in files) < 50e6
+    with safe_open(BUNDLED_PROMPTNET / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    saved = load_promptnet(BUNDLED_PROMPTNET, toy)
+    assert saved.meta["stage"] == "pretrained" and saved.unet_attention is None
+    assert saved.meta["latents"] == "mean" and saved.meta["pad_prompt"] is True
+    assert recommended_fusion(saved).ref_guidance_scale == 0.0  # its model card explains why
+    # two different objects give two different words of the text encoder's width
+    scenes_ = scenes(2, seed=3, p_pair=0)
+    folder = write_image_folder(tmp_path / "objects", scenes_)
+    words = []
+    for name in ("000000.png", "000001.png"):
+        image = load_reference_image(folder / name, 64)
+        with torch.no_grad():
+            latent = toy.vae.encode(image).latent_dist.mean
+            tokens = saved.image_encoder(image, latent)
+            words.append(saved.promptnet(latent, torch.tensor([500]), tokens, torch.randn(1, 4, 16, 16)))
+    assert words[0].shape == (1, 1, toy.text_encoder.get_input_embeddings().weight.shape[1])
+    assert not torch.allclose(words[0], words[1])
