@@ -64,11 +64,6 @@ def get_promptnet(pipe, args):
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     torch.manual_seed(0)
     net = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim).to(pipe.unet.device, torch.float32)
-    # from_unet passes its arguments positionally, so diffusers lists them in the config's `_use_default_values`
-    # and `PromptNet.from_config(net.config)` (what finetune_promptnet does) drops them; keep only true defaults
-    passed = ("unet_config", "image_embed_dim", "text_embed_dim", "projection_channels")
-    net.register_to_config(_use_default_values=[k for k in net.config.get("_use_default_values", [])
-                                                if k not in passed])
     net = net.eval().requires_grad_(False)
     return SavedPromptNet(net, encoder, {}), "untrained (PromptNet.from_unet; no bundled PromptNet found)"
 

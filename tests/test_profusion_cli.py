@@ -327,7 +327,7 @@ def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, gen
 
 
 def test_the_bundled_promptnet_loads_for_the_bundled_model_and_is_small(toy, tmp_path):
-    from conceptkit.evaluate.profusion import recommended_fusion
+    from conceptkit.profusion.sampling import recommended_fusion
     from conceptkit.learn.images import load_reference_image
     from conceptkit.models.loading import BUNDLED_PROMPTNET
 

@@ -56,7 +56,8 @@ def cmd_generate(args) -> None:
 def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
     """ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt; fusion sampling unless --no-fusion."""
     from .learn.images import load_reference_image
-    from .profusion.sampling import FusionConfig, generate_profusion
+    from .models.loading import bundled_promptnet_path
+    from .profusion.sampling import FusionConfig, generate_profusion, recommended_fusion
     from .profusion.saved import load_promptnet
 
     saved = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
@@ -67,8 +68,6 @@ def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
     if args.scheduler != "ddim":
         raise UserError(f"--scheduler {args.scheduler}: ProFusion samples with DDIM (fusion sampling is defined on "
                         "its steps); leave --scheduler out")
-    from .evaluate.profusion import recommended_fusion
-
     base = recommended_fusion(saved) if args.fusion else FusionConfig.plain()
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
@@ -205,6 +204,7 @@ def cmd_learn_promptnet(args) -> None:
               "--image IMAGE --out OUT")
         return
     from .learn.promptnet import finetune_promptnet
+    from .models.loading import bundled_promptnet_path
     from .profusion.saved import load_promptnet
 
     d = FINETUNE_DEFAULTS
@@ -217,15 +217,6 @@ def cmd_learn_promptnet(args) -> None:
                                 resume=args.resume)
     print(f"fine-tuned PromptNet on {args.image} in {result.seconds:.1f} s; wrote {result.out_dir}; use it with: "
           f"conceptkit generate --model {args.model} --promptnet {result.out_dir} --prompt 'S* on a navy background'")
-
-
-def bundled_promptnet_path(model: str) -> Path:
-    from .models.loading import BUNDLED_PROMPTNET
-
-    if model != "toy":
-        raise UserError(f"no PromptNet ships for --model {model}: pass --promptnet DIR (pre-train one with "
-                        "`conceptkit learn promptnet --pretrain --images DIR`)")
-    return BUNDLED_PROMPTNET
 
 
 def cmd_info(args) -> None:

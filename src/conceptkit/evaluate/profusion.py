@@ -7,7 +7,7 @@ held-out seeds EVAL_SEED_BASE + k. The oracle scores
 - preservation: the (largest) object has the test object's shape, colour and pattern (all three);
 - adherence: the fraction of requested attributes (background, position, size) the image has.
 Methods: `fusion` (fine-tuned PromptNet, fusion sampling with the PromptNet's recommended settings, see
-`recommended_fusion`), `fusion_notebook` (the same with the notebook's fusion call, §3.7), `plain` (fine-tuned,
+`profusion.sampling.recommended_fusion`), `fusion_notebook` (the same with the notebook's fusion call, §3.7), `plain` (fine-tuned,
 plain sampling), `pretrained` (the pre-trained PromptNet without fine-tuning, fusion sampling), `pretrained_plain`,
 and `ti` (Textual Inversion on the same single image, its default recipe, DDIM with CFG 7.5).
 """
@@ -26,8 +26,8 @@ from ..learn.promptnet import finetune_promptnet
 from ..learn.promptnet_config import FinetuneConfig
 from ..learn.textual_inversion import learn_textual_inversion
 from ..learn.ti_config import TIConfig
-from ..models.loading import load_pipeline
-from ..profusion.sampling import FusionConfig, generate_profusion
+from ..models.loading import bundled_promptnet_path, load_pipeline
+from ..profusion.sampling import FusionConfig, generate_profusion, recommended_fusion
 from ..profusion.saved import load_promptnet
 from ..shapes.render import render
 from ..shapes.world import EVAL_SEED_BASE, HELD_OUT_TRIPLES, Obj, Scene
@@ -61,12 +61,6 @@ def test_scene(triple: tuple[str, str, str]) -> Scene:
     return Scene("gray", (Obj(*triple, position="center", size="large"),), ((0, 0),))
 
 
-def recommended_fusion(saved) -> FusionConfig:
-    """The notebook's fusion call, with the settings the PromptNet's folder recommends (promptnet.json
-    `fusion_settings`) on top."""
-    return replace(FusionConfig(), **saved.meta.get("fusion_settings", {}))
-
-
 def score(image, triple, requested: dict[str, str]) -> dict:
     from ..shapes import oracle
 
@@ -95,8 +89,6 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                        fusion_overrides: dict | None = None,
                        ti: TIConfig | None = None, objects: int = len(TEST_TRIPLES), split: str = "test",
                        out_dir: str | Path = "outputs/evaluate-profusion", progress: bool = True) -> dict:
-    from ..cli import bundled_promptnet_path
-
     out_dir = Path(out_dir)
     triples, seed0 = (TEST_TRIPLES, EVAL_SEED_BASE) if split == "test" else (TUNE_TRIPLES, TUNE_SEED_BASE)
     finetune = finetune or FinetuneConfig()

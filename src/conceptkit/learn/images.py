@@ -24,37 +24,50 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _open_rgb(path: Path) -> Image.Image | None:
+    """The image as RGB, or None if it cannot be read as an image."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def _center_square(image: Image.Image) -> Image.Image:
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
 def load_images(folder: str | Path, resolution: int, center_crop: bool = False) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1]. Like both reference codes: RGB, bicubic resize, squashed unless center_crop."""
-    files = image_files(folder)
+    return read_images(image_files(folder), resolution, center_crop, where=Path(folder))
+
+
+def read_images(files: list[Path], resolution: int, center_crop: bool = False, *, where: Path) -> torch.Tensor:
+    """load_images for a list of files (errors name `where`, their folder)."""
     images, unreadable, small = [], [], []
     for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError):
+        image = _open_rgb(path)
+        if image is None:
             unreadable.append(path.name)
             continue
         if min(image.size) < resolution:
             small.append(f"{path.name} ({image.width}x{image.height})")
         images.append(image)
     if unreadable:
-        raise UserError(f"{Path(folder)}: cannot read {', '.join(unreadable)} as images (corrupt or not an image): "
+        raise UserError(f"{where}: cannot read {', '.join(unreadable)} as images (corrupt or not an image): "
                         "remove or replace them")
     if small:
-        raise UserError(f"{Path(folder)}: {', '.join(small)} smaller than the training resolution {resolution}: pass "
+        raise UserError(f"{where}: {', '.join(small)} smaller than the training resolution {resolution}: pass "
                         f"--resolution {min(min(im.size) for im in images)} or larger images")
-    tensors = []
-    for image in images:
-        if center_crop:
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensors.append(torch.from_numpy(array).permute(2, 0, 1))
-    return torch.stack(tensors)
+    return torch.stack([_to_tensor((_center_square(im) if center_crop else im).resize(
+        (resolution, resolution), Image.Resampling.BICUBIC)) for im in images])
 
 
 def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
@@ -62,17 +75,10 @@ def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image {path} does not exist: pass --image FILE, a .png/.jpg of the concept")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UserError(f"cannot read {path} as an image (corrupt or not an image): pass a .png or .jpg") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+    image = _open_rgb(path)
+    if image is None:
+        raise UserError(f"cannot read {path} as an image (corrupt or not an image): pass a .png or .jpg")
+    return _to_tensor(_center_square(image).resize((resolution, resolution), Image.Resampling.LANCZOS))[None]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -43,12 +43,34 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, list[float]]:
+    """(every tensor of the checkpoint, its step, the losses so far)."""
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    tensors = load_file(path)
-    saved = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
+    return load_file(path), int(meta["step"]), json.loads(meta["losses"])
+
+
+def trained_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained tensors of a checkpoint, by name (without Adam's state)."""
+    return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")}
+
+
+# settings a run may change when it is resumed
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "keep_checkpoints", "conceptkit")
+
+
+def check_same_settings(out: Path, config: dict, saved: dict) -> None:
+    """Refuse to resume the run in `out` (its settings: `saved`) with other settings than `config`."""
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and json.loads(json.dumps(config[k])) != saved.get(k)]
+    if changed:
+        raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same settings "
+                        "to --resume it, or a new --out folder")
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    tensors, step, losses = read_checkpoint(path)
+    saved = set(trained_tensors(tensors))
     if saved != set(params):
         raise UserError(f"checkpoint {path} holds other trained tensors than this run has (a different rank, "
                         "--vectors or --text-encoder setting?): pass the run's settings, or a new --out folder")
@@ -59,7 +81,7 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
                 optimizer.state[p] = {"step": tensors[f"adam_step/{name}"][0].clone(),
                                       "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
                                       "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
-    return int(meta["step"]), json.loads(meta["losses"])
+    return step, losses
 
 
 def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.Optimizer,

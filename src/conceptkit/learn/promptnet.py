@@ -15,6 +15,7 @@ Like the other trainers: per-step generators (resume == uninterrupted run), atom
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -34,9 +36,11 @@ from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, loa
 from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
-from .images import image_files, load_images, load_reference_image, to_pil
-from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
+from .images import image_files, load_reference_image, read_images, to_pil
+from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
+                   trained_tensors, train_steps)
 from .promptnet_config import FinetuneConfig, PretrainConfig
+from .textual_inversion import freeze
 
 
 @dataclass
@@ -44,12 +48,6 @@ class PromptNetResult:
     out_dir: Path
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def freeze(pipe) -> None:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
 
 
 @torch.no_grad()
@@ -95,12 +93,7 @@ def check_resume(out: Path, config: dict, resume: bool, checkpoints: Path) -> No
         return
     path = out / "training.json"
     if path.exists():
-        saved = json.loads(path.read_text()).get("config", {})
-        keys = [k for k in config if k not in ("steps", "checkpoint_every", "validate_every", "keep_checkpoints")]
-        changed = [k for k in keys if json.loads(json.dumps(config[k])) != saved.get(k)]
-        if changed:
-            raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same "
-                            "settings to --resume it, or a new --out folder")
+        check_same_settings(out, config, json.loads(path.read_text()).get("config", {}))
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
@@ -126,13 +119,13 @@ def validation_grid(pipe, saved: SavedPromptNet, pixels: torch.Tensor, prompts, 
 
 
 def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, params: dict, draw, val_pixels,
-         resume: bool, progress: bool, unet_attention: dict | None = None) -> PromptNetResult:
-    """The shared part of both trainers: optimiser, checkpoints, resume, validation, final save."""
+         resume: bool, progress: bool, unet_attention=None) -> PromptNetResult:
+    """`unet_attention`: for fine-tuning, a function giving the tuned UNet weights to save."""
+    # the shared part of both trainers: optimiser, checkpoints, resume, validation, final save
     checkpoints = out / "checkpoints"
     config = {"kind": kind, **json.loads(json.dumps(asdict(cfg)))}
     check_resume(out, config, resume, checkpoints)
-    decay = [p for n, p in params.items()]
-    optimizer = torch.optim.AdamW(decay, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     last = latest_checkpoint(checkpoints) if resume else None
     if last is not None:
@@ -165,7 +158,7 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     clip = None
     if cfg.max_grad_norm:
         def clip():
-            torch.nn.utils.clip_grad_norm_(decay, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
     promptnet.train()
     seconds = train_steps(cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
                           checkpoint=checkpoint, validate=validate, desc=f"promptnet {kind}", progress=progress,
@@ -189,47 +182,31 @@ def _mean(xs):
     return round(sum(xs) / len(xs), 6) if xs else None
 
 
-def _latent_cache(pipe, images_dir: Path, out: Path, resolution: int) -> dict[str, torch.Tensor]:
-    """Latent mean/std of every image (and the images themselves when the encoder needs pixels), cached in out."""
-    files = image_files(images_dir)
+def _latent_cache(pipe, files: list[Path], where: Path, out: Path, resolution: int,
+                  keep_pixels: bool) -> dict[str, torch.Tensor]:
+    """Latent mean/std of every image (and the images as uint8, when the encoder needs pixels), cached in out."""
     path = out / "latent_cache.safetensors"
-    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}"
+    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}:{int(keep_pixels)}"
     if path.is_file():
-        cache = load_file(path)
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             if f.metadata().get("stamp") == stamp:
-                return cache
+                return load_file(path)
     means, stds, pixels = [], [], []
-    chunk = 512
-    for i in range(0, len(files), chunk):
-        images = _load_files(files[i : i + chunk], resolution)
+    for i in range(0, len(files), 512):
+        images = read_images(files[i : i + 512], resolution, where=where)
         m, s = encode_images(pipe.vae, images)
         means.append(m)
         stds.append(s)
-        pixels.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-    cache = {"means": torch.cat(means), "stds": torch.cat(stds), "pixels": torch.cat(pixels)}
+        if keep_pixels:
+            pixels.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    cache = {"means": torch.cat(means), "stds": torch.cat(stds), **({"pixels": torch.cat(pixels)} if pixels else {})}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file(cache, p, metadata={"stamp": stamp}))
     return cache
 
 
-def _load_files(files: list[Path], resolution: int) -> torch.Tensor:
-    import tempfile
-
-    # load_images works on folders; link the chunk into a temporary one so its checks and messages apply
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in files:
-            (Path(tmp) / f.name).symlink_to(f.resolve())
-        return load_images(tmp, resolution)
-
-
 def default_image_encoder(pipe):
     return LatentPatchEncoder(pipe.vae.config.latent_channels, patch=2)
-
-
-def image_tokens(encoder, pixels: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    return encoder(pixels, latents)
 
 
 def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig | None = None, *,
@@ -241,14 +218,15 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     freeze(pipe)
     encoder = image_encoder or default_image_encoder(pipe)
-    cache = _latent_cache(pipe, Path(images_dir), out, resolution)
-    means, stds, pixels_u8 = cache["means"], cache["stds"], cache["pixels"]
+    needs_pixels = not isinstance(encoder, LatentPatchEncoder)
+    files = image_files(images_dir)
+    cache = _latent_cache(pipe, files, Path(images_dir), out, resolution, keep_pixels=needs_pixels)
+    means, stds, pixels_u8 = cache["means"], cache["stds"], cache.get("pixels")
     scaling = pipe.vae.config.scaling_factor
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
     promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, cfg.projection_channels).float()
     params = dict(promptnet.named_parameters())
-    needs_pixels = not isinstance(encoder, LatentPatchEncoder)
     T = pipe.scheduler.config.num_train_timesteps
 
     def draw(g):
@@ -265,7 +243,7 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
         return {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
                 "timesteps": t}
 
-    val = pixels_u8[: cfg.validation_images].float() / 127.5 - 1
+    val = read_images(files[: cfg.validation_images], resolution, where=Path(images_dir))
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
             "latents": cfg.latents,
             "images": str(images_dir), "num_images": len(means)}
@@ -307,9 +285,7 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
     image = load_reference_image(image_path, resolution)
     freeze(pipe)
     encoder = pretrained.image_encoder
-    promptnet = PromptNet.from_config(pretrained.promptnet.config)
-    promptnet.load_state_dict(pretrained.promptnet.state_dict())
-    promptnet = promptnet.to(pipe.unet.device, torch.float32).requires_grad_(True)
+    promptnet = copy.deepcopy(pretrained.promptnet).to(pipe.unet.device, torch.float32).requires_grad_(True)
     params = {f"promptnet.{n}": p for n, p in promptnet.named_parameters()}
     unet_params = dict(pipe.unet.named_parameters())
     names = attention_weight_names(pipe.unet) if cfg.train_unet_attention else []
@@ -371,14 +347,8 @@ def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, d
     encoder = load_image_encoder(read_description(run), device=pipe.unet.device)
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, config["projection_channels"]).float()
-    tensors = load_file(last)
-    from safetensors import safe_open
-
-    with safe_open(last, "pt") as f:
-        meta_ckpt = f.metadata()
-    promptnet.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")})
-    losses = json.loads(meta_ckpt["losses"])
-    step = int(meta_ckpt["step"])
+    tensors, step, losses = read_checkpoint(last)
+    promptnet.load_state_dict(trained_tensors(tensors))
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained",
             "pad_prompt": config["pad_prompt"], "latents": config.get("latents", "sample"), "prefix": config["prefix"],
             "placeholder": "S*", "steps": step, "loss_last_100": _mean(losses[-100:]), "config": config,

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..models.embeddings import Embedding, add_embedding, save_embedding
 from .images import load_images
-from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
+from .loop import check_same_settings, latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
 from .ti_config import TIConfig
 from .templates import load_templates
 
@@ -179,12 +179,7 @@ def check_resume_config(out: Path, config: dict) -> None:
     path = out / "config.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
-    keys = [k for k in config if k not in ("steps", "checkpoint_every", "validate_every", "conceptkit")]
-    changed = [k for k in keys if json.loads(json.dumps(config[k])) != saved.get(k)]
-    if changed:
-        raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same settings "
-                        "to --resume it, or a new --out folder")
+    check_same_settings(out, config, json.loads(path.read_text()))
 
 
 def validate(pipe, tok, learned, first_new_id, cfg: TIConfig, out_dir: Path, step: int) -> Path:

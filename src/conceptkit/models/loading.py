@@ -46,6 +46,14 @@ class ModelSource:
 BUNDLED_PROMPTNET = Path(conceptkit.__file__).parent / "bundled" / "promptnet"
 
 
+def bundled_promptnet_path(model: str) -> Path:
+    """The PromptNet that ships for `model` (only the bundled toy model has one)."""
+    if model != "toy":
+        raise UserError(f"no PromptNet ships for --model {model}: pass --promptnet DIR (pre-train one with "
+                        "`conceptkit learn promptnet --pretrain --images DIR`)")
+    return BUNDLED_PROMPTNET
+
+
 def bundled_model_path() -> Path:
     """Where the bundled toy model lives inside the installed package."""
     return Path(conceptkit.__file__).parent / "bundled" / "shapes-base"

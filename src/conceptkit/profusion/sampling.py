@@ -54,6 +54,12 @@ class FusionConfig:
         return cls(**{"execution": "reference", **kw})
 
 
+def recommended_fusion(saved: SavedPromptNet) -> FusionConfig:
+    """The notebook's fusion call with the settings the PromptNet's folder recommends on top (promptnet.json
+    `fusion_settings`; the bundled one's model card says why it has its own)."""
+    return replace(FusionConfig(), **saved.meta.get("fusion_settings", {}))
+
+
 @dataclass
 class ProFusionOutput:
     images: list[Image.Image]
@@ -237,7 +243,3 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
 
         save(result, out_dir, columns=num_images)
     return result
-
-
-def plain_config(cfg: FusionConfig) -> FusionConfig:
-    return replace(cfg, refine_steps=0)
