@@ -821,6 +821,23 @@ def test_finetuning_interrupted_then_resumed_equals_uninterrupted(sd32, finetune
     assert same_state(before["unet"], sd32.unet)
 
 
+def test_finetuning_keeps_the_pretrained_folders_recommended_fusion_settings(sd32, pretrained, images_dir, tmp_path):
+    """`generate --promptnet FINETUNED` must sample with what the pre-trained folder recommends, as evaluate does."""
+    import json
+    import shutil
+
+    folder = tmp_path / "pretrained"
+    shutil.copytree(pretrained[0], folder)
+    meta = json.loads((folder / "promptnet.json").read_text())
+    meta["fusion_settings"] = {"guidance_scale": 5.0, "ref_guidance_scale": 0.0}
+    (folder / "promptnet.json").write_text(json.dumps(meta))
+    base = load_promptnet(folder, sd32)
+    finetune_promptnet(sd32, base, images_dir / "0.png", tmp_path / "ft", FinetuneConfig(steps=1, batch=1, copies=2),
+                       progress=False)
+    tuned = load_promptnet(tmp_path / "ft", sd32)
+    assert sampling.recommended_fusion(tuned) == sampling.recommended_fusion(base) != FusionConfig()
+
+
 def test_augment_copies(sd32):
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1

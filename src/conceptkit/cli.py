@@ -122,6 +122,24 @@ def load_loras(pipe, specs: list[str] | None) -> None:
         pipe.set_adapters(names, weights)
 
 
+def progress_log(args):
+    """--progress-log FILE: an on_step callback appending one JSON line per step ({"step", "total", "loss",
+    "seconds"}), flushed at once, so another process (the web UI) can follow the run; None without the flag."""
+    if not getattr(args, "progress_log", None):
+        return None
+    import time
+
+    path = Path(args.progress_log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+
+    def on_step(step: int, loss: float, total: int) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "total": total, "loss": round(loss, 6),
+                                "seconds": round(time.perf_counter() - began, 3)}) + "\n")
+    return on_step
+
+
 def cmd_learn_ti(args) -> None:
     from .learn.textual_inversion import learn_textual_inversion
     from .models.loading import load_pipeline
@@ -132,7 +150,9 @@ def cmd_learn_ti(args) -> None:
                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
     pipe = load_pipeline(args.model, config=args.config, device=args.device)
-    result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume)
+    log = progress_log(args)
+    result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
+                                     on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
     print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
           f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
           f"--embedding {result.out_dir} --prompt 'a photo of {cfg.token}'")
@@ -150,7 +170,9 @@ def cmd_learn_lora(args) -> None:
                      validation_prompts=tuple(args.validation_prompt) if args.validation_prompt is not None
                      else LORA_DEFAULTS.validation_prompts, mixed_precision=args.mixed_precision)
     pipe = load_pipeline(args.model, config=args.config, device=args.device)
-    result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume)
+    log = progress_log(args)
+    result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
+                        on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
     final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
     print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
           f"conceptkit generate --model {args.model} --lora {result.out_dir} --prompt 'a photo of {cfg.phrase}'")
@@ -196,8 +218,10 @@ def cmd_learn_promptnet(args) -> None:
             from .profusion.image_encoders import ClipVisionEncoder
 
             encoder = ClipVisionEncoder(args.image_encoder, device=pipe.unet.device)
+        log = progress_log(args)
         result = pretrain_promptnet(pipe, args.images, args.out, cfg, image_encoder=encoder, model_name=args.model,
-                                    resume=args.resume)
+                                    resume=args.resume,
+                                    on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
         print(f"pre-trained PromptNet in {result.seconds:.0f} s (loss over the last 100 steps "
               f"{sum(result.losses[-100:]) / max(len(result.losses[-100:]), 1):.4f}); wrote {result.out_dir}; "
               f"fine-tune it with: conceptkit learn promptnet --finetune --promptnet {result.out_dir} "
@@ -213,10 +237,44 @@ def cmd_learn_promptnet(args) -> None:
                          copies=args.copies, train_unet_attention=args.unet_attention, seed=args.seed,
                          pad_prompt=args.pad_prompt, latents=args.latents)
     pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
+    log = progress_log(args)
     result = finetune_promptnet(pipe, pretrained, args.image, args.out, cfg, model_name=args.model,
-                                resume=args.resume)
+                                resume=args.resume, on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
     print(f"fine-tuned PromptNet on {args.image} in {result.seconds:.1f} s; wrote {result.out_dir}; use it with: "
           f"conceptkit generate --model {args.model} --promptnet {result.out_dir} --prompt 'S* on a navy background'")
+
+
+def cmd_ui(args) -> None:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: machines may have no network
+    try:
+        from .ui.app import serve
+    except ModuleNotFoundError as e:
+        if e.name not in ("gradio", "pandas"):
+            raise
+        raise UserError(f"the web UI needs {e.name}: pip install 'conceptkit[ui]'") from None
+
+    print(f"conceptkit UI on http://{args.host}:{args.port} (jobs and outputs in {Path(args.work).resolve()}); "
+          "Ctrl+C stops it", file=sys.stderr)
+    serve(host=args.host, port=args.port, model=args.model, work=args.work, models_dir=args.models_dir)
+
+
+def cmd_demo(args) -> None:
+    from .report.demo import run_demo
+    from .report.steps import shell
+
+    command = shell(["conceptkit", "demo", "--out", args.out] + ["--quick"] * args.quick + ["--fresh"] * args.fresh)
+    index = run_demo(args.out, quick=args.quick, fresh=args.fresh, command=command)
+    print(f"wrote {index.resolve()}")
+
+
+def cmd_report(args) -> None:
+    from .report.evaluations import write_report
+    from .report.steps import shell
+
+    index = write_report(args.json_files, args.out, shell(["conceptkit", "report", *args.json_files, "--out", args.out]))
+    print(f"wrote {index.resolve()}")
 
 
 def cmd_info(args) -> None:
@@ -323,7 +381,7 @@ def cmd_evaluate_ti(args) -> None:
 
 
 def cmd_evaluate_oracle(args) -> None:
-    from .evaluate.oracle_accuracy import oracle_accuracy
+    from .evaluate.oracle_accuracy import oracle_accuracy, table
     from .models.loading import load_pipeline
 
     if args.vae:
@@ -333,10 +391,7 @@ def cmd_evaluate_oracle(args) -> None:
     else:
         vae = load_pipeline(args.model, config=args.config, device=args.device).vae if args.model else None
     results = oracle_accuracy(args.n, vae)
-    print("| attribute | clean renders |" + (" VAE reconstructions |" if vae else ""))
-    print("|---|---|" + ("---|" if vae else ""))
-    for key in results["clean"]:
-        print(f"| {key} | {results['clean'][key]:.3f} |" + (f" {results['vae'][key]:.3f} |" if vae else ""))
+    print(table(results))
     if args.json:
         from .evaluate.base import write_json
 
@@ -504,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast the frozen models (GPU); the learned vectors stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (GPU, 512 px)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
+                                                          "seconds) to FILE, for another program to follow the run")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_ti)
 
@@ -536,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the models (GPU); the LoRA weights stay fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
+                                                          "seconds) to FILE, for another program to follow the run")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_lora)
 
@@ -571,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
     p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
+                                                          "seconds) to FILE, for another program to follow the run")
     p.add_argument("--export-to", help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
                                        "folder here, and stop (works while the run goes on)")
     p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
@@ -594,6 +655,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/compose")
     _add_compose_settings(p)
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("ui", help="the web UI (Gradio): generate, learn, compose, ProFusion")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", default="toy", help="the model selected at start ('toy': the bundled one)")
+    p.add_argument("--models-dir", help="a folder of local checkpoints (diffusers folders, .safetensors) to pick from")
+    p.add_argument("--work", default="outputs/ui", help="where jobs and generated images are kept")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("demo", help="the showcase: Textual Inversion, CLoRA and ProFusion on the bundled model, "
+                                    "scored by the oracle, as a static page OUT/index.html")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds; the scores mean nothing), for tests")
+    p.add_argument("--fresh", action="store_true", help="redo every step (default: reuse the finished steps whose "
+                                                        "command is unchanged)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("report", help="a static page (OUT/index.html) from `evaluate ... --json` files")
+    p.add_argument("json_files", nargs="+", metavar="JSON", help="files written by `conceptkit evaluate ... --json`")
+    p.add_argument("--out", required=True, help="folder for index.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="versions, device and the bundled model, as JSON")
     p.set_defaults(func=cmd_info)

@@ -89,6 +89,13 @@ def success(image, a: Concept, b: Concept) -> bool:
     return concepts_found(image, a, b)[1]
 
 
+def summarise(reads: list[tuple[int, bool]]) -> dict:
+    """success: the share of images that succeed; concepts_found: the share of the concepts (two per image) that
+    appear with all three attributes right (partial credit). `reads` are concepts_found() results."""
+    return {"success": sum(ok for _, ok in reads) / len(reads),
+            "concepts_found": sum(found for found, _ in reads) / (2 * len(reads))}
+
+
 def pairs() -> list[tuple[Concept, Concept, str]]:
     return [(a, b, BACKGROUNDS[i % len(BACKGROUNDS)]) for i, (a, b) in enumerate(itertools.combinations(CONCEPTS, 2))]
 
@@ -102,7 +109,7 @@ def lora_files(folder: Path | None) -> dict[str, Path]:
 def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS, loras: Path | None = None,
                    out_dir: Path | None = None, progress: bool = True) -> dict:
     files = lora_files(loras)
-    results: dict[str, dict] = {m: {"success": 0, "found": 0, "images": 0, "seconds": 0.0} for m in methods}
+    results: dict[str, dict] = {m: {"reads": [], "seconds": 0.0} for m in methods}
     per_pair = []
     for a, b, bg in pairs():
         template = TEMPLATE.format(a=slot(a), b=slot(b), bg=bg)
@@ -112,27 +119,25 @@ def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, seeds=EVAL_SEEDS,
         row = {"template": template}
         for m in methods:
             reads = [concepts_found(image, a, b) for image in composed.images[m]]
-            ok = [r[1] for r in reads]
-            results[m]["found"] += sum(r[0] for r in reads)
-            results[m]["success"] += sum(ok)
-            results[m]["images"] += len(ok)
-            results[m]["seconds"] += composed.seconds[m] * len(ok)
-            row[m] = sum(ok) / len(ok)
+            results[m]["reads"] += reads
+            results[m]["seconds"] += composed.seconds[m] * len(reads)
+            row[m] = summarise(reads)["success"]
         per_pair.append(row)
         if progress:
             print(json.dumps(row), flush=True)
         unload_concepts(pipe)
     out = {}
     for m, r in results.items():
-        out[f"{m}.success"] = round(r["success"] / r["images"], 4)
-        # partial credit: the share of the concepts (two per image) that appear with all three attributes right
-        out[f"{m}.concepts_found"] = round(r["found"] / (2 * r["images"]), 4)
-        out[f"{m}.seconds_per_image"] = round(r["seconds"] / r["images"], 3)
-    out["images_per_method"] = results[methods[0]]["images"]
+        for k, v in summarise(r["reads"]).items():
+            out[f"{m}.{k}"] = round(v, 4)
+        out[f"{m}.seconds_per_image"] = round(r["seconds"] / len(r["reads"]), 3)
+    out["images_per_method"] = len(results[methods[0]]["reads"])
     single = single_lora_fidelity(pipe, cfg, seeds=seeds, loras=loras)
     out["single_lora.fidelity"] = single["mean"]
     out["single_lora.per_concept"] = single
     out["pairs"] = per_pair
+    out["settings"] = {"methods": list(methods), "seeds": list(seeds), "loras": str(loras) if loras else "bundled",
+                       "compose": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}}
     return out
 
 

@@ -58,3 +58,11 @@ def oracle_accuracy(n: int = 1000, vae=None) -> dict:
     if vae is not None:
         result["vae"] = score(reconstruct(vae, clean), scenes)
     return result
+
+
+def table(results: dict) -> str:
+    vae = "vae" in results
+    lines = ["| attribute | clean renders |" + (" VAE reconstructions |" if vae else ""), "|---|---|" + ("---|" if vae else "")]
+    for key in results["clean"]:
+        lines.append(f"| {key} | {results['clean'][key]:.3f} |" + (f" {results['vae'][key]:.3f} |" if vae else ""))
+    return "\n".join(lines)

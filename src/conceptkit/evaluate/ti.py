@@ -32,6 +32,7 @@ COMPOSITIONAL = (
     ("a small {} on the right, on a gray background", {"size": "small", "position": "right", "background": "gray"}),
     ("a small {} in the center, on a teal background", {"size": "small", "position": "center", "background": "teal"}),
 )
+PROMPTS = ((PLAIN, {}),) + COMPOSITIONAL  # (template, the attributes it requests): what every condition samples
 CONDITIONS = ("ti", "init_word", "text")
 
 
@@ -48,7 +49,7 @@ def score(image, concept: Concept, requested: dict[str, str]) -> dict:
 
 def sample_and_score(pipe, concept: Concept, phrase: str, seeds: int, steps: int, guidance_scale: float,
                      out_dir: Path | None) -> list[dict]:
-    prompts = [(PLAIN, {})] + list(COMPOSITIONAL)
+    prompts = list(PROMPTS)
     out = generate(pipe, [t.format(phrase) for t, _ in prompts], seed=EVAL_SEED_BASE, num_images=seeds, steps=steps,
                    guidance_scale=guidance_scale, progress=False, out_dir=out_dir)
     requested = [r for _, r in prompts for _ in range(seeds)]

@@ -87,10 +87,12 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
 def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.Optimizer,
                 batch_loss: Callable[[torch.Generator], torch.Tensor], checkpoint: Callable[[int], None],
                 validate: Callable[[int], None], desc: str, progress: bool,
-                before_update: Callable[[], None] | None = None) -> float:
+                before_update: Callable[[], None] | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> float:
     """Steps start..cfg.steps (gradient accumulation, checkpoints, validation between checkpoints); the seconds
     they took. `batch_loss(g)` draws one batch from g and returns its loss; `before_update` runs between the
-    backward passes and the optimiser step (gradient clipping)."""
+    backward passes and the optimiser step (gradient clipping); `on_step(steps_done, loss)` after each step, once
+    its checkpoint and validation are written (progress reports: the CLI's --progress-log, the web UI)."""
     began = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -113,5 +115,7 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
             checkpoint(done)
         if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
             validate(done)
+        if on_step is not None:
+            on_step(done, total)
     bar.close()
     return time.perf_counter() - began

@@ -167,7 +167,7 @@ def file_metadata(cfg: LoRAConfig, model_name: str, seconds: float, losses: list
 
 
 def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfig | None = None, *,
-               model_name: str = "", resume: bool = False, progress: bool = True) -> LoRAResult:
+               model_name: str = "", resume: bool = False, progress: bool = True, on_step=None) -> LoRAResult:
     """Train a LoRA on the images in `images_dir`; write it (plus metadata, checkpoints, validation grids) into
     `out_dir`. On return the pipeline is exactly as before (load the written file with models.lora.load_lora)."""
     cfg = cfg or LoRAConfig()
@@ -221,7 +221,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, params, optimizer, losses),
             validate=lambda done: validate(pipe, cfg, out / "validation", done),
-            desc=f"lora {cfg.trigger}", progress=progress)
+            desc=f"lora {cfg.trigger}", progress=progress, on_step=on_step)
         if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
             validate(pipe, cfg, out / "validation", cfg.steps)
 

@@ -119,7 +119,7 @@ def validation_grid(pipe, saved: SavedPromptNet, pixels: torch.Tensor, prompts, 
 
 
 def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, params: dict, draw, val_pixels,
-         resume: bool, progress: bool, unet_attention=None) -> PromptNetResult:
+         resume: bool, progress: bool, unet_attention=None, on_step=None) -> PromptNetResult:
     """`unet_attention`: for fine-tuning, a function giving the tuned UNet weights to save."""
     # the shared part of both trainers: optimiser, checkpoints, resume, validation, final save
     checkpoints = out / "checkpoints"
@@ -162,7 +162,7 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     promptnet.train()
     seconds = train_steps(cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
                           checkpoint=checkpoint, validate=validate, desc=f"promptnet {kind}", progress=progress,
-                          before_update=clip)
+                          before_update=clip, on_step=on_step)
     promptnet.eval()
     previous = json.loads((out / "training.json").read_text()).get("seconds_total", 0.0) \
         if resume and (out / "training.json").exists() else 0.0
@@ -211,7 +211,7 @@ def default_image_encoder(pipe):
 
 def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig | None = None, *,
                        image_encoder=None, model_name: str = "", resume: bool = False,
-                       progress: bool = True) -> PromptNetResult:
+                       progress: bool = True, on_step=None) -> PromptNetResult:
     """Pre-train a PromptNet on a folder of domain images (§3.4); write it into out_dir."""
     cfg = cfg or PretrainConfig()
     out = Path(out_dir)
@@ -248,7 +248,7 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
             "latents": cfg.latents,
             "images": str(images_dir), "num_images": len(means)}
     return _run(pipe, promptnet, encoder, cfg, out=out, kind="pretrain", meta=meta, params=params, draw=draw,
-                val_pixels=val, resume=resume, progress=progress)
+                val_pixels=val, resume=resume, progress=progress, on_step=on_step)
 
 
 def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch.Tensor:
@@ -276,7 +276,7 @@ def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch
 
 def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path, out_dir: str | Path,
                        cfg: FinetuneConfig | None = None, *, model_name: str = "", resume: bool = False,
-                       progress: bool = True) -> PromptNetResult:
+                       progress: bool = True, on_step=None) -> PromptNetResult:
     """Fine-tune a pre-trained PromptNet (and the UNet's to_q/to_k/to_v) on one image (§3.5); write it into out_dir.
     The pipeline's own weights are unchanged on return."""
     cfg = cfg or FinetuneConfig()
@@ -317,12 +317,14 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
     meta = {"method": "profusion", "base_model": model_name or pretrained.meta.get("base_model", ""),
             "stage": "finetuned", "pad_prompt": pad, "latents": how, "image": str(image_path),
             "pretrained": str(pretrained.folder) if pretrained.folder else None}
+    if "fusion_settings" in pretrained.meta:  # the pre-trained folder's recommended sampling still applies
+        meta["fusion_settings"] = pretrained.meta["fusion_settings"]
     cfg_used = FinetuneConfig(**{**asdict(cfg), "pad_prompt": pad, "latents": how})
     began = time.perf_counter()
     try:
         result = _run(pipe, promptnet, encoder, cfg_used, out=out, kind="finetune", meta=meta, params=params,
                       draw=draw, val_pixels=image, resume=resume, progress=progress,
-                      unet_attention=lambda: {n: unet_params[n] for n in names})
+                      unet_attention=lambda: {n: unet_params[n] for n in names}, on_step=on_step)
         atomic_write(out / "reference.png", lambda p: to_pil(image[0]).save(p, format="PNG"))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished fine-tune keeps only its weights
     finally:

@@ -198,7 +198,8 @@ def validate(pipe, tok, learned, first_new_id, cfg: TIConfig, out_dir: Path, ste
 
 
 def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, cfg: TIConfig | None = None, *,
-                            model_name: str = "", resume: bool = False, progress: bool = True) -> TIResult:
+                            model_name: str = "", resume: bool = False, progress: bool = True,
+                            on_step=None) -> TIResult:
     """Learn `cfg.token` from the images in `images_dir`; write the embedding + metadata into `out_dir`.
 
     On return the pipeline knows the token (loaded as diffusers would load the written file).
@@ -247,7 +248,7 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, {"learned": learned}, optimizer, losses),
             validate=lambda done: validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done),
-            desc=f"textual inversion {cfg.token}", progress=progress)
+            desc=f"textual inversion {cfg.token}", progress=progress, on_step=on_step)
     if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
         validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
 

@@ -1,0 +1,1 @@
+"""Static HTML reports: `conceptkit demo` (the showcase) and `conceptkit report` (pages from `evaluate --json` files)."""

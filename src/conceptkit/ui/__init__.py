@@ -1,0 +1,1 @@
+"""The web UI: `conceptkit ui` (app.py) over a job queue for long jobs (jobs.py)."""

@@ -1,0 +1,507 @@
+"""`conceptkit ui`: a Gradio app with four tabs (Generate, Learn, Compose, ProFusion) over the conceptkit CLI.
+
+Generation runs in the request (seconds on the bundled model), through the CLI's own code path, so the page can
+show the exact command that reproduces each picture. Everything longer is a job in the `JobQueue` (ui/jobs.py):
+the page only polls it once a second, so a reload, a second browser or a second user sees the same jobs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from ..models.lora import LORA_WEIGHT_NAME
+from .jobs import Job, JobQueue
+
+SCHEDULERS = ["ddim", "dpm++", "euler", "euler-a", "pndm"]
+COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none"]
+LEARN_KINDS = ("ti", "lora", "promptnet")
+LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora", "PromptNet fine-tune (one image)": "promptnet"}
+BUNDLED_LORAS = Path(__file__).resolve().parents[1] / "bundled" / "loras"
+CSS = """
+.ck-bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; margin: 4px 0}
+.ck-bar > div {height: 100%; background: #2563eb}
+.ck-error {color: #b91c1c; font-weight: 600}
+"""
+
+
+# ---------------------------------------------------------------- what the pickers offer
+
+def bundled_loras() -> dict[str, str]:
+    return {f"{p.stem} (bundled)": str(p) for p in sorted(BUNDLED_LORAS.glob("*.safetensors"))}
+
+
+def learned(queue: JobQueue, kind: str) -> dict[str, str]:
+    """label -> path of each finished job's result: embeddings (ti), LoRA files (lora), PromptNet folders."""
+    found = {}
+    for job in queue.list():
+        if job.status != "done":
+            continue
+        if kind == "ti" and job.kind == "ti":
+            found[f"{job.title} ({job.id})"] = str(job.out)
+        elif kind == "lora" and job.kind == "lora":
+            found[f"{job.title} ({job.id})"] = str(job.out / LORA_WEIGHT_NAME)
+        elif kind == "promptnet" and job.kind in ("promptnet", "profusion"):
+            found[f"{job.title} ({job.id})"] = str(job.out if job.kind == "promptnet" else job.out / "promptnet")
+    return found
+
+
+def local_models(models_dir: str | None) -> list[str]:
+    """'toy', then the diffusers folders and single-file checkpoints in --models-dir, then cached hub ids."""
+    from ..models.loading import hub_cache_dir, is_diffusers_folder
+
+    names = ["toy"]
+    if models_dir:
+        for p in sorted(Path(models_dir).iterdir()):
+            if (p.is_dir() and is_diffusers_folder(p)) or p.suffix in (".safetensors", ".ckpt"):
+                names.append(str(p))
+    hub = hub_cache_dir()
+    if hub.is_dir():
+        for repo in sorted(hub.glob("models--*")):
+            if any(repo.glob("snapshots/*/model_index.json")):
+                names.append(repo.name[len("models--"):].replace("--", "/"))
+    return names
+
+
+# ---------------------------------------------------------------- small renderers
+
+def check_images(files: list[str] | None, at_least: int) -> list[Path]:
+    """The uploaded files, each checked to be an image; a one-line error otherwise."""
+    paths = [Path(f) for f in files or []]
+    if len(paths) < at_least:
+        raise ValueError(f"upload at least {at_least} image{'s' if at_least > 1 else ''} of the concept "
+                         "(PNG, JPEG or WebP)")
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception:
+            raise ValueError(f"{p.name} is not an image that can be read: upload PNG, JPEG or WebP files") from None
+    return paths
+
+
+def error_html(message: str) -> str:
+    return f'<p class="ck-error">Error: {gr_escape(message)}</p>'
+
+
+def gr_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def progress_html(job: Job | None, ahead: int = 0) -> str:
+    if job is None:
+        return "<p>No job yet.</p>"
+    p = job.progress()
+    if job.status == "done":
+        percent = 100
+    elif p["total"]:
+        percent = int(100 * p["step"] / p["total"])
+    else:  # no training command (compose) or not started: no percentage until done
+        percent = None
+    parts = [f"{percent}%"] if percent is not None else []
+    if p["total"]:
+        parts.append(f"step {p['step']}/{p['total']}")
+    if p["it_s"]:
+        parts.append(f"{p['it_s']:.1f} it/s")
+    if job.status == "running" and p["eta_s"] is not None:
+        parts.append(f"ETA {p['eta_s']:.0f} s")
+    if job.status == "running" and len(job.commands) > 1:
+        parts.append(f"command {job.command_index + 1}/{len(job.commands)}")
+    status = job.status
+    if job.status == "running" and p["total"] and p["step"] == p["total"] and len(job.commands) == 1:
+        status = "finishing (validation images, saving)"
+    if job.status == "queued":
+        status = f"queued ({ahead} job{'s' if ahead != 1 else ''} ahead)"
+    if job.started:
+        took = (job.finished or time.time()) - job.started
+        status += f" · {took:.0f} s"
+    html = (f'<div class="ck-bar"><div style="width:{percent or 0}%"></div></div>'
+            f'<p><b>{gr_escape(job.title)}</b>: {" · ".join([*parts, status])}</p>')
+    if job.error:
+        html += error_html(job.error)
+    return html
+
+
+def commands_md(job: Job | None) -> str:
+    if job is None:
+        return ""
+    return "Reproduce with:\n```bash\n" + "\n".join(job.shell_commands()) + "\n```"
+
+
+def loss_frame(job: Job | None):
+    import pandas as pd
+
+    losses = job.progress()["losses"] if job else []
+    return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
+
+
+def pngs(folder: Path, pattern: str = "*.png") -> list[str]:
+    return [str(p) for p in sorted(folder.glob(pattern))] if folder.is_dir() else []
+
+
+def validation_images(job: Job) -> list[tuple[str, str]]:
+    """Validation grids as they appear: TI/LoRA write validation/step-N/grid.png, PromptNet validation/step-N.png."""
+    found = pngs(job.out / "validation", "step-*/grid.png") + pngs(job.out / "validation", "step-*.png")
+    return [(p, re.search(r"step-(\d+)", p).group(0)) for p in found]
+
+
+def job_choices(queue: JobQueue, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(f"{j.title} · {j.id}", j.id) for j in queue.list(kinds)]
+
+
+def queue_md(queue: JobQueue) -> str:
+    jobs = queue.list()[:10]
+    if not jobs:
+        return "Queue: empty."
+    rows = ["| job | kind | status |", "|---|---|---|"]
+    rows += [f"| {gr_escape(j.title)} ({j.id}) | {j.kind} | {j.status} |" for j in jobs]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- the app
+
+class UI:
+    def __init__(self, queue: JobQueue, work: Path, models: list[str]):
+        self.queue, self.work, self.models = queue, work, models
+        self.generate_lock = threading.Lock()
+
+    def progress(self, job: Job | None) -> str:
+        return progress_html(job, self.queue.position(job) if job is not None and job.status == "queued" else 0)
+
+    # Generate: in the request, through the CLI's code path
+    def generate(self, model, prompt, negative, seed, steps, guidance, scheduler, num_images, embeddings, loras,
+                 promptnet):
+        from .. import cli
+
+        if not prompt.strip():
+            return [], error_html("write a prompt first")
+        out = self.work / "generate" / time.strftime("%Y%m%d-%H%M%S")
+        argv = ["generate", "--model", model, "--prompt", prompt, "--seed", str(int(seed)), "--steps",
+                str(int(steps)), "--guidance-scale", f"{guidance:g}", "--num-images", str(int(num_images))]
+        if negative.strip():
+            argv += ["--negative-prompt", negative]
+        known = {**learned(self.queue, "ti")}
+        argv += [a for e in embeddings or [] for a in ("--embedding", known.get(e, e))]
+        known = {**bundled_loras(), **learned(self.queue, "lora")}
+        argv += [a for name in loras or [] for a in ("--lora", known.get(name, name))]
+        if promptnet:
+            argv += ["--promptnet", learned(self.queue, "promptnet").get(promptnet, promptnet)]
+        elif scheduler != "ddim":
+            argv += ["--scheduler", scheduler]
+        argv += ["--out", str(out)]
+        err = io.StringIO()
+        with self.generate_lock, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            began = time.perf_counter()
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:  # argparse rejected a value
+                code = e.code or 2
+            seconds = time.perf_counter() - began
+        if code != 0:
+            from .jobs import one_line_error
+
+            return [], error_html(one_line_error(err.getvalue(), code))
+        images = [p for p in pngs(out) if not p.endswith("grid.png")]
+        return images, (f"{len(images)} image(s) in {seconds:.1f} s, saved in `{out}`. Reproduce with:\n"
+                        f"```bash\n{shlex.join(['conceptkit', *argv])}\n```")
+
+    def pickers(self):
+        return (gr.update(choices=list(learned(self.queue, "ti"))),
+                gr.update(choices=[*bundled_loras(), *learned(self.queue, "lora")]),
+                gr.update(choices=["", *learned(self.queue, "promptnet")]))
+
+    # Learn: a job
+    def start_learn(self, model, method, files, name, word, steps, validate_every):
+        kind = LEARN_METHODS[method]
+        try:
+            images = check_images(files, 1)
+            if kind != "promptnet" and not name.strip():
+                raise ValueError("write the new token (Textual Inversion) or trigger word (LoRA) first")
+        except ValueError as e:
+            return gr.update(), error_html(str(e))
+        stage = [p for p in images]
+
+        def copy_images(out: Path):
+            (out.parent / "images").mkdir()
+            for i, p in enumerate(stage):
+                shutil.copy(p, out.parent / "images" / f"{i:02d}{p.suffix.lower()}")
+
+        steps, every = str(int(steps)), str(int(validate_every))
+        common = ["--model", model, "--steps", steps, "--validate-every", every, "--out", "{out}",
+                  "--progress-log", "{progress}"]
+        if kind == "ti":
+            title = f"Textual Inversion {name.strip()}"
+            command = ["learn", "ti", "--images", "{folder}/images", "--token", name.strip(),
+                       "--init-word", word.strip() or "object", *common]
+        elif kind == "lora":
+            title = f"LoRA {name.strip()}"
+            phrase = f"{name.strip()} {word.strip()}".strip()
+            command = ["learn", "lora", "--images", "{folder}/images", "--trigger", name.strip(),
+                       "--prompt", f"a {phrase}", *common]
+            if word.strip():
+                command += ["--class-word", word.strip()]
+        else:
+            title = f"PromptNet {images[0].stem}"
+            command = ["learn", "promptnet", "--finetune", "--image", f"{{folder}}/images/00{images[0].suffix.lower()}",
+                       *common]
+        job = self.queue.submit(kind, title, [command], prepare=copy_images)
+        return (gr.update(choices=job_choices(self.queue, LEARN_KINDS), value=job.id),
+                f"Queued {title} ({job.id}).")
+
+    def learn_panel(self, job_id):
+        job = self.queue.get(job_id)
+        result = ""
+        if job is not None and job.status == "done":
+            where = {"ti": "Embeddings", "lora": "LoRAs", "promptnet": "PromptNet"}[job.kind]
+            result = f"Done: saved in `{job.out}`. It is now in the Generate tab's **{where}** picker."
+        grids = validation_images(job) if job else []
+        latest = gr.update(value=grids[-1][0], label=f"Validation images at {grids[-1][1]} (prompt x seeds)") \
+            if grids else gr.update(value=None, label="Validation images")
+        return (self.progress(job), loss_frame(job), latest,
+                result + "\n\n" + commands_md(job))
+
+    # Compose: a job
+    def start_compose(self, model, template, n1, l1, n2, l2, n3, l3, methods, steps, seed):
+        known = bundled_loras()
+        slots = [(n.strip(), known.get(lo, lo)) for n, lo in ((n1, l1), (n2, l2), (n3, l3)) if n.strip() and lo]
+        if len(slots) < 2:
+            return gr.update(), error_html("pick two LoRAs and name their slots (the {names} in the prompt)")
+        missing = [n for n, _ in slots if "{" + n + "}" not in template]
+        if missing:
+            return gr.update(), error_html(f"the prompt has no {{{missing[0]}}} slot: write it where that concept "
+                                           "goes, e.g. 'a {a} on the left and a {b} on the right'")
+        if not methods:
+            return gr.update(), error_html("tick at least one method")
+        command = ["compose", "--model", model, "--prompt", template]
+        command += [a for n, p in slots for a in ("--lora", f"{n}={p}")]
+        command += ["--method", ",".join(methods), "--steps", str(int(steps)), "--seed", str(int(seed)),
+                    "--save-maps", "--out", "{out}"]
+        job = self.queue.submit("compose", f"Compose {' + '.join(n for n, _ in slots)}", [command])
+        return gr.update(choices=job_choices(self.queue, ("compose",)), value=job.id), f"Queued ({job.id})."
+
+    def compose_panel(self, job_id):
+        job = self.queue.get(job_id)
+        if job is None:
+            return progress_html(None), [], None, None, ""
+        methods = job.commands[0][job.commands[0].index("--method") + 1].split(",")
+        images = [(p, m) for m in methods for p in pngs(job.out / m, "s*.png") if re.search(r"/s\d+\.png$", p)]
+        attention = next(iter(pngs(job.out / "clora", "s*-attention.png")), None)
+        masks = next(iter(pngs(job.out / "clora", "s*-masks.png")), None)
+        return self.progress(job), images, attention, masks, commands_md(job)
+
+    # ProFusion: a job of three commands
+    def start_profusion(self, model, image, prompt, steps, sample_steps, seed):
+        try:
+            (path,) = check_images([image] if image else [], 1)
+        except ValueError as e:
+            return gr.update(), error_html(str(e))
+        if "S*" not in prompt:
+            return gr.update(), error_html("the prompt must say S* where the uploaded object goes, "
+                                           "e.g. 'a small S* on the left, on a navy background'")
+
+        def copy_image(out: Path):
+            (out.parent / "images").mkdir()
+            shutil.copy(path, out.parent / "images" / f"reference{path.suffix.lower()}")
+
+        reference = f"{{folder}}/images/reference{path.suffix.lower()}"
+        gen = ["generate", "--model", model, "--promptnet", "{out}/promptnet", "--prompt", prompt,
+               "--seed", str(int(seed)), "--steps", str(int(sample_steps))]
+        commands = [["learn", "promptnet", "--finetune", "--model", model, "--image", reference,
+                     "--steps", str(int(steps)), "--out", "{out}/promptnet", "--progress-log", "{progress}"],
+                    [*gen, "--fusion", "--out", "{out}/fusion"],
+                    [*gen, "--no-fusion", "--out", "{out}/plain"]]
+        job = self.queue.submit("profusion", f"ProFusion {path.stem}", commands, prepare=copy_image)
+        return gr.update(choices=job_choices(self.queue, ("profusion",)), value=job.id), f"Queued ({job.id})."
+
+    def profusion_panel(self, job_id):
+        job = self.queue.get(job_id)
+        if job is None:
+            return progress_html(None), None, None, None, ""
+        reference = next(iter(pngs(Path(job.folder) / "images", "reference.*")), None) or \
+            next(iter(Path(job.folder, "images").glob("reference.*")), None)
+        fusion = next((p for p in pngs(job.out / "fusion") if not p.endswith("grid.png")), None)
+        plain = next((p for p in pngs(job.out / "plain") if not p.endswith("grid.png")), None)
+        return self.progress(job), str(reference) if reference else None, fusion, plain, commands_md(job)
+
+    # one timer refreshes every panel; a panel whose job did not change is skipped (no image flicker)
+    def tick(self, learn_id, compose_id, profusion_id, seen):
+        seen = dict(seen or {})
+        out = []
+        for key, job_id, panel in (("learn", learn_id, self.learn_panel),
+                                   ("compose", compose_id, self.compose_panel),
+                                   ("profusion", profusion_id, self.profusion_panel)):
+            job = self.queue.get(job_id)
+            sig = None if job is None else (job.id, job.status, job.progress()["step"], job.command_index,
+                                            len(list(job.out.rglob("*.png"))))
+            values = list(panel(job_id))
+            if job is not None and seen.get(key) == sig:  # the progress line always (elapsed time), the rest
+                values[1:] = [gr.skip()] * (len(values) - 1)  # only when something changed
+            out += values
+            seen[key] = sig
+        return [*out, queue_md(self.queue), seen]
+
+
+def newest(queue: JobQueue, kinds: tuple[str, ...]) -> str | None:
+    jobs = queue.list(kinds)
+    return jobs[0].id if jobs else None
+
+
+def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks:
+    ui = UI(queue, Path(work), models)
+    with gr.Blocks(title="conceptkit", analytics_enabled=False) as app:
+        gr.Markdown("# conceptkit\nTeach a text-to-image model new concepts, compose them, and keep an image's "
+                    "detail (Textual Inversion, CLoRA, ProFusion).")
+        model = gr.Dropdown(models, value=models[0], label="Model", allow_custom_value=True,
+                            info="'toy' is the bundled shapes-world model; or a diffusers folder, a .safetensors "
+                                 "file, a cached hub id")
+        with gr.Tab("Generate", id="generate") as generate_tab:
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox("a large red striped circle in the center, on a navy background",
+                                        label="Prompt", elem_id="generate-prompt")
+                    negative = gr.Textbox("", label="Negative prompt")
+                    with gr.Row():
+                        seed = gr.Number(0, label="Seed", precision=0)
+                        steps = gr.Slider(1, 100, 30, step=1, label="Steps")
+                        guidance = gr.Slider(1, 15, 7.5, step=0.5, label="Guidance")
+                    with gr.Row():
+                        scheduler = gr.Dropdown(SCHEDULERS, value="ddim", label="Scheduler")
+                        num_images = gr.Slider(1, 8, 2, step=1, label="Images")
+                    embeddings = gr.Dropdown([], multiselect=True, label="Embeddings (learned tokens)")
+                    loras = gr.Dropdown(list(bundled_loras()), multiselect=True, label="LoRAs")
+                    promptnet = gr.Dropdown([""], value="", label="PromptNet (ProFusion; prompt says S*)")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Results", elem_id="generate-gallery", format="png", columns=2)
+                    generate_info = gr.Markdown(elem_id="generate-info")
+            go.click(ui.generate, [model, prompt, negative, seed, steps, guidance, scheduler, num_images,
+                                   embeddings, loras, promptnet], [gallery, generate_info])
+            generate_tab.select(ui.pickers, None, [embeddings, loras, promptnet], queue=False)
+
+        with gr.Tab("Learn", id="learn"):
+            with gr.Row():
+                with gr.Column():
+                    method = gr.Radio(list(LEARN_METHODS), value="Textual Inversion", label="Method")
+                    files = gr.File(file_count="multiple", label="Images of the concept (3-5; one for PromptNet)",
+                                    elem_id="learn-files")
+                    with gr.Row():
+                        name = gr.Textbox("<my-concept>", label="New token / LoRA trigger", elem_id="learn-name")
+                        word = gr.Textbox("object", label="Init word / class word")
+                    with gr.Row():
+                        learn_steps = gr.Number(200, label="Steps", precision=0, elem_id="learn-steps")
+                        validate_every = gr.Number(100, label="Validate every", precision=0)
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary", elem_id="learn-start")
+                        cancel = gr.Button("Cancel", elem_id="learn-cancel")
+                    learn_msg = gr.HTML(elem_id="learn-message")
+                with gr.Column():
+                    learn_job = gr.Dropdown(job_choices(queue, LEARN_KINDS), value=None, label="Job")
+                    learn_progress = gr.HTML(elem_id="learn-progress")
+                    loss_plot = gr.LinePlot(x="step", y="loss", label="Loss", height=220)
+                    validation = gr.Image(label="Validation images", elem_id="learn-validation", format="png",
+                                          type="filepath", height=260)
+                    learn_result = gr.Markdown(elem_id="learn-result")
+            start.click(ui.start_learn, [model, method, files, name, word, learn_steps, validate_every],
+                        [learn_job, learn_msg])
+            cancel.click(lambda job_id: queue.cancel(job_id) if job_id else None, learn_job, None, queue=False)
+
+        with gr.Tab("Compose", id="compose"):
+            names = list(bundled_loras())
+            with gr.Row():
+                with gr.Column():
+                    template = gr.Textbox("a {a} on the left and a {b} on the right, on a gray background",
+                                          label="Prompt with a {slot} per concept", elem_id="compose-prompt")
+                    slots = []
+                    for i, (slot, default) in enumerate((("a", names[0] if names else None),
+                                                         ("b", names[1] if len(names) > 1 else None),
+                                                         ("", None))):
+                        with gr.Row():
+                            slots.append(gr.Textbox(slot, label=f"Slot {i + 1}", scale=1))
+                            slots.append(gr.Dropdown(names, value=default, label=f"LoRA {i + 1}",
+                                                     allow_custom_value=True, scale=3))
+                    methods = gr.CheckboxGroup(COMPOSE_METHODS, value=["clora", "merge"],
+                                               label="Methods (CLoRA and the baselines)")
+                    with gr.Row():
+                        compose_steps = gr.Number(30, label="Steps", precision=0)
+                        compose_seed = gr.Number(0, label="Seed", precision=0)
+                    compose_go = gr.Button("Compose", variant="primary", elem_id="compose-button")
+                    compose_msg = gr.HTML(elem_id="compose-message")
+                with gr.Column():
+                    compose_job = gr.Dropdown(job_choices(queue, ("compose",)), value=None, label="Job")
+                    compose_progress = gr.HTML(elem_id="compose-progress")
+                    composed = gr.Gallery(label="Images (one per method)", elem_id="compose-gallery", format="png",
+                                          columns=3)
+                    with gr.Row():
+                        attention = gr.Image(label="CLoRA attention maps (rows: steps; columns: concepts)",
+                                             elem_id="compose-attention", format="png", type="filepath")
+                        masks = gr.Image(label="CLoRA masks (rows: steps; columns: branches)",
+                                         elem_id="compose-masks", format="png", type="filepath")
+                    compose_cmds = gr.Markdown()
+            compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed],
+                             [compose_job, compose_msg])
+
+        with gr.Tab("ProFusion", id="profusion"):
+            with gr.Row():
+                with gr.Column():
+                    reference_in = gr.Image(label="One image of the object", type="filepath",
+                                            elem_id="profusion-image", sources=["upload"], height=220)
+                    pf_prompt = gr.Textbox("a small S* on the left, on a navy background", label="Prompt (S* is "
+                                           "the object)", elem_id="profusion-prompt")
+                    with gr.Row():
+                        pf_steps = gr.Number(100, label="Fine-tune steps", precision=0, elem_id="profusion-steps")
+                        pf_sample_steps = gr.Number(30, label="Sampling steps", precision=0,
+                                                    elem_id="profusion-sample-steps")
+                        pf_seed = gr.Number(0, label="Seed", precision=0)
+                    pf_go = gr.Button("Fine-tune and generate", variant="primary", elem_id="profusion-button")
+                    pf_msg = gr.HTML(elem_id="profusion-message")
+                with gr.Column():
+                    pf_job = gr.Dropdown(job_choices(queue, ("profusion",)), value=None, label="Job")
+                    pf_progress = gr.HTML(elem_id="profusion-progress")
+                    with gr.Row():
+                        pf_reference = gr.Image(label="Reference", type="filepath", format="png", height=220)
+                        pf_fusion = gr.Image(label="With fusion sampling", type="filepath", format="png", height=220,
+                                             elem_id="profusion-fusion")
+                        pf_plain = gr.Image(label="Without fusion", type="filepath", format="png", height=220,
+                                            elem_id="profusion-plain")
+                    pf_cmds = gr.Markdown()
+            pf_go.click(ui.start_profusion, [model, reference_in, pf_prompt, pf_steps, pf_sample_steps, pf_seed], [pf_job, pf_msg])
+
+        queue_view = gr.Markdown(queue_md(queue), elem_id="queue")
+        seen = gr.State({})
+        timer = gr.Timer(1.0)
+        timer.tick(ui.tick, [learn_job, compose_job, pf_job, seen],
+                   [learn_progress, loss_plot, validation, learn_result,
+                    compose_progress, composed, attention, masks, compose_cmds,
+                    pf_progress, pf_reference, pf_fusion, pf_plain, pf_cmds, queue_view, seen],
+                   queue=False, show_progress="hidden")
+        # a reload (or a new visitor) picks up the newest job of each tab, running or not
+        app.load(lambda: [gr.update(choices=job_choices(queue, k), value=newest(queue, k))
+                          for k in (LEARN_KINDS, ("compose",), ("profusion",))],
+                 None, [learn_job, compose_job, pf_job], queue=False)
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, model: str = "toy", work: str = "outputs/ui",
+          models_dir: str | None = None, block: bool = True):
+    """Start the app; returns (app, queue) when block is False (tests)."""
+    work_path = Path(work).resolve()
+    queue = JobQueue(work_path / "jobs")
+    models = local_models(models_dir)
+    if model not in models:
+        models.insert(0, model)
+    else:
+        models.remove(model)
+        models.insert(0, model)
+    app = build_app(queue, work_path, models)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, allowed_paths=[str(work_path)],
+               quiet=not block, css=CSS, footer_links=[], show_error=False)
+    return app, queue
