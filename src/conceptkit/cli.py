@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -41,7 +42,12 @@ def cmd_generate(args) -> None:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    from .learn.distributed import launched_processes, process_device, processes
+
+    if (args.promptnet or args.image) and launched_processes() > 1:
+        raise UserError("ProFusion generation (--promptnet/--image) runs in one process: launch it without "
+                        "accelerate/torchrun")
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     load_embeddings(pipe, args.embedding)
     load_loras(pipe, args.lora)
     if args.promptnet or args.image:
@@ -49,8 +55,10 @@ def cmd_generate(args) -> None:
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
                    scheduler=args.scheduler,
-                   height=args.height, width=args.width, out_dir=args.out)
-    print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
+                   height=args.height, width=args.width, out_dir=args.out, low_memory=args.low_memory or None,
+                   procs=processes())
+    if processes().main:
+        print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
 
 
 def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
@@ -100,9 +108,12 @@ def split_lora_spec(spec: str) -> tuple[Path, float]:
         return Path(spec), 1.0
     path, weight = spec.rsplit(":", 1)
     try:
-        return Path(path), float(weight)
+        value = float(weight)
     except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):  # float() also reads 'nan' and 'inf', which would silently ruin every image
         raise UserError(f"--lora {spec}: the weight after ':' must be a number, e.g. {path}:0.8") from None
+    return Path(path), value
 
 
 def load_loras(pipe, specs: list[str] | None) -> None:
@@ -140,20 +151,34 @@ def progress_log(args):
     return on_step
 
 
+def refuse_finished_run(out: str, resume: bool, result_file: str) -> None:
+    """A finished run whose checkpoints were deleted would be overwritten silently: refuse (the trainers refuse a run
+    that still has checkpoints)."""
+    if not resume and (Path(out) / result_file).exists() and not any((Path(out) / "checkpoints").glob("step-*")):
+        raise UserError(f"{out} already holds a finished run ({result_file}): pass a new --out folder (nothing in "
+                        f"{out} was changed)")
+
+
 def cmd_learn_ti(args) -> None:
     from .learn.textual_inversion import learn_textual_inversion
     from .models.loading import load_pipeline
+
+    refuse_finished_run(args.out, args.resume, "learned_embeds.safetensors")
 
     cfg = TIConfig(token=args.token, init_word=args.init_word or None, vectors=args.vectors, template=args.template,
                    steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch=args.batch, grad_accum=args.grad_accum,
                    resolution=args.resolution, center_crop=args.center_crop, seed=args.seed,
                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
-                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
-    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                   **({"validation_prompts": ()} if args.no_validation else {}))
+    from .learn.distributed import process_device, processes
+
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     log = progress_log(args)
     result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
                                      on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
-    print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
+    if processes().main:
+        print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
           f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
           f"--embedding {result.out_dir} --prompt 'a photo of {cfg.token}'")
 
@@ -162,19 +187,25 @@ def cmd_learn_lora(args) -> None:
     from .learn.lora import learn_lora
     from .models.loading import load_pipeline
 
+    refuse_finished_run(args.out, args.resume, "pytorch_lora_weights.safetensors")
+
     cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, prompt=args.prompt, rank=args.rank,
                      alpha=args.alpha, steps=args.steps, lr=args.lr, text_encoder=args.text_encoder,
                      text_encoder_lr=args.text_encoder_lr, batch=args.batch, grad_accum=args.grad_accum,
                      resolution=args.resolution, center_crop=args.center_crop, flip_p=args.flip_p, seed=args.seed,
                      checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-                     validation_prompts=tuple(args.validation_prompt) if args.validation_prompt is not None
-                     else LORA_DEFAULTS.validation_prompts, mixed_precision=args.mixed_precision)
-    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+                     validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
+                     if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
+                     mixed_precision=args.mixed_precision)
+    from .learn.distributed import process_device, processes
+
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     log = progress_log(args)
     result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
                         on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
     final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
-    print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
+    if processes().main:
+        print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
           f"conceptkit generate --model {args.model} --lora {result.out_dir} --prompt 'a photo of {cfg.phrase}'")
 
 
@@ -235,7 +266,9 @@ def cmd_learn_promptnet(args) -> None:
     cfg = FinetuneConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
                          grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix, augment=args.augment,
                          copies=args.copies, train_unet_attention=args.unet_attention, seed=args.seed,
-                         pad_prompt=args.pad_prompt, latents=args.latents)
+                         pad_prompt=args.pad_prompt, latents=args.latents,
+                         checkpoint_every=args.checkpoint_every or d.checkpoint_every,
+                         validate_every=d.validate_every if args.validate_every is None else args.validate_every)
     pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
     log = progress_log(args)
     result = finetune_promptnet(pipe, pretrained, args.image, args.out, cfg, model_name=args.model,
@@ -255,9 +288,8 @@ def cmd_ui(args) -> None:
             raise
         raise UserError(f"the web UI needs {e.name}: pip install 'conceptkit[ui]'") from None
 
-    print(f"conceptkit UI on http://{args.host}:{args.port} (jobs and outputs in {Path(args.work).resolve()}); "
-          "Ctrl+C stops it", file=sys.stderr)
-    serve(host=args.host, port=args.port, model=args.model, work=args.work, models_dir=args.models_dir)
+    serve(host=args.host, port=args.port, model=args.model, work=args.work, models_dir=args.models_dir,
+          token=args.token or os.environ.get("CONCEPTKIT_UI_TOKEN"), max_upload_mb=args.max_upload_mb)
 
 
 def cmd_demo(args) -> None:
@@ -349,11 +381,14 @@ def cmd_shapes_train_base(args) -> None:
 
 def cmd_evaluate_base(args) -> None:
     from .evaluate.base import evaluate_base, table, write_json
+    from .learn.distributed import process_device, processes
     from .models.loading import load_pipeline
 
-    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     results = evaluate_base(pipe, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
-                            scheduler=args.scheduler, image_dir=args.images)
+                            scheduler=args.scheduler, image_dir=args.images, procs=processes())
+    if not processes().main:
+        return
     results["model"] = args.model
     print(table(results))
     if args.json:
@@ -405,7 +440,11 @@ def compose_config(args):
 
     values = {f.name: getattr(args, f.name) for f in fields(CLoRAConfig) if getattr(args, f.name, None) is not None}
     if "iterative_steps" in values:
-        values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
+        try:
+            values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--iterative-steps {values['iterative_steps']!r}: pass step numbers separated by "
+                            "commas, e.g. 0,10,20 ('' for none)") from None
     return CLoRAConfig(**values)
 
 
@@ -413,12 +452,16 @@ def cmd_compose(args) -> None:
     from .compose.run import LoraSpec, compose
     from .models.loading import load_pipeline
 
+    from .learn.distributed import process_device, processes
+
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     result = compose(pipe, args.prompt, [LoraSpec.parse(s) for s in args.lora or []], methods=methods,
                      seeds=[args.seed + i for i in range(args.num_images)], cfg=compose_config(args),
                      negative_prompt=args.negative_prompt, style_lora=args.style_lora, height=args.height,
-                     width=args.width, out_dir=args.out, save_maps=args.save_maps)
+                     width=args.width, out_dir=args.out, save_maps=args.save_maps, procs=processes())
+    if not processes().main:
+        return
     for m in methods:
         print(f"{m}: {len(result.images[m])} image(s), {result.seconds[m]:.2f} s/image, "
               f"{result.unet_calls[m]} UNet calls/image")
@@ -510,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
+    p.add_argument("--low-memory", action="store_true",
+                   help="VAE tiling and slicing, one image per batch (automatic above 4x the "
+                        "model's native pixel count, e.g. over 1024x1024 on SD 1.5)")
     _add_sampling(p, guidance=None)
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
@@ -553,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=TI_DEFAULTS.checkpoint_every)
     p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
     p.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers",
                    help="a1111 also writes AUTOMATIC1111's .pt layout")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -588,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=LORA_DEFAULTS.seed)
     p.add_argument("--checkpoint-every", type=int, default=LORA_DEFAULTS.checkpoint_every)
     p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
     p.add_argument("--validation-prompt", action="append",
                    help="repeatable; {} = trigger + class word (default: 'a photo of {}')")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -661,7 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--model", default="toy", help="the model selected at start ('toy': the bundled one)")
     p.add_argument("--models-dir", help="a folder of local checkpoints (diffusers folders, .safetensors) to pick from")
-    p.add_argument("--work", default="outputs/ui", help="where jobs and generated images are kept")
+    p.add_argument("--work", default="outputs/ui", help="where jobs, generated images and uploads are kept (the "
+                                                        "server reads and writes nothing else but the models)")
+    p.add_argument("--token", help="required with a --host other than this machine: visitors log in with it "
+                                   "(default: $CONCEPTKIT_UI_TOKEN)")
+    p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted upload (default 50 MB)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("demo", help="the showcase: Textual Inversion, CLoRA and ProFusion on the bundled model, "
@@ -769,16 +821,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_processes(args) -> None:
+    """Under `accelerate launch`/`torchrun` with several processes only the commands that split their work run."""
+    from .learn.distributed import launched_processes
+
+    several = (cmd_generate, cmd_learn_ti, cmd_learn_lora, cmd_compose, cmd_evaluate_base)
+    if launched_processes() > 1 and args.func not in several:
+        raise UserError("this command runs in one process (learn ti, learn lora, generate, compose and evaluate base "
+                        "run in several): launch it without accelerate/torchrun")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_processes(args)
         args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, even when it quotes user input that holds line breaks
+        print("error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from .resources import is_out_of_memory, oom_advice
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: {oom_advice(args.command, e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -39,3 +39,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def remove_interrupted_writes(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed atomic writes left in `folder` (recursively); how many. Call it only
+    when nothing else writes there (a run being resumed), or it would delete a live writer's file."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)

@@ -96,8 +96,12 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
 def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = ("clora",), seeds: list[int] = (0,),
             cfg: CLoRAConfig | None = None, negative_prompt: str = "", style_lora: str | None = None,
             height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
-            save_maps: bool = False) -> Composed:
+            save_maps: bool = False, procs=None) -> Composed:
+    """Every method at every seed. procs (learn/distributed.Processes, several processes): each process samples its
+    contiguous share of the seeds, every process gets all images back in order, only the main one writes files."""
     cfg = cfg or CLoRAConfig()
+    several = procs is not None and procs.several
+    mine = procs.split(list(seeds)) if several else list(seeds)
     methods = list(methods)
     for m in methods:
         if m not in METHODS + ("reference",):
@@ -114,7 +118,7 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
         images, seconds, calls = [], 0.0, 0
         style_name = style[0] if style else None
         embeddings = [encode_branches(pipe, b, run_cfg, style_name) for b in sets]  # once for every seed
-        for seed in seeds:
+        for seed in mine:
             g = torch.Generator(device="cpu").manual_seed(seed)
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
                        mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
@@ -124,12 +128,20 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
             calls = r.unet_calls
             if save_maps and masks:
                 result.traces[(method, seed)] = r.trace
+        if several:
+            images = procs.gather(images)
+            seconds = sum(procs.gather([seconds]))
+            calls = max(procs.gather([calls]))  # a process without seeds made no calls
         result.images[method] = images
         result.prompts[method] = sets[0].prompts
         result.seconds[method] = seconds / len(seeds)
         result.unet_calls[method] = calls
-    if out_dir is not None:
+    if several and save_maps:
+        result.traces = dict(procs.gather(list(result.traces.items())))
+    if out_dir is not None and (not several or procs.main):
         write_outputs(result, Path(out_dir), bp, template)
+    if several:
+        procs.barrier()
     return result
 
 

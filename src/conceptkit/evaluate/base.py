@@ -46,7 +46,9 @@ def _mean(rows: list[dict[str, bool]], keys) -> dict[str, float]:
 
 def evaluate_base(pipe, *, seeds: int = 2, steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
                   n_single: int = 64, n_double: int = 32, image_dir: str | Path | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, procs=None) -> dict:
+    """procs (learn/distributed.Processes): split every generate() call's prompts over several processes (each
+    gets all images back, so every process scores them and returns the same results)."""
     single, double = base_prompts(n_single, n_double)
     t0 = time.time()
     results = {}
@@ -56,7 +58,7 @@ def evaluate_base(pipe, *, seeds: int = 2, steps: int = 30, guidance_scale: floa
         for k, seed in enumerate(eval_seeds(seeds)):
             out = generate(pipe, [p.text for p in prompts], seed=seed, num_images=1, steps=steps,
                            guidance_scale=guidance_scale, scheduler=scheduler, progress=progress,
-                           out_dir=Path(image_dir) / f"{name}-seed{seed}" if image_dir else None)
+                           out_dir=Path(image_dir) / f"{name}-seed{seed}" if image_dir else None, procs=procs)
             rows += [score(img, p.scene) for img, p in zip(out.images, prompts)]
         for key, value in _mean(rows, keys).items():
             results[f"{name}.{key}"] = round(value, 4)

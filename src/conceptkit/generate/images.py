@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..files import atomic_write
 from ..models.embeddings import check_prompt_tokens
+from ..resources import is_large, memory_savers
 from .schedulers import make_scheduler
 
 
@@ -32,16 +33,30 @@ class Generated:
 def read_prompt_file(path: str | Path) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"prompt file {path} is a folder: pass a text file with one prompt per line")
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist: pass a text file with one prompt per line")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not text
     except UnicodeDecodeError:
         raise UserError(f"prompt file {path} is not UTF-8 text: save it as UTF-8") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {path} holds no prompt: write one prompt per line")
     return prompts
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> None:
+    """Over-long prompts are cut to the text encoder's window (as diffusers does); say so once per prompt, on stderr."""
+    import sys
+
+    limit = tokenizer.model_max_length - 2  # BOS and EOS take two places
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            print(f"warning: prompt {prompt[:40]!r}... is {n} tokens; the model reads {limit}, so it is truncated "
+                  "after that (shorten it to keep the end)", file=sys.stderr)
 
 
 def default_size(pipe) -> int:
@@ -67,52 +82,81 @@ def generate(
     batch_size: int = 16,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    low_memory: bool | None = None,
+    procs=None,
 ) -> Generated:
-    """Generate `num_images` images per prompt; with out_dir, write them as PNGs plus grid.png."""
+    """Generate `num_images` images per prompt; with out_dir, write them as PNGs plus grid.png.
+
+    low_memory: VAE tiling/slicing and one image per batch (attention slicing too where torch has no SDPA;
+    conceptkit/resources.py); None turns them on for large images only (over 4x the model's native pixel count).
+    The images' size is unchanged.
+
+    procs (learn/distributed.Processes, several processes): each process makes its contiguous share of the
+    prompt x seed list (same per-image seeds, so the same images), every process gets all of them back in order,
+    and only the main one writes the files."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
     check_prompt_tokens(pipe.tokenizer, prompts + ([negative_prompt] if negative_prompt else []))
+    warn_truncated(pipe.tokenizer, prompts + ([negative_prompt] if negative_prompt else []))
     size = default_size(pipe)
     height, width = height or size, width or size
     multiple = pipe.vae_scale_factor
-    if height % multiple or width % multiple:
-        raise UserError(f"size {width}x{height} is not a multiple of {multiple}: pass --width/--height divisible by {multiple}")
+    if height % multiple or width % multiple or height < multiple or width < multiple:
+        raise UserError(f"size {width}x{height} is not a positive multiple of {multiple}: pass --width/--height "
+                        f"divisible by {multiple}")
+    low_memory = is_large(pipe, height, width) if low_memory is None else low_memory
+    batch_size = 1 if low_memory else batch_size
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     jobs = [(p, seed + j) for p in prompts for j in range(num_images)]
     images: list[Image.Image] = []
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    several = procs is not None and procs.several
+    mine = procs.split(jobs) if several else jobs
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    progress = progress and (not several or procs.main)
     bar = tqdm(total=len(batches) * steps, desc="generate", unit="step", disable=not progress, dynamic_ncols=True)
 
     def advance(_pipe, _i, _t, kwargs):
         bar.update(1)
         return kwargs
 
-    for batch in batches:
-        generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
-        out = pipe(
-            prompt=[p for p, _ in batch],
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            generator=generators,
-            callback_on_step_end=advance,
-        )
-        images.extend(out.images)
+    with memory_savers(pipe, low_memory):
+        for batch in batches:
+            generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
+            out = pipe(
+                prompt=[p for p, _ in batch],
+                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=generators,
+                callback_on_step_end=advance,
+            )
+            images.extend(out.images)
     bar.close()
+    if several:
+        images = procs.gather(images)
     result = Generated(images, [p for p, _ in jobs], [s for _, s in jobs])
-    if out_dir is not None:
+    if out_dir is not None and (not several or procs.main):
         save(result, out_dir, columns=num_images)
+    if several:
+        if not procs.main and out_dir is not None:  # the paths the main process wrote
+            result.paths = [Path(out_dir) / image_name(i, p, s) for i, (p, s) in enumerate(jobs)]
+            result.grid_path = Path(out_dir) / "grid.png"
+        procs.barrier()
     return result
+
+
+def image_name(i: int, prompt: str, seed: int) -> str:
+    return f"{i:03d}-{slug(prompt)}-s{seed}.png"
 
 
 def save(result: Generated, out_dir: str | Path, columns: int) -> Generated:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (img, prompt, s) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        path = out_dir / f"{i:03d}-{slug(prompt)}-s{s}.png"
+        path = out_dir / image_name(i, prompt, s)
         atomic_write(path, lambda p, img=img: img.save(p, format="PNG"))
         result.paths.append(path)
     rows = (len(result.images) + columns - 1) // columns

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 
@@ -15,6 +15,9 @@ SIDECAR_SUFFIXES = {".txt", ".json", ".jsonl", ".md", ".caption", ".csv", ".yaml
 
 def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(f"--images {folder} is a file, not a folder: pass the folder that holds the 3-5 images "
+                        f"(e.g. --images {folder.parent})")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist: pass --images DIR, a folder of 3-5 images of the concept")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -24,13 +27,36 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _as_rgb(im: Image.Image) -> Image.Image:
+    """Any mode → RGB: EXIF orientation applied; 16/32-bit integer and float grey scaled to 8 bits (PIL's own
+    convert clips them, turning a 16-bit image white); transparency composited over white; CMYK, palette, 1-bit as
+    PIL converts them. An animated file gives its first frame."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        top = 1.0 if im.mode == "F" and array.max(initial=0) <= 1.0 else top
+        im = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def _open_rgb(path: Path) -> Image.Image | None:
-    """The image as RGB, or None if it cannot be read as an image."""
+    """The image as RGB (see _as_rgb), or None if it cannot be read as an image; one that is too large to open
+    safely (PIL's decompression-bomb limit) is refused."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+            return _as_rgb(im)
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: too large to open safely (over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} megapixels, "
+                        "Pillow's decompression-bomb limit): downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
 
@@ -73,6 +99,8 @@ def read_images(files: list[Path], resolution: int, center_crop: bool = False, *
 def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
     """(1, 3, R, R) in [-1, 1]: one image, center-cropped to a square and resized with LANCZOS (ProFusion, §3.1)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"image {path} is a folder, not an image file: pass --image FILE, a .png/.jpg of the concept")
     if not path.is_file():
         raise UserError(f"image {path} does not exist: pass --image FILE, a .png/.jpg of the concept")
     image = _open_rgb(path)

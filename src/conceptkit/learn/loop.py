@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import atomic_write
+from .distributed import Processes
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -57,11 +58,14 @@ def trained_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 # settings a run may change when it is resumed
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "keep_checkpoints", "conceptkit")
+# what a setting missing from an older run's config.json was
+SETTING_DEFAULTS = {"processes": 1}
 
 
 def check_same_settings(out: Path, config: dict, saved: dict) -> None:
     """Refuse to resume the run in `out` (its settings: `saved`) with other settings than `config`."""
-    changed = [k for k in config if k not in RESUMABLE_CHANGES and json.loads(json.dumps(config[k])) != saved.get(k)]
+    changed = [k for k in config if k not in RESUMABLE_CHANGES
+               and json.loads(json.dumps(config[k])) != saved.get(k, SETTING_DEFAULTS.get(k))]
     if changed:
         raise UserError(f"{out} holds a run with different settings ({', '.join(changed)}): pass the same settings "
                         "to --resume it, or a new --out folder")
@@ -84,16 +88,37 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
     return step, losses
 
 
+def average_gradients(procs: Processes, optimizer: torch.optim.Optimizer, loss: float) -> float:
+    """Average the trained tensors' gradients over the processes in place (one all-reduce, summed in float64);
+    return the mean of the processes' losses."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    flat = torch.cat([g.reshape(-1).double() for g in grads] + [torch.tensor([loss], dtype=torch.float64,
+                                                                             device=device)])
+    procs.mean_(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return float(flat[-1])
+
+
 def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.Optimizer,
                 batch_loss: Callable[[torch.Generator], torch.Tensor], checkpoint: Callable[[int], None],
                 validate: Callable[[int], None], desc: str, progress: bool,
                 before_update: Callable[[], None] | None = None,
-                on_step: Callable[[int, float], None] | None = None) -> float:
+                on_step: Callable[[int, float], None] | None = None, procs: Processes = Processes()) -> float:
     """Steps start..cfg.steps (gradient accumulation, checkpoints, validation between checkpoints); the seconds
     they took. `batch_loss(g)` draws one batch from g and returns its loss; `before_update` runs between the
     backward passes and the optimiser step (gradient clipping); `on_step(steps_done, loss)` after each step, once
-    its checkpoint and validation are written (progress reports: the CLI's --progress-log, the web UI)."""
+    its checkpoint and validation are written (progress reports: the CLI's --progress-log, the web UI).
+
+    With several processes (`procs`, learn/distributed.py) `batch_loss` returns the loss of this process's share
+    of the global batch; the gradients and the loss are averaged over the processes before the optimiser step,
+    and only the main process checkpoints, validates, reports and shows progress (the others go on to the next
+    step's all-reduce, where they wait for it)."""
     began = time.perf_counter()
+    progress = progress and procs.main
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
     for step in range(start, cfg.steps):
@@ -103,6 +128,8 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
             loss = batch_loss(g) / cfg.grad_accum
             loss.backward()
             total += loss.item()
+        if procs.several:
+            total = average_gradients(procs, optimizer, total)
         if before_update is not None:
             before_update()
         optimizer.step()
@@ -111,6 +138,8 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         done = step + 1
+        if not procs.main:
+            continue
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
         if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:

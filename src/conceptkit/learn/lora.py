@@ -23,8 +23,9 @@ from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, remove_interrupted_writes
 from ..models.lora import LORA_WEIGHT_NAME, LoraInfo, loaded_adapters, quiet_diffusers, read_lora_info, save_lora
+from .distributed import Processes, processes
 from .images import image_files, load_images
 from .lora_config import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, LoRAConfig
 from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
@@ -34,6 +35,8 @@ from .textual_inversion import (
     draw_batch,
     encode_latent_cache,
     freeze,
+    global_config,
+    share,
     ti_loss,
 )
 
@@ -139,9 +142,10 @@ def flat_params(params: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict
     return {f"{component}.{name}": p for component, named in params.items() for name, p in named}
 
 
-def run_config(cfg: LoRAConfig, model: str, captions: list[str]) -> dict:
+def run_config(cfg: LoRAConfig, model: str, captions: list[str], procs: Processes = Processes()) -> dict:
+    """The run's settings (config.json); --batch is per process, the global batch is batch x processes."""
     return {"method": "lora", "base_model": model, "conceptkit": __version__, **asdict(cfg),
-            "alpha": cfg.effective_alpha, "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
+            "processes": procs.count, "alpha": cfg.effective_alpha, "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
 
 
 def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int) -> Path:
@@ -172,6 +176,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
     `out_dir`. On return the pipeline is exactly as before (load the written file with models.lora.load_lora)."""
     cfg = cfg or LoRAConfig()
     check_config(cfg)
+    procs = processes()
     out = Path(out_dir)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     resolution = cfg.resolution or native
@@ -182,7 +187,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         raise UserError(f"the pipeline already has LoRA adapters loaded ({', '.join(loaded_adapters(pipe))}): train "
                         "on a freshly loaded model")
 
-    config = run_config(cfg, model_name, captions)
+    config = run_config(cfg, model_name, captions, procs)
     checkpoints = out / "checkpoints"
     last = latest_checkpoint(checkpoints)
     if resume:
@@ -203,16 +208,23 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         start, losses = 0, []
         if resume and last is not None:
             start, losses = load_checkpoint(last, params, optimizer)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        procs.barrier()  # every process has read the folder before the main one writes into it
+        if procs.main:
+            if resume:
+                remove_interrupted_writes(out)  # temporary files of writes a kill cut short
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
         means, stds = encode_latent_cache(pipe.vae, images)
         tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt").input_ids
         scaling = pipe.vae.config.scaling_factor
 
+        drawn = global_config(cfg, procs)
+
         def batch_loss(g):
-            batch = draw_batch(g, means, stds, cfg, 1, scheduler.config.num_train_timesteps, scaling)
+            batch = draw_batch(g, means, stds, drawn, 1, scheduler.config.num_train_timesteps, scaling)
+            batch = share(batch, procs, cfg.batch)
             batch = dataclasses.replace(batch, template_ids=batch.image_ids)  # each image with its caption
             with autocast(pipe, cfg.mixed_precision):
                 return ti_loss(pipe, scheduler, batch, tokens)
@@ -221,12 +233,19 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, params, optimizer, losses),
             validate=lambda done: validate(pipe, cfg, out / "validation", done),
-            desc=f"lora {cfg.trigger}", progress=progress, on_step=on_step)
-        if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
+            desc=f"lora {cfg.trigger}", progress=progress, on_step=on_step, procs=procs)
+        # the final grid is written last: a run killed while validating (folder there, grid not) validates again
+        final_grid = out / "validation" / f"step-{cfg.steps:06d}" / "grid.png"
+        if procs.main and cfg.validation_prompts and (cfg.steps > start or not final_grid.is_file()):
             validate(pipe, cfg, out / "validation", cfg.steps)
 
         meta = file_metadata(cfg, model_name, seconds, losses)
-        path = save_lora(out / LORA_WEIGHT_NAME, pipe.unet, pipe.text_encoder if cfg.text_encoder else None,
-                         metadata=meta, adapter_name=ADAPTER)
-    atomic_write_text(out / "metadata.json", json.dumps({**config, **meta, "steps_done": cfg.steps}, indent=2) + "\n")
+        path = out / LORA_WEIGHT_NAME
+        if procs.main:
+            save_lora(path, pipe.unet, pipe.text_encoder if cfg.text_encoder else None, metadata=meta,
+                      adapter_name=ADAPTER)
+    if procs.main:
+        atomic_write_text(out / "metadata.json",
+                          json.dumps({**config, **meta, "steps_done": cfg.steps}, indent=2) + "\n")
+    procs.barrier()  # every process returns once the files are there
     return LoRAResult(path, out, losses, seconds, read_lora_info(path))

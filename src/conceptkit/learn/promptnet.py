@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, remove_interrupted_writes
 from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, load_image_encoder, read_description
 from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
@@ -130,6 +130,8 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     last = latest_checkpoint(checkpoints) if resume else None
     if last is not None:
         start, losses = load_checkpoint(last, params, optimizer)
+    if resume:
+        remove_interrupted_writes(out)  # temporary files of writes a kill cut short
     out.mkdir(parents=True, exist_ok=True)
     # the encoder's description goes in first, so a running pre-training's checkpoints can be exported
     atomic_write_text(out / DESCRIPTION_FILE, json.dumps(encoder.describe(), indent=2) + "\n")
@@ -173,7 +175,8 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     atomic_write_text(out / "training.json", json.dumps({"config": config, "steps_done": cfg.steps,
                                                           "seconds_total": meta["seconds_total"],
                                                           "loss_last_100": meta["loss_last_100"]}, indent=2) + "\n")
-    if cfg.validation_prompts and len(val_pixels) and (cfg.steps > start or not (out / "validation").exists()):
+    final_grid = out / "validation" / f"step-{cfg.steps:06d}.png"  # a run killed while validating validates again
+    if cfg.validation_prompts and len(val_pixels) and (cfg.steps > start or not final_grid.is_file()):
         validate(cfg.steps)
     return PromptNetResult(out, losses, seconds)
 

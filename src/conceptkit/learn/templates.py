@@ -31,6 +31,15 @@ STYLE = (
 NAMED = {"object": OBJECT, "object81": OBJECT_81, "style": STYLE}
 
 
+def _formats(line: str) -> bool:
+    """The line takes the placeholder with str.format (other braces, e.g. '{x}' or a lone '{', would break it)."""
+    try:
+        line.format("S")
+    except (ValueError, KeyError, IndexError, AttributeError):
+        return False
+    return True
+
+
 def load_templates(spec: str) -> tuple[str, ...]:
     """'object' (27), 'object81' (the official repo's 81), 'style' (19), or a text file with one template a line."""
     if spec in NAMED:
@@ -39,8 +48,11 @@ def load_templates(spec: str) -> tuple[str, ...]:
     if not path.is_file():
         raise UserError(f"template {spec!r} is neither {', '.join(NAMED)} nor a file: pass one of those or a text "
                         "file with one template per line containing {{}}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bad = [line for line in lines if line.count("{}") != 1]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"template file {path} is not UTF-8 text: save it as UTF-8") from None
+    bad = [line for line in lines if line.count("{}") != 1 or not _formats(line)]
     if not lines or bad:
         raise UserError(f"template file {path}: every line needs exactly one {{}} for the placeholder "
                         f"(bad: {bad[:2] if bad else 'no lines'})")

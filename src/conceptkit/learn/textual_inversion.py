@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, remove_interrupted_writes
 from ..models.embeddings import Embedding, add_embedding, save_embedding
+from .distributed import Processes, processes
 from .images import load_images
 from .loop import check_same_settings, latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
 from .ti_config import TIConfig
@@ -75,8 +77,10 @@ def placeholder_tokens(token: str, n: int) -> list[str]:
 
 def training_tokenizer(tokenizer, cfg: TIConfig):
     """A copy of the tokenizer that knows the placeholder tokens; the pipeline's own is left alone."""
-    if cfg.vectors < 1:
-        raise UserError(f"--vectors {cfg.vectors}: pass 1 or more")
+    for name, value in (("vectors", cfg.vectors), ("steps", cfg.steps), ("batch", cfg.batch),
+                        ("grad-accum", cfg.grad_accum), ("checkpoint-every", cfg.checkpoint_every)):
+        if value < 1:  # a checkpoint interval of 0 would divide by zero in the training loop
+            raise UserError(f"--{name} {value}: pass 1 or more")
     names = placeholder_tokens(cfg.token, cfg.vectors)
     vocab = tokenizer.get_vocab()
     taken = [n for n in names if n in vocab]
@@ -141,6 +145,21 @@ def draw_batch(g: torch.Generator, means: torch.Tensor, stds: torch.Tensor, cfg:
     return Batch(latents, noise, timesteps, template_ids, index)
 
 
+def global_config(cfg, procs: Processes):
+    """cfg with --batch the global batch (batch x processes): what every process draws from the step's generator,
+    and what --scale-lr scales by. cfg itself with one process."""
+    return dataclasses.replace(cfg, batch=cfg.batch * procs.count) if procs.several else cfg
+
+
+def share(batch: Batch, procs: Processes, n: int) -> Batch:
+    """This process's n samples of a global batch (the whole batch with one process)."""
+    if not procs.several:
+        return batch
+    part = procs.share(n)
+    values = (getattr(batch, f.name) for f in dataclasses.fields(batch))
+    return Batch(*(None if v is None else v[part] for v in values))
+
+
 def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens: torch.Tensor) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (ε, or v for v-prediction models), §1.1."""
     device = pipe.unet.device
@@ -170,9 +189,10 @@ def freeze(pipe) -> None:
         module.eval()
 
 
-def run_config(cfg: TIConfig, model: str) -> dict:
+def run_config(cfg: TIConfig, model: str, procs: Processes = Processes()) -> dict:
+    """The run's settings (config.json); --batch is per process, the global batch is batch x processes."""
     return {"method": "textual_inversion", "base_model": model, "conceptkit": __version__, **asdict(cfg),
-            "effective_lr": cfg.effective_lr}
+            "processes": procs.count, "effective_lr": global_config(cfg, procs).effective_lr}
 
 
 def check_resume_config(out: Path, config: dict) -> None:
@@ -205,6 +225,7 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     On return the pipeline knows the token (loaded as diffusers would load the written file).
     """
     cfg = cfg or TIConfig()
+    procs = processes()
     out = Path(out_dir)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     resolution = cfg.resolution or native
@@ -216,10 +237,11 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     learned = torch.nn.Parameter(initial_vectors(pipe.tokenizer, pipe.text_encoder, cfg).to(pipe.text_encoder.device))
-    optimizer = torch.optim.AdamW([learned], lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([learned], lr=global_config(cfg, procs).effective_lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    config = run_config(cfg, model_name)
+    config = run_config(cfg, model_name, procs)
     checkpoints = out / "checkpoints"
     start, losses = 0, []
     if resume:
@@ -229,8 +251,12 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             start, losses = load_checkpoint(last, {"learned": learned}, optimizer)
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    procs.barrier()  # every process has read the folder before the main one writes into it
+    if procs.main:
+        if resume:
+            remove_interrupted_writes(out)  # temporary files of writes a kill cut short
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
     means, stds = encode_latent_cache(pipe.vae, images)
     placeholder = " ".join(placeholder_tokens(cfg.token, cfg.vectors))
@@ -238,8 +264,11 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
                           max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     scaling = pipe.vae.config.scaling_factor
 
+    drawn = global_config(cfg, procs)
+
     def batch_loss(g):
-        batch = draw_batch(g, means, stds, cfg, len(templates), scheduler.config.num_train_timesteps, scaling)
+        batch = draw_batch(g, means, stds, drawn, len(templates), scheduler.config.num_train_timesteps, scaling)
+        batch = share(batch, procs, cfg.batch)
         with autocast(pipe, cfg.mixed_precision):
             return ti_loss(pipe, scheduler, batch, template_tokens)
 
@@ -248,18 +277,22 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, {"learned": learned}, optimizer, losses),
             validate=lambda done: validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done),
-            desc=f"textual inversion {cfg.token}", progress=progress, on_step=on_step)
-    if cfg.validation_prompts and (cfg.steps > start or not (out / "validation").exists()):
+            desc=f"textual inversion {cfg.token}", progress=progress, on_step=on_step, procs=procs)
+    # the final grid is written last: a run killed while validating (folder there, grid not) validates again
+    final_grid = out / "validation" / f"step-{cfg.steps:06d}" / "grid.png"
+    if procs.main and cfg.validation_prompts and (cfg.steps > start or not final_grid.is_file()):
         validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
 
     vectors = learned.detach().float().cpu()
     embedding = Embedding(cfg.token, vectors, cfg.fmt)
     metadata = {**config, "steps_done": cfg.steps, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses
                 else None, "vector_norms": [round(float(v.norm()), 4) for v in vectors]}
-    if cfg.fmt == "a1111":
-        save_embedding(out / f"{cfg.token.strip('<>') or 'embedding'}.pt", cfg.token, vectors, fmt="a1111",
-                       metadata={"steps": cfg.steps, "base_model": model_name})
-    save_embedding(out / EMBEDDINGS_FILE, cfg.token, vectors, metadata=metadata)
-    atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    if procs.main:
+        if cfg.fmt == "a1111":
+            save_embedding(out / f"{cfg.token.strip('<>') or 'embedding'}.pt", cfg.token, vectors, fmt="a1111",
+                           metadata={"steps": cfg.steps, "base_model": model_name})
+        save_embedding(out / EMBEDDINGS_FILE, cfg.token, vectors, metadata=metadata)
+        atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    procs.barrier()  # every process returns once the files are there
     add_embedding(pipe, embedding)
     return TIResult(embedding, out, losses, seconds)

@@ -55,6 +55,14 @@ def _as_matrix(value, path: Path, key: str) -> torch.Tensor:
         value = next(iter(value.values()))
     if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2):
         raise UserError(f"embedding {path}: '{key}' is not a (vectors, dim) tensor: pass a textual-inversion file")
+    if not value.is_floating_point():
+        raise UserError(f"embedding {path}: '{key}' holds {str(value.dtype).removeprefix('torch.')} numbers, not "
+                        "floating-point vectors: the file is damaged or not an embedding; re-export it")
+    if value.ndim == 2 and value.shape[0] == 0:
+        raise UserError(f"embedding {path}: '{key}' holds no vectors (shape {tuple(value.shape)}): re-export it")
+    if not bool(torch.isfinite(value).all()):
+        raise UserError(f"embedding {path}: '{key}' holds NaN or infinite values (a diverged training run?): "
+                        "use an earlier checkpoint or retrain with a lower learning rate")
     value = value.detach().to(torch.float32)
     return value[None] if value.ndim == 1 else value
 

@@ -223,6 +223,9 @@ def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dty
     except (OSError, ValueError) as error:
         # Missing or mismatched files in a user-supplied model are the user's to fix, not a conceptkit bug.
         raise UserError(f"could not load --model {model!r}: {first_line(error)}") from error
+    except KeyError as error:  # a config (e.g. model_index.json) without an entry diffusers needs
+        raise UserError(f"could not load --model {model!r}: its configuration lacks the entry {error}; pass a "
+                        "complete diffusers folder") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 

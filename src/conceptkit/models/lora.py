@@ -76,6 +76,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UserError(f"LoRA {path} is not a LoRA file (expected named tensors): pass a diffusers or kohya LoRA")
+    for key, value in state.items():
+        if not value.is_floating_point() and not key.endswith(".alpha"):  # kohya may store alpha as an integer
+            raise UserError(f"LoRA {path}: {key} holds {str(value.dtype).removeprefix('torch.')} numbers, not "
+                            "floating-point weights: the file is damaged or not a LoRA; re-export it")
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"LoRA {path}: {key} holds NaN or infinite values (a diverged training run?): use an "
+                            "earlier checkpoint or retrain with a lower learning rate")
     return state
 
 

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import secrets
+import sys
 import shlex
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
+from ..errors import UserError
 from ..models.lora import LORA_WEIGHT_NAME
 from .jobs import Job, JobQueue
 
@@ -72,6 +77,13 @@ def local_models(models_dir: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- small renderers
+
+def offered(choices: dict[str, str], label: str) -> str:
+    """The path behind a picker's label; anything else (a path typed into the API) is refused."""
+    if label not in choices:
+        raise ValueError(f"{label!r} is not one of the offered choices: pick one from the list")
+    return choices[label]
+
 
 def check_images(files: list[str] | None, at_least: int) -> list[Path]:
     """The uploaded files, each checked to be an image; a one-line error otherwise."""
@@ -183,18 +195,21 @@ class UI:
 
         if not prompt.strip():
             return [], error_html("write a prompt first")
-        out = self.work / "generate" / time.strftime("%Y%m%d-%H%M%S")
-        argv = ["generate", "--model", model, "--prompt", prompt, "--seed", str(int(seed)), "--steps",
+        out = self.work / "generate" / (time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])  # one per request
+        # free text goes in as --option=value: a value that starts with '-' stays a value, never an option
+        argv = ["generate", "--model", model, f"--prompt={prompt}", "--seed", str(int(seed)), "--steps",
                 str(int(steps)), "--guidance-scale", f"{guidance:g}", "--num-images", str(int(num_images))]
         if negative.strip():
-            argv += ["--negative-prompt", negative]
-        known = {**learned(self.queue, "ti")}
-        argv += [a for e in embeddings or [] for a in ("--embedding", known.get(e, e))]
-        known = {**bundled_loras(), **learned(self.queue, "lora")}
-        argv += [a for name in loras or [] for a in ("--lora", known.get(name, name))]
-        if promptnet:
-            argv += ["--promptnet", learned(self.queue, "promptnet").get(promptnet, promptnet)]
-        elif scheduler != "ddim":
+            argv += [f"--negative-prompt={negative}"]
+        try:
+            self.check_model(model)
+            argv += [a for e in embeddings or [] for a in ("--embedding", offered(learned(self.queue, "ti"), e))]
+            argv += [a for name in loras or [] for a in ("--lora", offered(self.loras(), name))]
+            if promptnet:
+                argv += ["--promptnet", offered(learned(self.queue, "promptnet"), promptnet)]
+        except ValueError as e:
+            return [], error_html(str(e))
+        if not promptnet and scheduler != "ddim":
             argv += ["--scheduler", scheduler]
         argv += ["--out", str(out)]
         err = io.StringIO()
@@ -213,15 +228,28 @@ class UI:
         return images, (f"{len(images)} image(s) in {seconds:.1f} s, saved in `{out}`. Reproduce with:\n"
                         f"```bash\n{shlex.join(['conceptkit', *argv])}\n```")
 
+    def loras(self) -> dict[str, str]:
+        return {**bundled_loras(), **learned(self.queue, "lora")}
+
+    def check_model(self, model: str) -> None:
+        """Only the models the picker offers: the page (or anyone calling its API) cannot make the server read
+        an arbitrary path."""
+        if model not in self.models:
+            raise ValueError(f"model {model!r} is not one of the offered models: start the UI with --models-dir "
+                             "FOLDER to offer your checkpoints")
+
     def pickers(self):
         return (gr.update(choices=list(learned(self.queue, "ti"))),
-                gr.update(choices=[*bundled_loras(), *learned(self.queue, "lora")]),
+                gr.update(choices=list(self.loras())),
                 gr.update(choices=["", *learned(self.queue, "promptnet")]))
 
     # Learn: a job
     def start_learn(self, model, method, files, name, word, steps, validate_every):
-        kind = LEARN_METHODS[method]
+        kind = LEARN_METHODS.get(method)
         try:
+            self.check_model(model)
+            if kind is None:
+                raise ValueError(f"unknown method {method!r}: pick one of {', '.join(LEARN_METHODS)}")
             images = check_images(files, 1)
             if kind != "promptnet" and not name.strip():
                 raise ValueError("write the new token (Textual Inversion) or trigger word (LoRA) first")
@@ -239,15 +267,15 @@ class UI:
                   "--progress-log", "{progress}"]
         if kind == "ti":
             title = f"Textual Inversion {name.strip()}"
-            command = ["learn", "ti", "--images", "{folder}/images", "--token", name.strip(),
-                       "--init-word", word.strip() or "object", *common]
+            command = ["learn", "ti", "--images", "{folder}/images", f"--token={name.strip()}",
+                       f"--init-word={word.strip() or 'object'}", *common]
         elif kind == "lora":
             title = f"LoRA {name.strip()}"
             phrase = f"{name.strip()} {word.strip()}".strip()
-            command = ["learn", "lora", "--images", "{folder}/images", "--trigger", name.strip(),
-                       "--prompt", f"a {phrase}", *common]
+            command = ["learn", "lora", "--images", "{folder}/images", f"--trigger={name.strip()}",
+                       f"--prompt=a {phrase}", *common]
             if word.strip():
-                command += ["--class-word", word.strip()]
+                command += [f"--class-word={word.strip()}"]
         else:
             title = f"PromptNet {images[0].stem}"
             command = ["learn", "promptnet", "--finetune", "--image", f"{{folder}}/images/00{images[0].suffix.lower()}",
@@ -270,8 +298,12 @@ class UI:
 
     # Compose: a job
     def start_compose(self, model, template, n1, l1, n2, l2, n3, l3, methods, steps, seed):
-        known = bundled_loras()
-        slots = [(n.strip(), known.get(lo, lo)) for n, lo in ((n1, l1), (n2, l2), (n3, l3)) if n.strip() and lo]
+        try:
+            self.check_model(model)
+            slots = [(n.strip(), offered(self.loras(), lo)) for n, lo in ((n1, l1), (n2, l2), (n3, l3))
+                     if n.strip() and lo]
+        except ValueError as e:
+            return gr.update(), error_html(str(e))
         if len(slots) < 2:
             return gr.update(), error_html("pick two LoRAs and name their slots (the {names} in the prompt)")
         missing = [n for n, _ in slots if "{" + n + "}" not in template]
@@ -280,7 +312,7 @@ class UI:
                                            "goes, e.g. 'a {a} on the left and a {b} on the right'")
         if not methods:
             return gr.update(), error_html("tick at least one method")
-        command = ["compose", "--model", model, "--prompt", template]
+        command = ["compose", "--model", model, f"--prompt={template}"]
         command += [a for n, p in slots for a in ("--lora", f"{n}={p}")]
         command += ["--method", ",".join(methods), "--steps", str(int(steps)), "--seed", str(int(seed)),
                     "--save-maps", "--out", "{out}"]
@@ -300,6 +332,7 @@ class UI:
     # ProFusion: a job of three commands
     def start_profusion(self, model, image, prompt, steps, sample_steps, seed):
         try:
+            self.check_model(model)
             (path,) = check_images([image] if image else [], 1)
         except ValueError as e:
             return gr.update(), error_html(str(e))
@@ -312,7 +345,7 @@ class UI:
             shutil.copy(path, out.parent / "images" / f"reference{path.suffix.lower()}")
 
         reference = f"{{folder}}/images/reference{path.suffix.lower()}"
-        gen = ["generate", "--model", model, "--promptnet", "{out}/promptnet", "--prompt", prompt,
+        gen = ["generate", "--model", model, "--promptnet", "{out}/promptnet", f"--prompt={prompt}",
                "--seed", str(int(seed)), "--steps", str(int(sample_steps))]
         commands = [["learn", "promptnet", "--finetune", "--model", model, "--image", reference,
                      "--steps", str(int(steps)), "--out", "{out}/promptnet", "--progress-log", "{progress}"],
@@ -359,9 +392,9 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
     with gr.Blocks(title="conceptkit", analytics_enabled=False) as app:
         gr.Markdown("# conceptkit\nTeach a text-to-image model new concepts, compose them, and keep an image's "
                     "detail (Textual Inversion, CLoRA, ProFusion).")
-        model = gr.Dropdown(models, value=models[0], label="Model", allow_custom_value=True,
-                            info="'toy' is the bundled shapes-world model; or a diffusers folder, a .safetensors "
-                                 "file, a cached hub id")
+        model = gr.Dropdown(models, value=models[0], label="Model",
+                            info="'toy' is the bundled shapes-world model; `conceptkit ui --models-dir FOLDER` "
+                                 "offers your checkpoints; cached hub ids are listed too")
         with gr.Tab("Generate", id="generate") as generate_tab:
             with gr.Row():
                 with gr.Column():
@@ -383,7 +416,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                     gallery = gr.Gallery(label="Results", elem_id="generate-gallery", format="png", columns=2)
                     generate_info = gr.Markdown(elem_id="generate-info")
             go.click(ui.generate, [model, prompt, negative, seed, steps, guidance, scheduler, num_images,
-                                   embeddings, loras, promptnet], [gallery, generate_info])
+                                   embeddings, loras, promptnet], [gallery, generate_info], api_name="generate")
             generate_tab.select(ui.pickers, None, [embeddings, loras, promptnet], queue=False)
 
         with gr.Tab("Learn", id="learn"):
@@ -413,7 +446,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                         [learn_job, learn_msg])
             cancel.click(lambda job_id: queue.cancel(job_id) if job_id else None, learn_job, None, queue=False)
 
-        with gr.Tab("Compose", id="compose"):
+        with gr.Tab("Compose", id="compose") as compose_tab:
             names = list(bundled_loras())
             with gr.Row():
                 with gr.Column():
@@ -425,8 +458,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                                                          ("", None))):
                         with gr.Row():
                             slots.append(gr.Textbox(slot, label=f"Slot {i + 1}", scale=1))
-                            slots.append(gr.Dropdown(names, value=default, label=f"LoRA {i + 1}",
-                                                     allow_custom_value=True, scale=3))
+                            slots.append(gr.Dropdown(names, value=default, label=f"LoRA {i + 1}", scale=3))
                     methods = gr.CheckboxGroup(COMPOSE_METHODS, value=["clora", "merge"],
                                                label="Methods (CLoRA and the baselines)")
                     with gr.Row():
@@ -445,6 +477,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                         masks = gr.Image(label="CLoRA masks (rows: steps; columns: branches)",
                                          elem_id="compose-masks", format="png", type="filepath")
                     compose_cmds = gr.Markdown()
+            compose_tab.select(lambda: [gr.update(choices=list(ui.loras()))] * 3, None, slots[1::2], queue=False)
             compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed],
                              [compose_job, compose_msg])
 
@@ -489,10 +522,22 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str = "toy", work: str = "outputs/ui",
-          models_dir: str | None = None, block: bool = True):
-    """Start the app; returns (app, queue) when block is False (tests)."""
+          models_dir: str | None = None, token: str | None = None, max_upload_mb: int = 50, block: bool = True):
+    """Start the app; returns (app, queue) when block is False (tests).
+
+    Safety: only this machine can connect unless `host` says otherwise, and then a token is required (visitors log
+    in with it). The server reads and writes only inside `work` (jobs, generated images, uploads: Gradio's upload
+    cache is moved there), the bundled files and the offered models; uploads are limited to `max_upload_mb`.
+    """
+    if host not in LOOPBACK and not token:
+        raise UserError(f"--host {host} lets other machines reach the UI: also pass --token SECRET (or set "
+                        "CONCEPTKIT_UI_TOKEN); visitors log in with it")
     work_path = Path(work).resolve()
+    os.environ["GRADIO_TEMP_DIR"] = str(work_path / "uploads")  # read by Gradio when the app is built
     queue = JobQueue(work_path / "jobs")
     models = local_models(models_dir)
     if model not in models:
@@ -502,6 +547,15 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str = "toy", work: s
         models.insert(0, model)
     app = build_app(queue, work_path, models)
     app.queue(default_concurrency_limit=1)
+    if block:
+        print(f"conceptkit UI on http://{host}:{port} (jobs, outputs and uploads in {work_path}); Ctrl+C stops it",
+              file=sys.stderr)
+    auth = None
+    if token:
+        def auth(user: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), token.encode())
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, allowed_paths=[str(work_path)],
-               quiet=not block, css=CSS, footer_links=[], show_error=False)
+               quiet=not block, css=CSS, footer_links=[], show_error=False, auth=auth,
+               auth_message="Log in with any user name and the UI's token as the password.",
+               max_file_size=f"{max_upload_mb}mb")
     return app, queue
