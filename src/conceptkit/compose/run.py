@@ -34,6 +34,9 @@ class LoraSpec:
             raise UserError(f"--lora {spec!r}: write NAME=FILE[:TRIGGER[:CLASS]], e.g. cat=cat.safetensors:sks:cat")
         parts = rest.split(":")
         path, words = parts[0], parts[1:]
+        if not path:
+            raise UserError(f"--lora {spec!r}: no file after '=': write NAME=FILE[:TRIGGER[:CLASS]], "
+                            "e.g. cat=cat.safetensors:sks:cat")
         if len(words) > 2:
             raise UserError(f"--lora {spec!r}: too many ':' fields; write NAME=FILE[:TRIGGER[:CLASS]]")
         return cls(name, path, *(w or None for w in words))
