@@ -22,8 +22,9 @@ Kill moments cycle through four kinds:
   nothing);
 - `output`: like `write`, at the k-th atomic write of any other file (config, validation images, final results).
 
-Temporary files a killed write leaves behind (`.*.tmp`) are hidden, never read by conceptkit, and reported
-separately (`stale tmp`); every other file must be readable after every kill.
+Temporary files a killed write leaves behind (`.*.tmp` from atomic_path, `.tmpXXXXXX` from safetensors' own
+writer) are hidden, never read by conceptkit, removed by the resumed run, and reported as `stale tmp` (a trial with
+any left fails); every other file must be readable after every kill.
 
 Launchers: `exec` (default) runs `python -m conceptkit.cli ...` (through this file's --child entry when writes are
 slowed); `fork` forks a process that has already imported conceptkit (what the fast test uses: no 6-second import
@@ -197,7 +198,9 @@ class Run:
 
 
 def temp_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.rglob(".*.tmp")) if out.exists() else []
+    from conceptkit.files import interrupted_writes
+
+    return interrupted_writes(out)
 
 
 def run_to_end(launcher: Launcher, argv: list[str], log: Path, timeout: float = 600) -> tuple[int, float]:
@@ -216,9 +219,10 @@ def unreadable_files(out: Path) -> tuple[list[str], list[str]]:
     bad, stale = [], []
     if not out.exists():
         return bad, stale
+    temporary = set(temp_files(out))
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = str(path.relative_to(out))
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
+        if path in temporary:
             stale.append(rel)
             continue
         try:

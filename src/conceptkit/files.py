@@ -41,10 +41,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files killed writes leave in `folder` (recursively): ours (`.NAME.XXXX.tmp`, atomic_path) and
+    safetensors' own (`.tmpXXXXXX`: its Rust writer goes through a temporary file beside the target too)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = {p for pattern in (".*.tmp", ".tmp*") for p in folder.rglob(pattern) if p.is_file()}
+    return sorted(found)
+
+
 def remove_interrupted_writes(folder: str | os.PathLike) -> int:
-    """Delete the temporary files that killed atomic writes left in `folder` (recursively); how many. Call it only
-    when nothing else writes there (a run being resumed), or it would delete a live writer's file."""
-    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    """Delete `interrupted_writes(folder)`; how many. Call it only when nothing else writes there (a run being
+    resumed), or it would delete a live writer's file."""
+    stale = interrupted_writes(folder)
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
