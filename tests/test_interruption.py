@@ -53,3 +53,17 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, trainer):
     assert output.kills == 1 and output.during_other_write == 1
     summary = rk.summary({trainer: [twice, output]})
     assert summary["handled"] == summary["tried"] == 2
+
+
+def test_resume_cleanup_removes_only_the_temporary_files_of_killed_writes(tmp_path):
+    from conceptkit.files import remove_interrupted_writes
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / ".config.json.k2j4.tmp", tmp_path / "checkpoints" / ".step-000002.safetensors.a1b2.tmp",
+             tmp_path / ".tmp6x3kuY"]  # the last: safetensors' own writer, killed inside save_file
+    kept = [tmp_path / "config.json", tmp_path / "tmp.png", tmp_path / ".keep",
+            tmp_path / "checkpoints" / "step-000002.safetensors"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert remove_interrupted_writes(tmp_path) == 3
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
