@@ -133,9 +133,9 @@ def load_loras(pipe, specs: list[str] | None) -> None:
         pipe.set_adapters(names, weights)
 
 
-def progress_log(args):
-    """--progress-log FILE: an on_step callback appending one JSON line per step ({"step", "total", "loss",
-    "seconds"}), flushed at once, so another process (the web UI) can follow the run; None without the flag."""
+def progress_log(args, total: int):
+    """--progress-log FILE: an on_step(step, loss) callback appending one JSON line per step ({"step", "total",
+    "loss", "seconds"}), flushed at once, so another process (the web UI) can follow the run; None without it."""
     if not getattr(args, "progress_log", None):
         return None
     import time
@@ -144,7 +144,7 @@ def progress_log(args):
     path.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
-    def on_step(step: int, loss: float, total: int) -> None:
+    def on_step(step: int, loss: float) -> None:
         with path.open("a") as f:
             f.write(json.dumps({"step": step, "total": total, "loss": round(loss, 6),
                                 "seconds": round(time.perf_counter() - began, 3)}) + "\n")
@@ -174,9 +174,8 @@ def cmd_learn_ti(args) -> None:
     from .learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
-    log = progress_log(args)
     result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
-                                     on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
+                                     on_step=progress_log(args, cfg.steps))
     if processes().main:
         print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
           f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
@@ -200,9 +199,8 @@ def cmd_learn_lora(args) -> None:
     from .learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
-    log = progress_log(args)
     result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
-                        on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
+                        on_step=progress_log(args, cfg.steps))
     final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
     if processes().main:
         print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
@@ -249,10 +247,8 @@ def cmd_learn_promptnet(args) -> None:
             from .profusion.image_encoders import ClipVisionEncoder
 
             encoder = ClipVisionEncoder(args.image_encoder, device=pipe.unet.device)
-        log = progress_log(args)
         result = pretrain_promptnet(pipe, args.images, args.out, cfg, image_encoder=encoder, model_name=args.model,
-                                    resume=args.resume,
-                                    on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
+                                    resume=args.resume, on_step=progress_log(args, cfg.steps))
         print(f"pre-trained PromptNet in {result.seconds:.0f} s (loss over the last 100 steps "
               f"{sum(result.losses[-100:]) / max(len(result.losses[-100:]), 1):.4f}); wrote {result.out_dir}; "
               f"fine-tune it with: conceptkit learn promptnet --finetune --promptnet {result.out_dir} "
@@ -270,9 +266,8 @@ def cmd_learn_promptnet(args) -> None:
                          checkpoint_every=args.checkpoint_every or d.checkpoint_every,
                          validate_every=d.validate_every if args.validate_every is None else args.validate_every)
     pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
-    log = progress_log(args)
     result = finetune_promptnet(pipe, pretrained, args.image, args.out, cfg, model_name=args.model,
-                                resume=args.resume, on_step=log and (lambda step, loss: log(step, loss, cfg.steps)))
+                                resume=args.resume, on_step=progress_log(args, cfg.steps))
     print(f"fine-tuned PromptNet on {args.image} in {result.seconds:.1f} s; wrote {result.out_dir}; use it with: "
           f"conceptkit generate --model {args.model} --promptnet {result.out_dir} --prompt 'S* on a navy background'")
 
@@ -540,6 +535,11 @@ def _add_compose_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--switch-every", type=int, help=f"switch: steps per LoRA (default {d.switch_every})")
 
 
+def _add_progress_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
+                                                          "seconds) to FILE, for another program to follow the run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conceptkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -606,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast the frozen models (GPU); the learned vectors stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (GPU, 512 px)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
-                                                          "seconds) to FILE, for another program to follow the run")
+    _add_progress_log(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_ti)
 
@@ -641,8 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the models (GPU); the LoRA weights stay fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
-                                                          "seconds) to FILE, for another program to follow the run")
+    _add_progress_log(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_learn_lora)
 
@@ -678,8 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
     p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress-log", metavar="FILE", help="append one JSON line per step (step, total, loss, "
-                                                          "seconds) to FILE, for another program to follow the run")
+    _add_progress_log(p)
     p.add_argument("--export-to", help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
                                        "folder here, and stop (works while the run goes on)")
     p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_text, remove_interrupted_writes
 from .distributed import Processes
 
 
@@ -86,6 +86,17 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
                                       "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
                                       "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
     return step, losses
+
+
+def start_run_folder(out: Path, config: dict, resume: bool, procs: Processes) -> None:
+    """Create `out` and write the run's config.json (main process, once every process has read the folder); a
+    resumed run first removes the temporary files of the writes a kill cut short."""
+    procs.barrier()
+    if procs.main:
+        if resume:
+            remove_interrupted_writes(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def average_gradients(procs: Processes, optimizer: torch.optim.Optimizer, loss: float) -> float:

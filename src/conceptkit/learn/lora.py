@@ -23,12 +23,12 @@ from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write_text, remove_interrupted_writes
+from ..files import atomic_write_text
 from ..models.lora import LORA_WEIGHT_NAME, LoraInfo, loaded_adapters, quiet_diffusers, read_lora_info, save_lora
 from .distributed import Processes, processes
 from .images import image_files, load_images
 from .lora_config import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, LoRAConfig
-from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
+from .loop import latest_checkpoint, load_checkpoint, save_checkpoint, start_run_folder, train_steps
 from .textual_inversion import (
     autocast,
     check_resume_config,
@@ -145,7 +145,8 @@ def flat_params(params: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict
 def run_config(cfg: LoRAConfig, model: str, captions: list[str], procs: Processes = Processes()) -> dict:
     """The run's settings (config.json); --batch is per process, the global batch is batch x processes."""
     return {"method": "lora", "base_model": model, "conceptkit": __version__, **asdict(cfg),
-            "processes": procs.count, "alpha": cfg.effective_alpha, "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
+            "processes": procs.count, "alpha": cfg.effective_alpha,
+            "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
 
 
 def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int) -> Path:
@@ -208,12 +209,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         start, losses = 0, []
         if resume and last is not None:
             start, losses = load_checkpoint(last, params, optimizer)
-        procs.barrier()  # every process has read the folder before the main one writes into it
-        if procs.main:
-            if resume:
-                remove_interrupted_writes(out)  # temporary files of writes a kill cut short
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        start_run_folder(out, config, resume, procs)
 
         means, stds = encode_latent_cache(pipe.vae, images)
         tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,

@@ -27,11 +27,12 @@ from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_write_text, remove_interrupted_writes
+from ..files import atomic_write_text
 from ..models.embeddings import Embedding, add_embedding, save_embedding
 from .distributed import Processes, processes
 from .images import load_images
-from .loop import check_same_settings, latest_checkpoint, load_checkpoint, save_checkpoint, train_steps
+from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, save_checkpoint, start_run_folder,
+                   train_steps)
 from .ti_config import TIConfig
 from .templates import load_templates
 
@@ -251,12 +252,7 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
             start, losses = load_checkpoint(last, {"learned": learned}, optimizer)
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
-    procs.barrier()  # every process has read the folder before the main one writes into it
-    if procs.main:
-        if resume:
-            remove_interrupted_writes(out)  # temporary files of writes a kill cut short
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    start_run_folder(out, config, resume, procs)
 
     means, stds = encode_latent_cache(pipe.vae, images)
     placeholder = " ".join(placeholder_tokens(cfg.token, cfg.vectors))

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..models.lora import LORA_WEIGHT_NAME
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, one_line_error
 
 SCHEDULERS = ["ddim", "dpm++", "euler", "euler-a", "pndm"]
 COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none"]
@@ -98,6 +98,16 @@ def check_images(files: list[str] | None, at_least: int) -> list[Path]:
         except Exception:
             raise ValueError(f"{p.name} is not an image that can be read: upload PNG, JPEG or WebP files") from None
     return paths
+
+
+def copy_uploads(files: list[Path], names: list[str]):
+    """A job's `prepare`: copies the uploaded files into the job's images/ folder under `names` (Gradio's upload
+    cache is not kept)."""
+    def prepare(out: Path) -> None:
+        (out.parent / "images").mkdir()
+        for path, name in zip(files, names):
+            shutil.copy(path, out.parent / "images" / name)
+    return prepare
 
 
 def error_html(message: str) -> str:
@@ -221,8 +231,6 @@ class UI:
                 code = e.code or 2
             seconds = time.perf_counter() - began
         if code != 0:
-            from .jobs import one_line_error
-
             return [], error_html(one_line_error(err.getvalue(), code))
         images = [p for p in pngs(out) if not p.endswith("grid.png")]
         return images, (f"{len(images)} image(s) in {seconds:.1f} s, saved in `{out}`. Reproduce with:\n"
@@ -255,13 +263,7 @@ class UI:
                 raise ValueError("write the new token (Textual Inversion) or trigger word (LoRA) first")
         except ValueError as e:
             return gr.update(), error_html(str(e))
-        stage = [p for p in images]
-
-        def copy_images(out: Path):
-            (out.parent / "images").mkdir()
-            for i, p in enumerate(stage):
-                shutil.copy(p, out.parent / "images" / f"{i:02d}{p.suffix.lower()}")
-
+        copy_images = copy_uploads(images, [f"{i:02d}{p.suffix.lower()}" for i, p in enumerate(images)])
         steps, every = str(int(steps)), str(int(validate_every))
         common = ["--model", model, "--steps", steps, "--validate-every", every, "--out", "{out}",
                   "--progress-log", "{progress}"]
@@ -339,11 +341,7 @@ class UI:
         if "S*" not in prompt:
             return gr.update(), error_html("the prompt must say S* where the uploaded object goes, "
                                            "e.g. 'a small S* on the left, on a navy background'")
-
-        def copy_image(out: Path):
-            (out.parent / "images").mkdir()
-            shutil.copy(path, out.parent / "images" / f"reference{path.suffix.lower()}")
-
+        copy_image = copy_uploads([path], [f"reference{path.suffix.lower()}"])
         reference = f"{{folder}}/images/reference{path.suffix.lower()}"
         gen = ["generate", "--model", model, "--promptnet", "{out}/promptnet", f"--prompt={prompt}",
                "--seed", str(int(seed)), "--steps", str(int(sample_steps))]
@@ -358,8 +356,7 @@ class UI:
         job = self.queue.get(job_id)
         if job is None:
             return progress_html(None), None, None, None, ""
-        reference = next(iter(pngs(Path(job.folder) / "images", "reference.*")), None) or \
-            next(iter(Path(job.folder, "images").glob("reference.*")), None)
+        reference = next(iter(Path(job.folder, "images").glob("reference.*")), None)
         fusion = next((p for p in pngs(job.out / "fusion") if not p.endswith("grid.png")), None)
         plain = next((p for p in pngs(job.out / "plain") if not p.endswith("grid.png")), None)
         return self.progress(job), str(reference) if reference else None, fusion, plain, commands_md(job)
