@@ -6,19 +6,36 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup chromium demo test ui screenshots bench clean
+.PHONY: setup lock upgrade-check chromium demo test ui screenshots bench clean
 
 setup: $(VENV)/.installed chromium
 
-# torch is pinned and installed first: on these machines 2.13.0 is a local CPU wheel, an unpinned torch pulls CUDA.
-# open_clip_torch is installed without its dependencies: we only read the CLIP BPE vocabulary file it ships.
-$(VENV)/.installed: pyproject.toml
+# The environment is the lock, exactly: every package pinned with its hashes (requirements/lock.txt, made by
+# `make lock` from pyproject.toml's ranges). torch is the machine's local CPU wheel 2.13.0+cpu (pip finds it through
+# its find-links; an unpinned torch pulls CUDA). open_clip_torch is installed without its dependencies: we only read
+# the CLIP BPE vocabulary file it ships. conceptkit itself goes in last, editable, with nothing more resolved.
+$(VENV)/.installed: requirements/lock.txt requirements/no-deps.txt pyproject.toml
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,ui]'
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	$(PY) -m pip install -q --require-hashes --only-binary :all: -r requirements/lock.txt
+	$(PY) -m pip install -q --require-hashes --only-binary :all: --no-deps -r requirements/no-deps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
+
+# Refresh the lock from pyproject.toml's ranges (after changing them; then run `make test`). uv is pinned too.
+lock:
+	python3 -m venv /tmp/conceptkit-uv && /tmp/conceptkit-uv/bin/pip install -q uv==0.13.9
+	/tmp/conceptkit-uv/bin/uv pip compile pyproject.toml requirements/build.in --extra test --extra ui \
+	  --generate-hashes --find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --custom-compile-command "make lock" -o requirements/lock.txt
+	/tmp/conceptkit-uv/bin/uv pip compile requirements/no-deps.in --no-deps --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o requirements/no-deps.txt
+
+# Not part of CI: the newest releases of our dependencies (pyproject's upper bounds lifted, torch kept) in a
+# throw-away environment; prints what changed against the lock and what broke in the fast tests.
+upgrade-check:
+	python3 tools/upgrade_check.py
 
 demo: setup
 	$(VENV)/bin/conceptkit demo --out outputs/demo

@@ -1,0 +1,145 @@
+"""Would today's newest releases of our dependencies break conceptkit? (`make upgrade-check`; not part of CI.)
+
+Builds a throw-away virtual environment with the newest releases pyproject.toml's lower bounds admit (its upper
+bounds lifted; torch stays pinned: the local CPU wheel), prints every version that differs from the lock, runs the
+fast tests there and prints one line per distinct failure, so a release that breaks us is noticed by us first.
+
+    python3 tools/upgrade_check.py                 # exit 0: nothing broke; 1: something did; 2: could not build
+    python3 tools/upgrade_check.py --keep /tmp/up  # keep the environment (to bisect by hand)
+
+Refreshing the lock after a good check: raise the upper bounds in pyproject.toml, `make lock`, `make test`.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Slow or machine-bound tests (a browser, kills and resumes, several processes): the dependency-facing code paths
+# they reach are covered by the rest. The check aims to answer in a few minutes.
+SLOW_TESTS = ["tests/test_ui_browser.py", "tests/test_interruption.py", "tests/test_distributed.py"]
+
+
+def unbounded(requirement: str) -> str:
+    """'transformers>=5.0,<5.24' -> 'transformers>=5.0'; exact pins ('torch==2.13.0') are kept."""
+    name = re.match(r"[A-Za-z0-9_.\-\[\],]+", requirement).group(0)
+    spec = requirement[len(name):]
+    kept = [s.strip() for s in spec.split(",") if s.strip() and not s.strip().startswith("<")]
+    return name + ",".join(kept)
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    """{package: version} from `pip freeze` output or a lock file."""
+    out = {}
+    for line in lines:
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
+        if m:
+            out[normalise(m.group(1))] = m.group(2)
+    return out
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, text=True, capture_output=True, **kw)
+
+
+def failures(junit: Path) -> list[tuple[str, str]]:
+    """(test id, last line of its error) for every failed or erroring test in a JUnit XML report."""
+    out = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        for tag in ("failure", "error"):
+            node = case.find(tag)
+            if node is not None:
+                text = (node.get("message") or node.text or "").strip()
+                lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+                last = next((ln for ln in reversed(lines) if re.match(r"^(E\s+)?[A-Za-z_.]*(Error|Exception)\b", ln)),
+                            lines[-1] if lines else tag)
+                out.append((f"{case.get('classname')}::{case.get('name')}", re.sub(r"^E\s+", "", last)[:300]))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", help="build the environment in this folder and keep it")
+    parser.add_argument("--all-tests", action="store_true", help="run the slow tests too")
+    args = parser.parse_args(argv)
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [unbounded(r) for r in project["dependencies"]]
+    for extra in ("test", "ui"):
+        wanted += [unbounded(r) for r in project["optional-dependencies"][extra]]
+    locked = pins((ROOT / "requirements" / "lock.txt").read_text().splitlines())
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="conceptkit-upgrade-"))
+    venv = work / "venv"
+    py = str(venv / "bin" / "python")
+    print(f"building {venv} with the newest releases of: {' '.join(wanted)}", flush=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=77"],
+        [py, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", *wanted],
+        [py, "-m", "pip", "install", "-q", "--no-deps", "-r", str(ROOT / "requirements" / "no-deps.txt")],
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+    ]
+    for cmd in steps:
+        p = run(cmd)
+        if p.returncode != 0:
+            err = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
+            print(f"upgrade check: could not build the environment ({' '.join(cmd[2:5])}): "
+                  f"{err[-1] if err else p.returncode}")
+            return 2
+
+    newest = pins(run([py, "-m", "pip", "freeze"]).stdout.splitlines())
+    changed = sorted((n, locked[n], newest[n]) for n in locked if n in newest and newest[n] != locked[n])
+    added = sorted(n for n in newest if n not in locked and n not in ("conceptkit", "open-clip-torch", "pip"))
+    print(f"\n{len(changed)} of {len(locked)} locked packages have newer releases:")
+    for name, old, new in changed:
+        print(f"  {name} {old} -> {new}")
+    if added:
+        print(f"new packages pulled in: {', '.join(added)}")
+    check = run([py, "-m", "pip", "check"])
+    if check.returncode != 0:
+        print("pip check: " + "; ".join(check.stdout.strip().splitlines()))
+
+    junit = work / "junit.xml"
+    cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests"]
+    if not args.all_tests:
+        cmd += [f"--deselect={t}" for t in SLOW_TESTS]
+    print(f"\nrunning the {'whole suite' if args.all_tests else 'fast tests'} there ...", flush=True)
+    p = run(cmd, cwd=ROOT)
+    summary = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if not junit.exists():
+        print(f"upgrade check: the tests did not run: {summary}")
+        return 2
+    broken = failures(junit)
+    if not broken:
+        print(f"OK: nothing broke with the newest releases ({summary}). To adopt them: raise pyproject.toml's "
+              "upper bounds, `make lock`, `make test`.")
+        return 0
+    by_error: dict[str, list[str]] = defaultdict(list)
+    for test, error in broken:
+        by_error[error].append(test)
+    upgraded = ", ".join(f"{n} {new} (locked {old})" for n, old, new in changed
+                         if n in {"torch", "diffusers", "transformers", "peft", "accelerate", "gradio", "safetensors"})
+    print(f"BROKEN with the newest releases [{upgraded or 'no core package changed'}]: {len(broken)} tests "
+          f"({summary}); by error:")
+    for error, tests in sorted(by_error.items(), key=lambda kv: -len(kv[1])):
+        files = Counter(t.split("::")[0] for t in tests)
+        print(f"  {len(tests):4d} x {error}   [{', '.join(f'{f} {n}' for f, n in files.most_common(3))}]")
+    if not args.keep:
+        print(f"(environment left in {work}; delete it when done)")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
