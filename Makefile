@@ -18,9 +18,9 @@ $(VENV)/.installed: requirements/lock.txt requirements/no-deps.txt pyproject.tom
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes --only-binary :all: -r requirements/lock.txt
+	$(PY) -m pip check
 	$(PY) -m pip install -q --require-hashes --only-binary :all: --no-deps -r requirements/no-deps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
 	touch $@
 
 # Refresh the lock from pyproject.toml's ranges (after changing them; then run `make test`). uv is pinned too.

@@ -5,8 +5,10 @@ sample with the base model and record, at each map resolution, the horizontal ce
 (0 = left edge, 1 = right edge; the map's minimum subtracted). A model whose maps localize puts the left noun's
 centre well left of the right noun's: the table reports the mean gap (right noun's centre minus left noun's) and
 how often the left noun's centre is the lefter one, over steps 1/3, 2/3 and the last of the denoising.
+`--tokens` adds, per token role (start, each word, end-of-text, padding), the share of attention it receives and
+its map's horizontal centre: which tokens the maps actually look at, and which of them say where.
 
-    python benchmarks/attention_localization.py --seeds 4
+    python benchmarks/attention_localization.py --seeds 4 [--tokens]
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--resolutions", default="16,8,4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", action="store_true", help="per-token attention share and map centre")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -35,9 +38,11 @@ def main(argv=None) -> None:
              ("yellow", "diamond", "purple", "circle", "navy"), ("orange", "square", "cyan", "triangle", "teal")]
     print("| maps | mean centre gap (right noun - left noun) | left noun lefter |")
     print("|---|---|---|")
+    token_rows = {}
     for res in [int(r) for r in args.resolutions.split(",")]:
         cfg = CLoRAConfig(steps=args.steps, latent_update=False, attn_res=res)
         gaps = []
+        roles: dict[str, list[tuple[float, float]]] = {}
         for c1, s1, c2, s2, bg in pairs:
             prompt = f"a {c1} {s1} on the left and a {c2} {s2} on the right, on a {bg} background"
             tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(prompt).input_ids)
@@ -54,8 +59,29 @@ def main(argv=None) -> None:
                         return float((a.sum(0) * xs).sum() / a.sum())
 
                     gaps.append(centre(right) - centre(left))
+                    if args.tokens:
+                        share = m.sum(dim=(0, 1)) / m.sum()
+                        for k, role in enumerate(token_roles(tokens, m.shape[2])):
+                            roles.setdefault(role, []).append((float(share[k]), centre(k)))
         gaps = torch.tensor(gaps)
         print(f"| {res}x{res} | {gaps.mean():.3f} | {(gaps > 0).float().mean():.2f} |")
+        token_rows[res] = roles
+    if args.tokens:
+        for res, roles in token_rows.items():
+            print(f"\n{res}x{res} maps: | token | attention share | map centre x (0 left, 1 right) |")
+            print("|---|---|---|")
+            for role, values in roles.items():
+                v = torch.tensor(values)
+                print(f"| {role} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.2f} |")
+
+
+def token_roles(tokens: list[str], length: int) -> list[str]:
+    """A role name per token slot of 'a C1 S1 on the left and a C2 S2 on the right, on a BG background': the
+    words by their place (colour1, shape1, ...), so prompts with different words pool; padding slots pool too."""
+    words = ["start", "a", "colour1", "shape1", "on", "the", "left", "and", "a ", "colour2", "shape2", "on ", "the ",
+             "right", ",", "on  ", "a  ", "bg", "background", "end"]
+    roles = [words[i] if i < len(words) else "?" for i in range(len(tokens))]
+    return (roles + ["padding"] * length)[:length]
 
 
 if __name__ == "__main__":
