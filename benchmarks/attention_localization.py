@@ -25,32 +25,56 @@ def main(argv=None) -> None:
     parser.add_argument("--resolutions", default="16,8,4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", action="store_true", help="per-token attention share and map centre")
+    parser.add_argument("--split", choices=["test", "tune"], default="test",
+                        help="tune: other colour/shape pairs and seeds, for choosing recipes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from conceptkit.compose.config import CLoRAConfig
-    from conceptkit.compose.sampler import Branches, sample
     from conceptkit.models.loading import load_pipeline
-    from conceptkit.shapes.world import EVAL_SEED_BASE
 
     pipe = load_pipeline(args.model)
-    pairs = [("red", "circle", "blue", "square", "gray"), ("green", "triangle", "pink", "cross", "white"),
-             ("yellow", "diamond", "purple", "circle", "navy"), ("orange", "square", "cyan", "triangle", "teal")]
+    rows, token_rows = measure(pipe, [int(r) for r in args.resolutions.split(",")], args.seeds, args.steps,
+                               args.split, args.tokens)
     print("| maps | mean centre gap (right noun - left noun) | left noun lefter |")
     print("|---|---|---|")
-    token_rows = {}
-    for res in [int(r) for r in args.resolutions.split(",")]:
-        cfg = CLoRAConfig(steps=args.steps, latent_update=False, attn_res=res)
+    for res, row in rows.items():
+        print(f"| {res}x{res} | {row['gap']:.3f} | {row['left_noun_lefter']:.2f} |")
+    for res, roles in token_rows.items():
+        print(f"\n{res}x{res} maps: | token | attention share | map centre x (0 left, 1 right) |")
+        print("|---|---|---|")
+        for role, values in roles.items():
+            v = torch.tensor(values)
+            print(f"| {role} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.2f} |")
+
+
+def measure(pipe, resolutions: list[int], seeds: int = 4, steps: int = 30, split: str = "test",
+            tokens: bool = False) -> tuple[dict, dict]:
+    """({res: {"gap", "left_noun_lefter"}}, {res: {token role: [(share, centre x), ...]}} when tokens)."""
+    from conceptkit.compose.config import CLoRAConfig
+    from conceptkit.compose.sampler import Branches, sample
+    from conceptkit.evaluate.prompts import TUNE_SEED_BASE
+    from conceptkit.shapes.world import EVAL_SEED_BASE
+
+    pairs = [("red", "circle", "blue", "square", "gray"), ("green", "triangle", "pink", "cross", "white"),
+             ("yellow", "diamond", "purple", "circle", "navy"), ("orange", "square", "cyan", "triangle", "teal")]
+    seed_base = EVAL_SEED_BASE
+    if split == "tune":
+        pairs = [("pink", "square", "green", "diamond", "brown"), ("blue", "cross", "yellow", "triangle", "gray"),
+                 ("cyan", "circle", "red", "cross", "teal"), ("purple", "triangle", "orange", "diamond", "white")]
+        seed_base = TUNE_SEED_BASE
+    rows, token_rows = {}, {}
+    for res in resolutions:
+        cfg = CLoRAConfig(steps=steps, latent_update=False, attn_res=res)
         gaps = []
         roles: dict[str, list[tuple[float, float]]] = {}
         for c1, s1, c2, s2, bg in pairs:
             prompt = f"a {c1} {s1} on the left and a {c2} {s2} on the right, on a {bg} background"
-            tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(prompt).input_ids)
-            left, right = tokens.index(f"{s1}</w>"), tokens.index(f"{s2}</w>")
-            for seed in range(args.seeds):
+            names = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(prompt).input_ids)
+            left, right = names.index(f"{s1}</w>"), names.index(f"{s2}</w>")
+            for seed in range(seeds):
                 r = sample(pipe, [Branches([prompt], [""], [{}])], cfg, groups=None, mask_indices=None,
-                           generator=torch.Generator().manual_seed(EVAL_SEED_BASE + 8000 + seed), record=True)
-                for step in (args.steps // 3, 2 * args.steps // 3, args.steps - 1):
+                           generator=torch.Generator().manual_seed(seed_base + 8000 + seed), record=True)
+                for step in (steps // 3, 2 * steps // 3, steps - 1):
                     m = r.trace.maps[step][0].float()
                     xs = torch.linspace(0, 1, m.shape[1])
 
@@ -59,20 +83,15 @@ def main(argv=None) -> None:
                         return float((a.sum(0) * xs).sum() / a.sum())
 
                     gaps.append(centre(right) - centre(left))
-                    if args.tokens:
+                    if tokens:
                         share = m.sum(dim=(0, 1)) / m.sum()
-                        for k, role in enumerate(token_roles(tokens, m.shape[2])):
+                        for k, role in enumerate(token_roles(names, m.shape[2])):
                             roles.setdefault(role, []).append((float(share[k]), centre(k)))
         gaps = torch.tensor(gaps)
-        print(f"| {res}x{res} | {gaps.mean():.3f} | {(gaps > 0).float().mean():.2f} |")
-        token_rows[res] = roles
-    if args.tokens:
-        for res, roles in token_rows.items():
-            print(f"\n{res}x{res} maps: | token | attention share | map centre x (0 left, 1 right) |")
-            print("|---|---|---|")
-            for role, values in roles.items():
-                v = torch.tensor(values)
-                print(f"| {role} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.2f} |")
+        rows[res] = {"gap": round(float(gaps.mean()), 4), "left_noun_lefter": round(float((gaps > 0).float().mean()), 4)}
+        if tokens:
+            token_rows[res] = roles
+    return rows, token_rows
 
 
 def token_roles(tokens: list[str], length: int) -> list[str]:

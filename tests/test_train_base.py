@@ -32,11 +32,11 @@ def _state(run):
 
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
-    train_base.train(straight, Recipe(unet_steps=4, **TINY))
+    train_base.train(straight, Recipe(unet_steps=4, grounding_weight=0.1, **TINY))
     resumed = tmp_path / "resumed"
-    train_base.train(resumed, Recipe(unet_steps=2, **TINY))
+    train_base.train(resumed, Recipe(unet_steps=2, grounding_weight=0.1, **TINY))
     assert _state(resumed)["step"] == 2
-    train_base.train(resumed, Recipe(unet_steps=4, **TINY), resume=True)
+    train_base.train(resumed, Recipe(unet_steps=4, **TINY), resume=True)  # the run's own recipe is kept
     a, b = _state(straight), _state(resumed)
     assert a["step"] == b["step"] == 4
     for key in a["unet"]:
@@ -49,7 +49,9 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     out = train_base.export(straight, tmp_path / "export")
     card = json.loads((out / "training.json").read_text())
     assert card["unet_steps"] == 4
-    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
+    pipe = StableDiffusionPipeline.from_pretrained(out)  # stored in float16, loads in float32 with no dtype given
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
@@ -70,3 +72,15 @@ def test_a_lost_run_restarts_from_its_shipped_weights(tmp_path):
     after = _state(seeded)
     assert after["step"] == 3 and after["warm_start"] == 2
     assert not torch.equal(after["unet"]["conv_in.weight"], state["unet"]["conv_in.weight"])
+
+
+def test_band_losses_average_the_last_logged_rows(tmp_path):
+    log = tmp_path / "unet_log.jsonl"
+    rows = [{"step": 50 * (i + 1), "loss": 0.1, "band_loss": [float(i)] * 7 + [2.0 * i]} for i in range(4)]
+    log.write_text("\n".join(json.dumps(r) for r in [{"step": 0, "loss": 1.0}] + rows) + "\n")
+    got = train_base.band_losses(log, rows=2)
+    assert got["steps"] == [101, 200]
+    assert list(got["bands"]) == ["0-124", "125-249", "250-374", "375-499", "500-624", "625-749", "750-874",
+                                  "875-999"]
+    assert got["bands"]["0-124"] == 2.5 and got["bands"]["875-999"] == 5.0
+    assert train_base.band_losses(tmp_path / "missing.jsonl") is None

@@ -365,10 +365,13 @@ def cmd_shapes_train_base(args) -> None:
         path = train_base.export(Path(args.run), Path(args.export_to))
         print(f"exported {path}")
         return
+    overrides = train_base.parse_overrides(args.set or [])
+    if overrides and args.resume:
+        raise UserError("--set changes a new run's recipe; a resumed run keeps its own (only --unet-steps may rise)")
     if args.init_from:
-        train_base.seed_run_from_export(args.run, args.init_from)
+        train_base.seed_run_from_export(args.run, args.init_from, overrides)
         args.resume = True
-    recipe = train_base.Recipe(seed=args.seed, unet_steps=args.unet_steps)
+    recipe = train_base.Recipe(**{"seed": args.seed, **overrides, "unet_steps": args.unet_steps})
     train_base.train(args.run, recipe, resume=args.resume)
     print(f"training reached its step targets; export with: conceptkit shapes train-base --run {args.run} "
           f"--export-to DIR")
@@ -381,7 +384,7 @@ def cmd_evaluate_base(args) -> None:
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     results = evaluate_base(pipe, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
-                            scheduler=args.scheduler, image_dir=args.images, procs=processes())
+                            scheduler=args.scheduler, image_dir=args.images, procs=processes(), split=args.split)
     if not processes().main:
         return
     results["model"] = args.model
@@ -749,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "busy processes on 2 threads each slow each other down many times)")
     p.add_argument("--init-from", help="start a new run from shipped weights (e.g. the bundled folder) when the "
                                        "original run's checkpoints are gone")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1")
     p.set_defaults(func=cmd_shapes_train_base)
 
     evaluate = sub.add_parser("evaluate", help="benchmarks on the shapes world").add_subparsers(
@@ -757,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--split", choices=["test", "tune"], default="test",
+                   help="test: the held-out prompts and seeds (report these); tune: training combinations and their "
+                        "own seeds (choose recipes and settings on these)")
     p.add_argument("--json")
     p.add_argument("--images", help="also write the generated images here")
     p.set_defaults(func=cmd_evaluate_base)

@@ -46,16 +46,16 @@ def _mean(rows: list[dict[str, bool]], keys) -> dict[str, float]:
 
 def evaluate_base(pipe, *, seeds: int = 2, steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
                   n_single: int = 64, n_double: int = 32, image_dir: str | Path | None = None,
-                  progress: bool = True, procs=None) -> dict:
+                  progress: bool = True, procs=None, split: str = "test") -> dict:
     """procs (learn/distributed.Processes): split every generate() call's prompts over several processes (each
     gets all images back, so every process scores them and returns the same results)."""
-    single, double = base_prompts(n_single, n_double)
+    single, double = base_prompts(n_single, n_double, split)
     t0 = time.time()
     results = {}
     for name, prompts, score, keys in (("single", single, score_single, SINGLE_KEYS),
                                        ("double", double, score_double, DOUBLE_KEYS)):
         rows = []
-        for k, seed in enumerate(eval_seeds(seeds)):
+        for k, seed in enumerate(eval_seeds(seeds, split)):
             out = generate(pipe, [p.text for p in prompts], seed=seed, num_images=1, steps=steps,
                            guidance_scale=guidance_scale, scheduler=scheduler, progress=progress,
                            out_dir=Path(image_dir) / f"{name}-seed{seed}" if image_dir else None, procs=procs)
@@ -64,7 +64,7 @@ def evaluate_base(pipe, *, seeds: int = 2, steps: int = 30, guidance_scale: floa
             results[f"{name}.{key}"] = round(value, 4)
         results[f"{name}.images"] = len(rows)
     results["seconds"] = round(time.time() - t0, 1)
-    results["settings"] = {"seeds": eval_seeds(seeds), "steps": steps, "guidance_scale": guidance_scale,
+    results["settings"] = {"split": split, "seeds": eval_seeds(seeds, split), "steps": steps, "guidance_scale": guidance_scale,
                            "scheduler": scheduler}
     return results
 

@@ -2,6 +2,9 @@
 
 Objects use HELD_OUT_TRIPLES (shape/colour/pattern combinations absent from every training image) and only named
 shapes, so every prompt is unambiguous. Sampling seeds start at EVAL_SEED_BASE; training never draws from there.
+
+The tune split is for choosing recipes and settings: training combinations (named shapes), its own prompt draw and
+seeds from TUNE_SEED_BASE, so nothing chosen on it has seen a held-out prompt or seed.
 """
 from __future__ import annotations
 
@@ -9,7 +12,13 @@ import random
 from dataclasses import dataclass
 
 from ..shapes.captions import caption
-from ..shapes.world import BACKGROUNDS, EVAL_SEED_BASE, HELD_OUT_TRIPLES, POSITIONS, SIZES, Obj, Scene
+import itertools
+
+from ..shapes.world import (BACKGROUNDS, COLORS, EVAL_SEED_BASE, HELD_OUT_TRIPLES, NAMED_SHAPES, PATTERNS, POSITIONS,
+                            SIZES, Obj, Scene)
+
+TUNE_SEED_BASE = 2_000_000
+SPLITS = ("test", "tune")
 
 
 @dataclass(frozen=True)
@@ -18,21 +27,34 @@ class EvalPrompt:
     scene: Scene
 
 
-def base_prompts(n_single: int = 64, n_double: int = 32) -> tuple[list[EvalPrompt], list[EvalPrompt]]:
-    rng = random.Random(EVAL_SEED_BASE)
+def split_triples(split: str) -> tuple[tuple[str, str, str], ...]:
+    if split == "test":
+        return HELD_OUT_TRIPLES
+    if split == "tune":
+        held = set(HELD_OUT_TRIPLES)
+        rng = random.Random(TUNE_SEED_BASE)
+        seen = [t for t in itertools.product(NAMED_SHAPES, COLORS, PATTERNS) if t not in held]
+        return tuple(rng.sample(seen, len(HELD_OUT_TRIPLES)))
+    raise ValueError(f"split {split!r}: use one of {SPLITS}")
+
+
+def base_prompts(n_single: int = 64, n_double: int = 32,
+                 split: str = "test") -> tuple[list[EvalPrompt], list[EvalPrompt]]:
+    triples = split_triples(split)
+    rng = random.Random(EVAL_SEED_BASE if split == "test" else TUNE_SEED_BASE)
     single, double = [], []
     for i in range(n_single):
-        shape, color, pattern = HELD_OUT_TRIPLES[i % len(HELD_OUT_TRIPLES)]
+        shape, color, pattern = triples[i % len(triples)]
         obj = Obj(shape, color, pattern, rng.choice(list(POSITIONS)), rng.choice(list(SIZES)))
         scene = Scene(rng.choice(list(BACKGROUNDS)), (obj,))
         single.append(EvalPrompt(caption(scene), scene))
     for i in range(n_double):
-        a, b = rng.sample(HELD_OUT_TRIPLES, 2)
+        a, b = rng.sample(triples, 2)
         objs = (Obj(*a, position="left", size="medium"), Obj(*b, position="right", size="medium"))
         scene = Scene(rng.choice(list(BACKGROUNDS)), objs)
         double.append(EvalPrompt(caption(scene), scene))
     return single, double
 
 
-def eval_seeds(n: int = 2) -> list[int]:
-    return [EVAL_SEED_BASE + k for k in range(n)]
+def eval_seeds(n: int = 2, split: str = "test") -> list[int]:
+    return [(EVAL_SEED_BASE if split == "test" else TUNE_SEED_BASE) + k for k in range(n)]

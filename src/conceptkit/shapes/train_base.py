@@ -9,10 +9,12 @@ uninterrupted one: every step's data, noise and timesteps come from (seed, step)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_write, atomic_write_text
 from .captions import caption
 from .dataset import render_all, scenes
+from .grounding import grounding_masks, token_loss, token_owners
 from .tokenizer import write_tokenizer
 from .world import Scene
 
@@ -46,7 +49,16 @@ class Recipe:
     lr: float = 6e-4
     warmup: int = 500
     caption_dropout: float = 0.1
+    p_pair: float = 0.4  # share of two-object scenes in the pool
+    # Loss weighting over timesteps. "flat": every timestep's v-loss counts alike. "min_snr" (diffusers'
+    # min-SNR-gamma for v: min(snr, gamma) / (snr + 1)) is what v1-v3 used; on this zero-terminal-SNR schedule it is
+    # ~SNR at high noise (0.086 at t=500, 0.007 at t=700, 4e-5 at t=999), so the steps where layout is decided were
+    # hardly trained (measured: position 0.445 vs 0.711 after 400 more steps from v3, min-SNR-5 vs flat).
+    loss_weighting: str = "flat"
     min_snr_gamma: float = 5.0
+    # TokenCompose's token loss (shapes/grounding.py), weight 0 = off; maps of these side lengths are grounded
+    grounding_weight: float = 0.0
+    grounding_resolutions: tuple[int, ...] = (16, 8)
     ema_decay: float = 0.9995
     checkpoint_every: int = 250
     bf16: bool = True
@@ -219,7 +231,7 @@ def finish_vae(run: Path, r: Recipe):
 def encode_pool(run: Path, r: Recipe, vae) -> tuple[torch.Tensor, list[Scene]]:
     """Encode the UNet's training scenes once (posterior means, fp16) and cache them."""
     path = run / "latents.safetensors"
-    items = scenes(r.latent_pool, seed=r.seed + 3)
+    items = scenes(r.latent_pool, seed=r.seed + 3, p_pair=r.p_pair)
     if path.exists():
         return load_file(path)["latents"].float(), items
     out = []
@@ -233,9 +245,34 @@ def encode_pool(run: Path, r: Recipe, vae) -> tuple[torch.Tensor, list[Scene]]:
 
 
 # ---------------------------------------------------------------------------------------------------------- UNet
+LOSS_BANDS = 8  # the per-timestep loss is logged in this many equal bands of timesteps
+
+
+def loss_weight(r: Recipe, snr: torch.Tensor) -> torch.Tensor:
+    if r.loss_weighting == "flat":
+        return torch.ones_like(snr)
+    if r.loss_weighting == "min_snr":
+        clamped = torch.clamp(snr, max=r.min_snr_gamma)
+        return clamped / (snr + 1) if r.prediction_type == "v_prediction" else clamped / snr
+    raise ValueError(f"loss_weighting {r.loss_weighting!r}: use flat or min_snr")
+
+
+class GroundingStore:
+    """A store for compose.attention's capture processors: every map resolution the grounding loss uses."""
+
+    def __init__(self, resolutions):
+        self.queries = {res * res for res in resolutions}
+        self.maps: list[torch.Tensor] = []
+
+    def wants(self, queries: int) -> bool:
+        return queries in self.queries
+
+
 def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) -> None:
     from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTokenizer
+
+    from ..compose.attention import capturing
 
     tokenizer = CLIPTokenizer.from_pretrained(run / "tokenizer")
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
@@ -260,46 +297,64 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
     bar = tqdm(total=r.unet_steps, initial=step, desc="unet", dynamic_ncols=True)
     unet.train()
     text_encoder.train()
-    while step < r.unet_steps:
-        t0 = time.time()
-        g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
-        rng = random.Random(r.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(items), (r.batch,), generator=g)
-        texts = ["" if rng.random() < r.caption_dropout else caption(items[i], rng) for i in idx.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        z0 = latents[idx]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.batch,), generator=g)
-        zt = scheduler.add_noise(z0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = r.lr * min(1.0, (step - warm_start + 1) / r.warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
-            cond = text_encoder(ids).last_hidden_state
-            pred = unet(zt, t, cond).sample.float()
-        snr = compute_snr(scheduler, t)
-        if r.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(z0, noise, t)
-            weight = torch.clamp(snr, max=r.min_snr_gamma) / (snr + 1)  # min-SNR weighting, v target
-        else:
-            target = noise
-            weight = torch.clamp(snr, max=r.min_snr_gamma) / snr  # min-SNR weighting, epsilon target
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
-        step += 1
-        seconds += time.time() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 50 == 0:
-            log(step=step, loss=round(loss.item(), 5), seconds=round(seconds, 1))
-        if step % r.checkpoint_every == 0 or step == r.unet_steps:
-            _save_state(state_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                                     "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-                                     "seconds": seconds, "warm_start": warm_start})
+    store = GroundingStore(r.grounding_resolutions)
+    grounding = capturing(unet, store) if r.grounding_weight > 0 else contextlib.nullcontext()
+    bands = torch.linspace(0, scheduler.config.num_train_timesteps, LOSS_BANDS + 1)
+    band_sum, band_count, grounding_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0
+    with grounding:
+        while step < r.unet_steps:
+            t0 = time.time()
+            g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+            rng = random.Random(r.seed * 1_000_003 + step)
+            idx = torch.randint(0, len(items), (r.batch,), generator=g)
+            batch_items = [items[i] for i in idx.tolist()]
+            texts = ["" if rng.random() < r.caption_dropout else caption(s, rng) for s in batch_items]
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            z0 = latents[idx]
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (r.batch,), generator=g)
+            zt = scheduler.add_noise(z0, noise, t)
+            for group in opt.param_groups:
+                group["lr"] = r.lr * min(1.0, (step - warm_start + 1) / r.warmup)
+            store.maps = []
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+                cond = text_encoder(ids).last_hidden_state
+                pred = unet(zt, t, cond).sample.float()
+            target = scheduler.get_velocity(z0, noise, t) if r.prediction_type == "v_prediction" else noise
+            per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+            loss = (loss_weight(r, compute_snr(scheduler, t)) * per_sample).mean()
+            if r.grounding_weight > 0:
+                owners = [token_owners(tokenizer.convert_ids_to_tokens(row), s) if text else []
+                          for row, s, text in zip(ids.tolist(), batch_items, texts)]
+                masks = {res * res: grounding_masks(owners, batch_items, ids.shape[1], res)
+                         for res in r.grounding_resolutions}
+                grounding_loss = token_loss(store.maps, masks)
+                loss = loss + r.grounding_weight * grounding_loss
+                grounding_sum += grounding_loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.step(params)
+            band = torch.bucketize(t.float(), bands[1:-1], right=True)
+            band_sum += torch.bincount(band, per_sample.detach(), LOSS_BANDS)
+            band_count += torch.bincount(band, minlength=LOSS_BANDS)
+            step += 1
+            seconds += time.time() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % 50 == 0:
+                row = {"step": step, "loss": round(loss.item(), 5), "seconds": round(seconds, 1),
+                       "band_loss": [round(x, 5) for x in (band_sum / band_count.clamp_min(1)).tolist()]}
+                if r.grounding_weight > 0:
+                    row["grounding_loss"] = round(grounding_sum / 50, 5)
+                log(**row)
+                band_sum, band_count, grounding_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0
+            if step % r.checkpoint_every == 0 or step == r.unet_steps:
+                _save_state(state_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                         "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+                                         "seconds": seconds, "warm_start": warm_start})
     bar.close()
 
 
@@ -328,6 +383,14 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if half:
+        # Stored in float16, computed in float32: transformers 5 loads a text encoder in its config's dtype, so a
+        # plain StableDiffusionPipeline.from_pretrained(folder) would otherwise get a float16 text encoder beside
+        # a float32 UNet and fail at the first call (Half and Float). diffusers' models load as float32 already.
+        config_path = tmp / "text_encoder" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
     vae_state = _load_state(run / "vae_state.pt")
     card = {
         "recipe": asdict(_recipe_of(run)),
@@ -335,6 +398,7 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
         "vae_steps": vae_state["step"],
         "train_seconds": {"vae": round(vae_state["seconds"]), "unet": round(state["seconds"])},
         "hardware": f"{torch.get_num_threads()} CPU threads (torch {torch.__version__})",
+        "band_loss": band_losses(run / "unet_log.jsonl"),
     }
     (tmp / "training.json").write_text(json.dumps(card, indent=2))
     if out.exists():
@@ -343,11 +407,25 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
     return out
 
 
+def band_losses(log_path: Path, rows: int = 20) -> dict | None:
+    """The unweighted v-loss per band of timesteps, averaged over the last `rows` log rows (x 50 steps)."""
+    if not log_path.exists():
+        return None
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    logged = [row for row in logged if "band_loss" in row][-rows:]
+    if not logged:
+        return None
+    width = 1000 // LOSS_BANDS
+    mean = torch.tensor([row["band_loss"] for row in logged]).mean(0).tolist()
+    return {"steps": [logged[0]["step"] - 49, logged[-1]["step"]],
+            "bands": {f"{i * width}-{(i + 1) * width - 1}": round(v, 4) for i, v in enumerate(mean)}}
+
+
 def _recipe_of(run: Path) -> Recipe:
     return Recipe(**json.loads((run / "recipe.json").read_text()))
 
 
-def seed_run_from_export(run: str | Path, folder: str | Path) -> Path:
+def seed_run_from_export(run: str | Path, folder: str | Path, overrides: dict | None = None) -> Path:
     """Start a run folder from shipped weights (when a run's checkpoints were lost): its VAE, tokenizer, text
     encoder and UNet (the EMA weights) become the run's state at the shipped step count; the optimizer starts
     afresh, with a new learning-rate warm-up. Latents are re-encoded with the shipped (float16) VAE."""
@@ -359,7 +437,7 @@ def seed_run_from_export(run: str | Path, folder: str | Path) -> Path:
     if (run / "recipe.json").exists():
         raise SystemExit(f"error: {run} already holds a training run; resume it instead of seeding it")
     card = json.loads((folder / "training.json").read_text())
-    recipe = Recipe(**card["recipe"])
+    recipe = Recipe(**{**card["recipe"], **(overrides or {})})
     run.mkdir(parents=True, exist_ok=True)
     shutil.copytree(folder / "tokenizer", run / "tokenizer")
     AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).save_pretrained(run / "vae")
@@ -375,6 +453,27 @@ def seed_run_from_export(run: str | Path, folder: str | Path) -> Path:
                                         "seconds": float(card["train_seconds"]["unet"])})
     atomic_write_text(run / "recipe.json", json.dumps(asdict(recipe), indent=2))
     return run
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['lr=3e-4', 'loss_weighting=flat'] -> {'lr': 0.0003, 'loss_weighting': 'flat'}, typed by Recipe's fields."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"error: --set {pair!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+        default = getattr(Recipe(), key)
+        try:
+            if isinstance(default, bool):
+                out[key] = {"true": True, "false": False}[value.lower()]
+            elif isinstance(default, tuple):
+                out[key] = tuple(int(v) for v in value.split(","))
+            else:
+                out[key] = type(default)(value)
+        except (ValueError, KeyError):
+            raise SystemExit(f"error: --set {pair!r}: {value!r} is not a {type(default).__name__}") from None
+    return out
 
 
 def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -> None:
@@ -399,6 +498,12 @@ def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -
     train_unet(run, recipe, latents, items)
 
 
+def weighting_words(r: dict) -> str:
+    if r.get("loss_weighting", "min_snr") == "min_snr":  # v1-v3 have no loss_weighting field: they used min-SNR
+        return f"min-SNR-{r['min_snr_gamma']} weighting"
+    return "every timestep weighted alike (flat v-loss)"
+
+
 def write_model_card(folder: str | Path, evaluation: dict | None = None, oracle: dict | None = None) -> Path:
     """README.md of the shipped folder, from its training.json (plus evaluation results, also stored there)."""
     folder = Path(folder)
@@ -416,22 +521,32 @@ def write_model_card(folder: str | Path, evaluation: dict | None = None, oracle:
         "",
         "A tiny Stable Diffusion-architecture model (AutoencoderKL 64x64x3 -> 16x16x4, CLIPTextModel, "
         "UNet2DConditionModel) trained from scratch by `conceptkit shapes train-base` on the procedurally rendered "
-        "shapes world. Weights are stored in float16; conceptkit loads them in float32.",
+        "shapes world. Weights are stored in float16 and load in float32 by default, in conceptkit and in a plain "
+        "`StableDiffusionPipeline.from_pretrained(folder)` (the text encoder's config says float32).",
         "",
         "## Recipe",
         f"- VAE: {r['vae_crop_steps']} steps on 32x32 crops + {r['vae_full_steps']} on full images, batch "
         f"{r['vae_batch']}, lr {r['vae_lr']}, L1+MSE, KL weight {r['vae_kl_weight']}; latents then normalised "
         "per channel (exact reparametrisation), so scaling_factor = 1.0",
         f"- Text encoder + UNet, trained jointly: {card['unet_steps']} steps at batch {r['batch']}, AdamW lr "
-        f"{r['lr']} ({r['warmup']} warm-up steps), min-SNR-{r['min_snr_gamma']} weighting, caption drop-out "
-        f"{r['caption_dropout']}, EMA {r['ema_decay']}, bf16 autocast; {r['latent_pool']} pre-encoded scenes, "
-        "captions re-phrased every draw",
+        f"{r['lr']} ({r['warmup']} warm-up steps), {weighting_words(r)}, caption drop-out "
+        f"{r['caption_dropout']}, EMA {r['ema_decay']}, bf16 autocast; {r['latent_pool']} pre-encoded scenes "
+        f"({r.get('p_pair', 0.4):.0%} with two objects), captions re-phrased every draw"
+        + (f"; TokenCompose token loss (shapes/grounding.py) weight {r['grounding_weight']} on the "
+           f"{'/'.join(f'{x}x{x}' for x in r['grounding_resolutions'])} cross-attention maps"
+           if r.get("grounding_weight") else ""),
         f"- Noise schedule: {sched['beta_schedule']} betas {sched['beta_start']} -> {sched['beta_end']}, "
         f"{sched.get('prediction_type', 'epsilon')} prediction",
         f"- Seed {r['seed']}. Wall time: VAE {secs['vae'] / 60:.0f} min, UNet + text encoder "
         f"{secs['unet'] / 3600:.1f} h, on {card['hardware']}",
         "",
     ]
+    if card.get("band_loss"):
+        b = card["band_loss"]
+        lines += [f"Unweighted v-loss per band of timesteps (training steps {b['steps'][0]}-{b['steps'][1]}), so a "
+                  "band the weighting starves shows up:", "", "| timesteps | " + " | ".join(b["bands"]) + " |",
+                  "|---|" + "---|" * len(b["bands"]),
+                  "| v-loss | " + " | ".join(f"{v:.4f}" for v in b["bands"].values()) + " |", ""]
     if "evaluate_base" in card:
         e = card["evaluate_base"]
         lines += ["## Held-out evaluation (`conceptkit evaluate base`)", "",
