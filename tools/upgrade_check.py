@@ -65,10 +65,32 @@ def newer_than_installable(py: str, names: list[str], installed: dict[str, str])
         trial = run([py, "-m", "pip", "install", "--dry-run", "-q", f"{name}=={newest}"])
         errors = [ln.removeprefix("ERROR: ") for ln in trial.stderr.splitlines() if ln.startswith("ERROR:")]
         why = next((e for e in errors if "No matching distribution" in e or "conflict" in e.lower()),
-                   errors[-1] if errors else "pip's resolver prefers an older release")
+                   errors[-1] if errors else held_back_by(py, name, newest))
         lines.append(f"{name} {newest} (the newest) is not installable, so {installed[normalise(name)]} was "
                      f"tested: {why}")
     return lines
+
+
+HELD_BACK = """
+import sys
+from importlib.metadata import distributions
+from pip._vendor.packaging.requirements import Requirement
+from pip._vendor.packaging.utils import canonicalize_name
+name, version = canonicalize_name(sys.argv[1]), sys.argv[2]
+for dist in distributions():
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if canonicalize_name(req.name) == name and not req.specifier.contains(version, prereleases=True):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                print(f"{dist.metadata['Name']} requires {req.name}{req.specifier}")
+"""
+
+
+def held_back_by(py: str, name: str, version: str) -> str:
+    """Which installed packages' requirements exclude `name==version`."""
+    found = run([py, "-c", HELD_BACK, name, version]).stdout.split("\n")
+    found = sorted({ln for ln in found if ln.strip()})
+    return "; ".join(found) if found else "pip's resolver chose an older release"
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -86,7 +108,8 @@ def failures(junit: Path) -> list[tuple[str, str]]:
                 lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
                 last = next((ln for ln in reversed(lines) if re.match(r"^(E\s+)?[A-Za-z_.]*(Error|Exception)\b", ln)),
                             lines[-1] if lines else tag)
-                out.append((f"{case.get('classname')}::{case.get('name')}", re.sub(r"^E\s+", "", last)[:300]))
+                last = re.sub(r'^failed on setup with "(.*)"$', r"\1", re.sub(r"^E\s+", "", last))
+                out.append((f"{case.get('classname')}::{case.get('name')}", last[:300]))
     return out
 
 
@@ -143,7 +166,8 @@ def main(argv=None) -> int:
         cmd += [f"--ignore={t}" if t.endswith(".py") else f"--deselect={t}" for t in SLOW_TESTS]
     print(f"\nrunning the {'whole suite' if args.all_tests else 'fast tests'} there ...", flush=True)
     p = run(cmd, cwd=ROOT)
-    summary = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+    counts = [ln for ln in p.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    summary = counts[-1].strip("= ") if counts else "(no test summary)"
     if not junit.exists():
         print(f"upgrade check: the tests did not run: {summary}")
         return 2
