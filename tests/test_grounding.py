@@ -9,7 +9,7 @@ from conceptkit.evaluate.prompts import base_prompts, eval_seeds, split_triples
 from conceptkit.models.loading import bundled_model_path
 from conceptkit.shapes.captions import caption
 from conceptkit.shapes.dataset import scenes
-from conceptkit.shapes.grounding import box_coverage, grounding_masks, token_loss, token_owners
+from conceptkit.shapes.grounding import GROUNDED_WORDS, box_coverage, grounding_masks, token_loss, token_owners
 from conceptkit.shapes.train_base import Recipe, loss_weight, parse_overrides
 from conceptkit.shapes.world import HELD_OUT_TRIPLES, Obj, Scene
 
@@ -33,6 +33,15 @@ def test_each_object_word_is_owned_by_its_object_in_either_order(text):
     assert owners["red"] == owners["circle"] == 0 and owners["blue"] == owners["square"] == 1
     assert owners.get("striped", owners.get("stripes")) == 0
     assert "navy" not in owners and "left" not in owners and "background" not in owners
+
+
+def test_position_words_are_grounded_only_when_asked():
+    text = "a blue square on the right and a red circle on the left, on a navy background"
+    tokens = TOKENIZER.convert_ids_to_tokens(TOKENIZER(text).input_ids)
+    with_position = dict(zip([t.removesuffix("</w>") for t in tokens],
+                             token_owners(tokens, PAIR, GROUNDED_WORDS["object+position"])))
+    assert with_position["right"] == 1 and with_position["left"] == 0 and with_position["the"] == -1
+    assert "left" not in owners_of(text, PAIR)
 
 
 def test_every_training_caption_grounds_each_shape_word_to_one_object():

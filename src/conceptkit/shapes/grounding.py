@@ -21,24 +21,30 @@ from __future__ import annotations
 
 import torch
 
-from .world import COLORS, IMAGE_SIZE, NAMED_SHAPES, PATTERNS, SIZES, Scene, object_box
+from .world import COLORS, IMAGE_SIZE, NAMED_SHAPES, PATTERNS, POSITIONS, SIZES, Scene, object_box
 
 # The words of an object phrase that describe the object itself (not articles or position words).
 OBJECT_WORDS = frozenset([*COLORS, *NAMED_SHAPES, "object", *PATTERNS, "stripes", "dots", "checks", *SIZES])
+# The last word of each position phrase ('on the left'). In a causal text encoder it is the one token of the phrase
+# that has seen the whole object ('a red circle on the left'), so grounding it gives the UNet a place-resolved route
+# from the prompt to the layout while the latent is still noise.
+POSITION_WORDS = frozenset(POSITIONS)
+GROUNDED_WORDS = {"object": OBJECT_WORDS, "object+position": OBJECT_WORDS | POSITION_WORDS}
 
 
-def token_owners(tokens: list[str], scene: Scene) -> list[int]:
+def token_owners(tokens: list[str], scene: Scene, grounded: frozenset[str] = OBJECT_WORDS) -> list[int]:
     """For each token of a caption of `scene` (tokenizer tokens, e.g. 'red</w>'), the index in scene.objects of
-    the object it describes, or -1. A two-object caption lists its objects in either order around its one 'and';
-    the part that says 'left' is objects[0] (two-object scenes are always left + right)."""
+    the object it describes if the word is in `grounded`, else -1. A two-object caption lists its objects in either
+    order around its one 'and'; the part that says 'left' is objects[0] (two-object scenes are always left +
+    right)."""
     words = [t.removesuffix("</w>") for t in tokens]
     if len(scene.objects) == 1:
-        return [0 if w in OBJECT_WORDS else -1 for w in words]
+        return [0 if w in grounded else -1 for w in words]
     if "and" not in words:
         return [-1] * len(words)
     split = words.index("and")
     first = 0 if "left" in words[:split] else 1
-    return [(first if i < split else 1 - first) if w in OBJECT_WORDS else -1 for i, w in enumerate(words)]
+    return [(first if i < split else 1 - first) if w in grounded else -1 for i, w in enumerate(words)]
 
 
 def box_coverage(scene: Scene, index: int, res: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_write, atomic_write_text
 from .captions import caption
 from .dataset import render_all, scenes
-from .grounding import grounding_masks, token_loss, token_owners
+from .grounding import GROUNDED_WORDS, grounding_masks, token_loss, token_owners
 from .tokenizer import write_tokenizer
 from .world import Scene
 
@@ -59,6 +59,7 @@ class Recipe:
     # TokenCompose's token loss (shapes/grounding.py), weight 0 = off; maps of these side lengths are grounded
     grounding_weight: float = 0.0
     grounding_resolutions: tuple[int, ...] = (16, 8)
+    grounding_words: str = "object"  # or "object+position" (grounding.GROUNDED_WORDS)
     ema_decay: float = 0.9995
     checkpoint_every: int = 250
     bf16: bool = True
@@ -325,7 +326,8 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
             per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
             loss = (loss_weight(r, compute_snr(scheduler, t)) * per_sample).mean()
             if r.grounding_weight > 0:
-                owners = [token_owners(tokenizer.convert_ids_to_tokens(row), s) if text else []
+                owners = [token_owners(tokenizer.convert_ids_to_tokens(row), s, GROUNDED_WORDS[r.grounding_words])
+                          if text else []
                           for row, s, text in zip(ids.tolist(), batch_items, texts)]
                 masks = {res * res: grounding_masks(owners, batch_items, ids.shape[1], res)
                          for res in r.grounding_resolutions}
