@@ -415,3 +415,36 @@ def test_compose_cli_errors_are_one_line(sd_tiny_dir, fixture_lora_files, tmp_pa
         assert main(base + args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and words in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------- side-path bugs found in review
+
+def test_per_row_adapters_use_the_adapters_own_scale_after_set_adapters(sd_tiny_dir):
+    # The sequential path (and `--method reference`) leaves PEFT's `scaling` multiplied by the weight it set; the
+    # batched path must apply its own weight to the adapter's base scale, not to that product (0.8 * 0.8 = 0.64).
+    from conceptkit.compose.row_lora import per_row_adapters
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    add_random_lora(pipe, "style", 5)
+    x, emb = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        pipe.unet.set_adapters(["style"], [0.8])
+        want = pipe.unet(x, 10, encoder_hidden_states=emb).sample  # PEFT's own path at weight 0.8
+        with per_row_adapters([pipe.unet], {"style": [0.8, 0.8]}):
+            got = pipe.unet(x, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_style_weight_does_not_depend_on_the_methods_run_before(sd_tiny_dir, fixture_lora_files):
+    # `--method reference,clora --style-lora X:0.8` gave the clora image a style LoRA at 0.64
+    from conceptkit.compose.run import LoraSpec, compose
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    concepts = [LoraSpec("cat", str(fixture_lora_files["cat"])), LoraSpec("dog", str(fixture_lora_files["dog"]), "zwx", "dog")]
+    style = f"{fixture_lora_files['dog']}:0.8"
+    cfg = CLoRAConfig(steps=2, iterative_steps=())
+    alone = compose(pipe, "a {cat} and a {dog}", concepts, methods=["clora"], cfg=cfg, style_lora=style)
+    after = compose(pipe, "a {cat} and a {dog}", concepts, methods=["reference", "clora"], cfg=cfg, style_lora=style)
+    a, b = (np.asarray(r.images["clora"][0], dtype=np.int16) for r in (alone, after))
+    assert np.abs(a - b).max() <= 1
+
