@@ -448,3 +448,19 @@ def test_compose_style_weight_does_not_depend_on_the_methods_run_before(sd_tiny_
     a, b = (np.asarray(r.images["clora"][0], dtype=np.int16) for r in (alone, after))
     assert np.abs(a - b).max() <= 1
 
+
+def test_sequential_text_encoding_turns_off_the_previous_branchs_text_encoder_lora(sd_tiny_dir):
+    # a concept LoRA without text-encoder weights: its branch's prompt is encoded by the plain text encoder, not
+    # with the adapter the branch before it switched on
+    pipe = load_pipeline(str(sd_tiny_dir))
+    add_random_lora(pipe, "a", 3)
+    add_random_lora(pipe, "unet_only", 4, text_encoder=False)
+    branches = Branches(["a cat", "a sks cat", "a zwx cat"], ["", "", ""], [{}, {"a": 1.0}, {"unet_only": 1.0}])
+    batched = encode_branches(pipe, branches, CLoRAConfig(execution="batched"), None)
+    sequential = encode_branches(pipe, branches, CLoRAConfig(execution="sequential"), None)
+    with torch.no_grad():
+        pipe.disable_lora()
+        plain = pipe.text_encoder(pipe.tokenizer(["a zwx cat"], padding="max_length", return_tensors="pt").input_ids)[0]
+        pipe.enable_lora()
+    torch.testing.assert_close(sequential[5], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sequential, batched, atol=1e-5, rtol=1e-5)

@@ -87,6 +87,16 @@ def active_adapters(pipe, adapters: dict[str, float], text_encoder: bool = True)
     if text_encoder and te_names:
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
         set_weights_and_activate_adapters(pipe.text_encoder, te_names, [adapters[n] for n in te_names])
+    elif text_encoder and getattr(pipe.text_encoder, "peft_config", None):
+        # none of these adapters has text-encoder weights: the text encoder runs plain (else the previous
+        # branch's text-encoder adapter would still be active)
+        from diffusers.loaders.lora_base import disable_lora_for_text_encoder, enable_lora_for_text_encoder
+        disable_lora_for_text_encoder(pipe.text_encoder)
+        try:
+            yield
+        finally:
+            enable_lora_for_text_encoder(pipe.text_encoder)
+        return
     yield
 
 
