@@ -73,9 +73,6 @@ def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
     if image is None:
         raise UserError(f"no reference image: pass --image FILE (the PromptNet in {saved.folder} was not "
                         "fine-tuned on one)")
-    if args.scheduler != "ddim":
-        raise UserError(f"--scheduler {args.scheduler}: ProFusion samples with DDIM (fusion sampling is defined on "
-                        "its steps); leave --scheduler out")
     base = recommended_fusion(saved) if args.fusion else FusionConfig.plain()
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
@@ -84,7 +81,7 @@ def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
              "negative_prompt": args.negative_prompt}
     from dataclasses import replace
 
-    cfg = replace(base, steps=args.steps, **{k: v for k, v in given.items() if v is not None})
+    cfg = replace(base, steps=args.steps, scheduler=args.scheduler, **{k: v for k, v in given.items() if v is not None})
     reference = load_reference_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     out = generate_profusion(pipe, saved, reference, prompts, cfg, seed=args.seed, num_images=args.num_images,
                              out_dir=args.out)
@@ -534,6 +531,8 @@ def _add_compose_settings(p: argparse.ArgumentParser) -> None:
     for name in ("dilate", "erode", "opening", "closing"):
         g.add_argument(f"--{name}", action="store_true", default=None, help=f"{name} the masks (3x3)")
     g.add_argument("--execution", choices=["batched", "sequential"], help="default batched (one UNet call a step)")
+    g.add_argument("--scheduler", help=f"default {d.scheduler}: ddim, dpm++, euler, euler-a, pndm (the latent update "
+                                       "moves the latent the scheduler holds)")
     g.add_argument("--merge-weight", type=float, help=f"merge: weight of every LoRA (default {d.merge_weight})")
     g.add_argument("--switch-every", type=int, help=f"switch: steps per LoRA (default {d.switch_every})")
 

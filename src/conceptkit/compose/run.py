@@ -13,7 +13,9 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from .config import CLoRAConfig, METHODS
 from .prompts import ConceptSlot, branch_prompts
-from .sampler import decode, encode_branches, method_branches, sample
+from ..generate.loop import decode
+from .branches import encode_branches
+from .sampler import method_branches, sample
 from .trace_images import trace_grids
 
 MAX_CONCEPTS = 4
@@ -126,7 +128,7 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
                        mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
                        height=height, width=width, switch_every=switch_every, record=save_maps)
-            images.append(decode(pipe, r.latents))
+            images.append(decode(pipe, r.latents)[0])
             seconds += r.seconds
             calls = r.unet_calls
             if save_maps and masks:
