@@ -299,6 +299,31 @@ def test_latent_updates_work_with_other_schedulers(toy_two, scheduler):
     assert (on.latents - off.latents).abs().max() > 1e-3
 
 
+def test_the_update_moves_the_models_input_as_under_ddim_with_a_sigma_scaled_scheduler(toy_two):
+    # Euler holds z = x * sqrt(σ² + 1); the step is taken on the model's input x and carried back to z
+    from conceptkit.compose.sampler import Composition
+    from conceptkit.generate.loop import Step, Trace, sampler
+
+    pipe, bp = toy_two
+    cfg = CLoRAConfig(steps=4)
+    sets, *_ = method_branches("clora", bp, ["a", "b"], cfg)
+    store = AttentionStore((8, 8))
+    model = BranchModel(pipe, sets[0], encode_branches(pipe, sets[0], cfg, None), cfg, store)
+    method = Composition([model], cfg, groups=bp.groups, mask_indices=bp.mask_indices, latent_hw=(16, 16))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    t = sampler("euler", pipe, 4).timesteps[0]  # the same timestep for both
+    for name in ("ddim", "euler"):
+        schedule = sampler(name, pipe, 4)
+        step = Step(0, t, schedule, Trace())
+        k = float(schedule.init_noise_sigma) if name == "euler" else 1.0  # z = k x at the first Euler step
+        with capturing(pipe.unet, store):
+            z, *_ = method.gradient_step(x * k, model, step)
+        moved[name] = step.model_input(z) - x
+    assert moved["ddim"].abs().max() > 1e-3
+    torch.testing.assert_close(moved["euler"], moved["ddim"], atol=1e-4, rtol=1e-3)
+
+
 def test_single_concept_group_gives_no_update(toy_two):
     pipe, bp = toy_two
     one = branch_prompts(pipe.tokenizer, "a {a} on a gray background", [ConceptSlot("a", "zwx", "circle")])

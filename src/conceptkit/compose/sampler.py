@@ -9,8 +9,9 @@ loop takes the scheduler's step:
 - switch:    K = 1, the full prompt, the active LoRA changes every `switch_every` steps (LoRA Switch);
 - none:      K = 1, the plain prompt without LoRAs.
 
-The latent update is the scheduler's business only through the latent: it moves the latent the scheduler holds,
-through the scheduler's own input scaling (`step.model_input`), so every scheduler the plain path takes works
+The latent update touches the scheduler only through the latent: the loss's gradient is taken with respect to the
+model's input (the scheduler's `scale_model_input` of its latent) and the latent the scheduler holds moves by the
+same change, scaled back, so every scheduler the plain path takes works and a step size means the same on each
 (`CLoRAConfig.scheduler`; the official code and the defaults use DDIM, η = 0).
 """
 from __future__ import annotations
@@ -59,13 +60,18 @@ class Composition:
         return clora_loss(maps.to(self.models[0].work_dtype), self.groups, self.cfg.temperature, self.cfg.minmax_eps)
 
     def gradient_step(self, z: torch.Tensor, model: BranchModel, step: Step):
+        """One step down the loss's gradient, taken in the model's input space (the variance-preserving latent the
+        official DDIM code updates) and carried back to the latent the scheduler holds: with a sigma-scaled
+        scheduler (Euler: input = z / sqrt(σ² + 1)) the noisy image moves exactly as it would under DDIM, instead
+        of (σ² + 1) times less."""
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            eps_u, eps_c, maps = model(step.model_input(z), step.t, cond_only=self.cond_only)
+            x = step.model_input(z)  # z itself (the same tensor) for DDIM, DPM-Solver, PNDM
+            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only)
             loss = self.loss_of(maps)
             if loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss, z)
-                z = z - self.cfg.step_size * grad
+                (grad,) = torch.autograd.grad(loss, x)
+                z = z - self.cfg.step_size * grad / step.model_input(torch.ones_like(z))
         eps_u = None if eps_u is None else eps_u.detach()
         return z.detach(), eps_u, eps_c.detach(), maps.detach(), float(loss.detach())
 
