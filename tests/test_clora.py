@@ -74,7 +74,7 @@ def test_prompt_errors_are_one_line(sd_two):
     for template, concepts, words in [
         ("a photo", [cat], "no concept slot"),
         ("a {cat} and a {cat}", [cat], "twice"),
-        ("a {cat} and a {dog}", [cat], "{dog} has no LoRA"),
+        ("a {cat} and a {dog}", [cat], "{dog} has no concept"),
         ("a {cat}", [cat, ConceptSlot("dog", None, "dog")], "'dog' has no slot"),
         ("a {cat}s", [cat], "spaces around"),
     ]:

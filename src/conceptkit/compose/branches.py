@@ -23,15 +23,24 @@ class Branches:
     prompts: list[str]
     negatives: list[str]
     adapters: list[dict[str, float]]  # per branch: {adapter name: weight}; {} = base model
+    # branches whose prompt has word slots (ProFusion images): {concept name: token position}, and the prompt's
+    # token ids (no BOS/EOS, compose/prompts.py's WORD_ID at the slots); None: no branch has any
+    words: list[dict[str, int]] | None = None
+    ids: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
+def row_weights(adapters: list[dict[str, float]], halves: int = 1) -> dict[str, list[float]]:
+    """{adapter: its weight in each row}, the rows being `adapters` repeated `halves` times."""
+    names = sorted({a for b in adapters for a in b})
+    return {a: [b.get(a, 0.0) for b in adapters] * halves for a in names}
+
+
 def plan_rows(branches: Branches, halves: int = 2) -> dict[str, list[float]]:
     """Per-row adapter weights for a batch laid out [uncond_0..uncond_{K-1}, cond_0..cond_{K-1}]."""
-    names = sorted({a for b in branches.adapters for a in b})
-    return {a: [b.get(a, 0.0) for b in branches.adapters] * halves for a in names}
+    return row_weights(branches.adapters, halves)
 
 
 def text_adapters(branch: dict[str, float], style: str | None, use_text_encoder_lora: bool) -> dict[str, float]:
@@ -76,7 +85,8 @@ def tokenize(pipe, texts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_branches(pipe, branches: Branches, cfg: CLoRAConfig, style: str | None) -> torch.Tensor:
-    """(2K, L, d): negative prompts then prompts, each encoded with its branch's text-encoder adapters."""
+    """(2K, L, d): negative prompts then prompts, each encoded with its branch's text-encoder adapters. (A branch
+    with word slots is encoded here with its placeholder text; WordRows replaces it at every call.)"""
     ids = tokenize(pipe, branches.negatives + branches.prompts)
     per_branch = [text_adapters(b, style, cfg.use_text_encoder_lora) for b in branches.adapters]
     if cfg.execution == "batched":
@@ -92,11 +102,61 @@ def encode_branches(pipe, branches: Branches, cfg: CLoRAConfig, style: str | Non
     return torch.stack(out)
 
 
+class WordRows:
+    """The branches whose prompt holds word slots, re-encoded at every model call: each slot gets its image's word
+    for the latent of that call (profusion/image_word.py), with the branch's own text-encoder adapters."""
+
+    def __init__(self, pipe, branches: Branches, cfg: CLoRAConfig, style: str | None, sources: dict):
+        from ..profusion.prompts import words_spliced
+
+        self.spliced = words_spliced
+        self.pipe, self.cfg, self.K = pipe, cfg, len(branches)
+        self.branch_rows = [p for p, w in enumerate(branches.words) if w]
+        missing = sorted({n for p in self.branch_rows for n in branches.words[p]} - set(sources))
+        if missing:
+            raise ValueError(f"no image word for concept(s) {missing}")
+        tok = pipe.tokenizer
+        length = tok.model_max_length
+        rows = [[tok.bos_token_id] + branches.ids[p] + [tok.eos_token_id] for p in self.branch_rows]
+        self.ids = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows],
+                                device=pipe.text_encoder.device)
+        self.adapters = [text_adapters(branches.adapters[p], style, cfg.use_text_encoder_lora) for p in self.branch_rows]
+        self.slots = [(i, position, name) for i, p in enumerate(self.branch_rows)
+                      for name, position in branches.words[p].items()]
+        self.sources = {name: sources[name] for _, _, name in self.slots}
+
+    @torch.no_grad()
+    def __call__(self, embeddings: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        """`embeddings` (2K, L, d) with the conditional rows of the word branches encoded for latent x at t."""
+        words = {name: source(x, t) for name, source in self.sources.items()}
+        te = self.pipe.text_encoder
+        if self.cfg.execution == "batched":
+            rows = torch.tensor([i for i, _, _ in self.slots])
+            positions = torch.tensor([pos for _, pos, _ in self.slots])
+            vectors = torch.stack([words[name] for _, _, name in self.slots])
+            with self.spliced(te, positions, vectors, rows), per_row_adapters([te], row_weights(self.adapters)):
+                encoded = list(te(self.ids)[0])
+        else:
+            encoded = []
+            for i, adapters in enumerate(self.adapters):
+                mine = [(pos, words[name]) for row, pos, name in self.slots if row == i]
+                positions = torch.tensor([pos for pos, _ in mine])
+                with active_adapters(self.pipe, adapters), \
+                        self.spliced(te, positions, torch.stack([w for _, w in mine]), torch.zeros_like(positions)):
+                    encoded.append(te(self.ids[i : i + 1])[0][0])
+        out = embeddings.clone()
+        for p, e in zip(self.branch_rows, encoded):
+            out[self.K + p] = e.to(out.dtype)
+        return out
+
+
 class BranchModel:
     """ε of every branch at both CFG halves, and each branch's aggregated cross-attention map."""
 
-    def __init__(self, pipe, branches: Branches, embeddings: torch.Tensor, cfg: CLoRAConfig, store: AttentionStore):
+    def __init__(self, pipe, branches: Branches, embeddings: torch.Tensor, cfg: CLoRAConfig, store: AttentionStore,
+                 word_rows: WordRows | None = None):
         self.pipe, self.branches, self.embeddings, self.cfg, self.store = pipe, branches, embeddings, cfg, store
+        self.word_rows = word_rows
         self.calls = 0
         self.work_dtype = work_dtype(pipe.unet)  # latent updates and blending in fp32+
 
@@ -107,10 +167,11 @@ class BranchModel:
         conditional half and ε is recomputed after the update: the unconditional half would be thrown away)."""
         unet, K = self.pipe.unet, len(self.branches)
         halves = 1 if cond_only else 2
+        all_embeddings = self.embeddings if self.word_rows is None else self.word_rows(self.embeddings, z, t)
         if self.cfg.execution == "batched":
             self.store.reset()
             x = z.to(unet.dtype).expand(halves * K, *z.shape[1:])
-            embeddings = self.embeddings[K:] if cond_only else self.embeddings
+            embeddings = all_embeddings[K:] if cond_only else all_embeddings
             with per_row_adapters([unet], plan_rows(self.branches, halves)):
                 eps = unet(x, t, encoder_hidden_states=embeddings).sample.to(self.work_dtype)
             self.calls += 1
@@ -124,7 +185,7 @@ class BranchModel:
             index = [K + p] if cond_only else [p, K + p]
             with active_adapters(self.pipe, adapters, text_encoder=False):
                 e = unet(z.to(unet.dtype).expand(halves, *z.shape[1:]), t,
-                         encoder_hidden_states=self.embeddings[index]).sample.to(self.work_dtype)
+                         encoder_hidden_states=all_embeddings[index]).sample.to(self.work_dtype)
             self.calls += 1
             uncond.append(None if cond_only else e[0])
             cond.append(e[-1])

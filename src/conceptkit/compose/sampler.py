@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..generate.loop import Step, Trace, denoise, guide, initial_noise, latent_size, sampler
 from .attention import AttentionStore, capturing, default_attn_res
-from .branches import BranchModel, Branches, encode_branches
+from .branches import BranchModel, Branches, WordRows, encode_branches
 from .config import CLoRAConfig, METHODS
 from .contrastive import clora_loss
 from .masks import attention_masks, blend
@@ -113,11 +113,13 @@ class Composition:
 def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
            mask_indices: list[list[int]] | None, generator: torch.Generator, style: str | None = None,
            height: int | None = None, width: int | None = None, switch_every: int | None = None,
-           record: bool = False, embeddings: list[torch.Tensor] | None = None) -> SampleResult:
+           record: bool = False, embeddings: list[torch.Tensor] | None = None,
+           words: dict | None = None) -> SampleResult:
     """Denoise one latent. `branch_sets` has one entry, or (switch) one per adapter, used in turn.
 
     groups=None turns latent updates off; mask_indices=None blends the branches uniformly. `embeddings`: the
-    branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts.
+    branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts. `words`:
+    {concept name: its word source (profusion/image_word.py's ImageWord)} for branches with word slots.
     """
     began = time.perf_counter()
     latent_hw = latent_size(pipe, height, width)
@@ -126,7 +128,8 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     store = AttentionStore(default_attn_res(latent_hw, cfg.attn_res))
     if embeddings is None:
         embeddings = [encode_branches(pipe, b, cfg, style) for b in branch_sets]
-    models = [BranchModel(pipe, b, e, cfg, store) for b, e in zip(branch_sets, embeddings)]
+    models = [BranchModel(pipe, b, e, cfg, store, WordRows(pipe, b, cfg, style, words or {}) if b.words else None)
+              for b, e in zip(branch_sets, embeddings)]
     composition = Composition(models, cfg, groups=groups, mask_indices=mask_indices, latent_hw=latent_hw,
                               switch_every=switch_every)
     trace = Trace(keep_maps=record)
@@ -136,23 +139,32 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     return SampleResult(z, trace, sum(m.calls for m in models), time.perf_counter() - began)
 
 
-def method_branches(method: str, bp: BranchPrompts, adapters: list[str], cfg: CLoRAConfig, negative: str = "",
+def method_branches(method: str, bp: BranchPrompts, adapters: list[str | None], cfg: CLoRAConfig, negative: str = "",
                     style: tuple[str, float] | None = None) -> tuple[list[Branches], bool, bool, int | None]:
-    """(branch sets, use latent updates, use masks, switch_every) for a method."""
+    """(branch sets, use latent updates, use masks, switch_every) for a method. `adapters`: each concept's LoRA
+    adapter, in slot order; None for a concept that is a word (Textual Inversion token, ProFusion image)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     extra = {style[0]: style[1]} if style else {}
     N = len(adapters)
+
+    def own(adapter: str | None) -> dict[str, float]:
+        return {adapter: 1.0, **extra} if adapter else dict(extra)
+
+    def merged(n: int) -> dict:  # n branches of the prompt with every concept in it
+        return {"words": [bp.merged_words] * n, "ids": [bp.merged_ids] * n} if bp.merged_words else {}
+
     if method == "clora":
-        per = [dict(extra)] + [{a: 1.0, **extra} for a in adapters]
-        return [Branches(bp.prompts, [negative] * (N + 1), per)], True, True, None
+        per = [dict(extra)] + [own(a) for a in adapters]
+        words = {"words": bp.words, "ids": bp.ids} if any(bp.words) else {}
+        return [Branches(bp.prompts, [negative] * (N + 1), per, **words)], True, True, None
     if method == "composite":
-        per = [{a: 1.0, **extra} for a in adapters]
-        return [Branches([bp.merged_prompt] * N, [negative] * N, per)], False, False, None
+        per = [own(a) for a in adapters]
+        return [Branches([bp.merged_prompt] * N, [negative] * N, per, **merged(N))], False, False, None
     if method == "merge":
-        per = [{**{a: cfg.merge_weight for a in adapters}, **extra}]
-        return [Branches([bp.merged_prompt], [negative], per)], False, False, None
+        per = [{**{a: cfg.merge_weight for a in adapters if a}, **extra}]
+        return [Branches([bp.merged_prompt], [negative], per, **merged(1))], False, False, None
     if method == "switch":
-        sets = [Branches([bp.merged_prompt], [negative], [{a: 1.0, **extra}]) for a in adapters]
+        sets = [Branches([bp.merged_prompt], [negative], [own(a)], **merged(1)) for a in adapters]
         return sets, False, False, cfg.switch_every
     return [Branches([bp.prompts[0]], [negative], [dict(extra)])], False, False, None
