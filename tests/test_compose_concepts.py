@@ -141,3 +141,19 @@ def test_a_word_concept_changes_the_picture(pipe, files):
                              cfg=cfg, seeds=[2])
     a, b = (np.asarray(r.images["clora"][0], np.int16) for r in (with_image, with_embedding))
     assert np.abs(a - b).max() > 10
+
+
+def test_compose_cli_mixes_kinds(files, tmp_path, capsys):
+    from conceptkit.cli import main
+
+    out = tmp_path / "out"
+    code = main(["compose", "--model", "toy", "--prompt", "a {star} and a {moon} and a {cross}, on a gray background",
+                 "--lora", f"star={STAR}", "--embedding", f"moon={files['embedding']}:<moon>:moon",
+                 "--image", f"cross={files['image']}", "--steps", "2", "--iterative-steps", "", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "compose.json").read_text())
+    assert [c["kind"] for c in summary["concepts"]] == ["lora", "embedding", "image"]
+    assert Image.open(out / "clora" / "s0.png").size == (64, 64)
+    assert main(["compose", "--model", "toy", "--prompt", "a {moon}", "--embedding", "moon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --embedding 'moon'") and "\n" not in err

@@ -265,3 +265,26 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
 
         save(result, out_dir, columns=num_images)
     return result
+
+
+def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str | Path | None = None,
+                        fusion: bool = True, steps: int = 30, scheduler: str = "ddim", seed: int = 0,
+                        num_images: int = 1, out_dir: str | Path | None = None, progress: bool = True,
+                        **settings) -> ProFusionOutput:
+    """ProFusion the way `conceptkit generate --promptnet/--image` runs it. `promptnet`: a PromptNet folder (or a
+    loaded SavedPromptNet); `image`: the reference (default: the one the PromptNet was fine-tuned on); fusion
+    sampling with the folder's recommended settings, or plain sampling (`fusion=False`); `settings`: FusionConfig
+    fields on top (guidance_scale=..., refine_steps=..., class_word=...)."""
+    from ..learn.images import load_reference_image
+    from .saved import load_promptnet
+
+    saved = promptnet if isinstance(promptnet, SavedPromptNet) else load_promptnet(promptnet, pipe)
+    image = image or saved.reference_path
+    if image is None:
+        raise UserError(f"no reference image: pass --image FILE (the PromptNet in {saved.folder} was not "
+                        "fine-tuned on one)")
+    base = recommended_fusion(saved) if fusion else FusionConfig.plain()
+    cfg = replace(base, steps=steps, scheduler=scheduler, **settings)
+    reference = load_reference_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    return generate_profusion(pipe, saved, reference, prompts, cfg, seed=seed, num_images=num_images,
+                              out_dir=out_dir, progress=progress)
