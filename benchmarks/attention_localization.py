@@ -51,7 +51,8 @@ def measure(pipe, resolutions: list[int], seeds: int = 4, steps: int = 30, split
             tokens: bool = False) -> tuple[dict, dict]:
     """({res: {"gap", "left_noun_lefter"}}, {res: {token role: [(share, centre x), ...]}} when tokens)."""
     from conceptkit.compose.config import CLoRAConfig
-    from conceptkit.compose.sampler import Branches, sample
+    from conceptkit.compose.branches import Branches
+    from conceptkit.compose.sampler import sample
     from conceptkit.evaluate.prompts import TUNE_SEED_BASE
     from conceptkit.shapes.world import EVAL_SEED_BASE
 

@@ -79,7 +79,8 @@ def run_variant(variant: str, model: str, path: str, loras: int, steps: int, ima
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one per added LoRA, expected
     from conceptkit.compose.config import CLoRAConfig
     from conceptkit.compose.prompts import ConceptSlot, branch_prompts
-    from conceptkit.compose.sampler import decode, method_branches, sample
+    from conceptkit.compose.sampler import method_branches, sample
+    from conceptkit.generate.loop import decode
     from conceptkit.models.loading import load_pipeline
 
     pipe = sd15_pipeline(path, device) if sd15 else load_pipeline(path, device=device)

@@ -60,7 +60,7 @@ def main(out: Path, images: str) -> None:
     learn_lora(load_pipeline("toy", device=device), images, out / "lora", lora_config(per), progress=False)
     generate(load_pipeline("toy", device=device), **GENERATE, progress=False, out_dir=out / "generate", procs=procs)
     loras, cfg = compose_inputs()
-    compose(load_pipeline("toy", device=device), loras=loras, cfg=cfg, **COMPOSE, out_dir=out / "compose",
+    compose(load_pipeline("toy", device=device), concepts=loras, cfg=cfg, **COMPOSE, out_dir=out / "compose",
             procs=procs)
     if procs.main:
         (out / "done").write_text(str(procs.count))

@@ -12,7 +12,8 @@ from conceptkit.compose.config import CLoRAConfig
 from conceptkit.compose.contrastive import clora_loss, ntxent
 from conceptkit.compose.masks import attention_masks, blend
 from conceptkit.compose.prompts import ConceptSlot, branch_prompts
-from conceptkit.compose.sampler import BranchModel, Branches, encode_branches, method_branches, sample
+from conceptkit.compose.branches import BranchModel, Branches, encode_branches
+from conceptkit.compose.sampler import method_branches, sample
 from conceptkit.errors import UserError
 from conceptkit.models.loading import load_pipeline, toy_model_path
 
@@ -73,7 +74,7 @@ def test_prompt_errors_are_one_line(sd_two):
     for template, concepts, words in [
         ("a photo", [cat], "no concept slot"),
         ("a {cat} and a {cat}", [cat], "twice"),
-        ("a {cat} and a {dog}", [cat], "{dog} has no LoRA"),
+        ("a {cat} and a {dog}", [cat], "{dog} has no concept"),
         ("a {cat}", [cat, ConceptSlot("dog", None, "dog")], "'dog' has no slot"),
         ("a {cat}s", [cat], "spaces around"),
     ]:
@@ -273,6 +274,56 @@ def test_one_branch_with_a_lora_equals_plain_diffusers_sampling(toy_two):
     torch.testing.assert_close(ours.latents, seen["latents"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler", "euler-a", "pndm"])
+def test_one_plain_branch_equals_plain_generation_with_every_scheduler(scheduler):
+    # the composition runs on the same loop as `generate`: sigma-scaled schedulers see the scaled latent, Euler-a
+    # draws its noise from the image's generator
+    from conceptkit.generate.images import generate
+    from conceptkit.generate.loop import decode
+
+    pipe = load_pipeline("toy")  # no adapters: generate() would run any loaded one
+    cfg = CLoRAConfig(steps=4, guidance_scale=6.0, scheduler=scheduler)
+    ours = sample(pipe, [Branches(["a red circle"], [""], [{}])], cfg, groups=None, mask_indices=None,
+                  generator=torch.Generator().manual_seed(3))
+    plain = generate(pipe, "a red circle", seed=3, steps=4, guidance_scale=6.0, scheduler=scheduler, progress=False)
+    a, b = np.asarray(decode(pipe, ours.latents)[0], np.int16), np.asarray(plain.images[0], np.int16)
+    assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++"])
+def test_latent_updates_work_with_other_schedulers(toy_two, scheduler):
+    pipe, bp = toy_two
+    on = run(pipe, bp, "clora", CLoRAConfig(steps=4, iterative_steps=(), scheduler=scheduler))
+    off = run(pipe, bp, "clora", CLoRAConfig(steps=4, latent_update=False, scheduler=scheduler))
+    assert torch.isfinite(on.latents).all() and len(on.trace.losses) == 2
+    assert (on.latents - off.latents).abs().max() > 1e-3
+
+
+def test_the_update_moves_the_models_input_as_under_ddim_with_a_sigma_scaled_scheduler(toy_two):
+    # Euler holds z = x * sqrt(σ² + 1); the step is taken on the model's input x and carried back to z
+    from conceptkit.compose.sampler import Composition
+    from conceptkit.generate.loop import Step, Trace, sampler
+
+    pipe, bp = toy_two
+    cfg = CLoRAConfig(steps=4)
+    sets, *_ = method_branches("clora", bp, ["a", "b"], cfg)
+    store = AttentionStore((8, 8))
+    model = BranchModel(pipe, sets[0], encode_branches(pipe, sets[0], cfg, None), cfg, store)
+    method = Composition([model], cfg, groups=bp.groups, mask_indices=bp.mask_indices, latent_hw=(16, 16))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    t = sampler("euler", pipe, 4).timesteps[0]  # the same timestep for both
+    for name in ("ddim", "euler"):
+        schedule = sampler(name, pipe, 4)
+        step = Step(0, t, schedule, Trace())
+        k = float(schedule.init_noise_sigma) if name == "euler" else 1.0  # z = k x at the first Euler step
+        with capturing(pipe.unet, store):
+            z, *_ = method.gradient_step(x * k, model, step)
+        moved[name] = step.model_input(z) - x
+    assert moved["ddim"].abs().max() > 1e-3
+    torch.testing.assert_close(moved["euler"], moved["ddim"], atol=1e-4, rtol=1e-3)
+
+
 def test_single_concept_group_gives_no_update(toy_two):
     pipe, bp = toy_two
     one = branch_prompts(pipe.tokenizer, "a {a} on a gray background", [ConceptSlot("a", "zwx", "circle")])
@@ -415,3 +466,52 @@ def test_compose_cli_errors_are_one_line(sd_tiny_dir, fixture_lora_files, tmp_pa
         assert main(base + args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and words in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------- side-path bugs found in review
+
+def test_per_row_adapters_use_the_adapters_own_scale_after_set_adapters(sd_tiny_dir):
+    # The sequential path (and `--method reference`) leaves PEFT's `scaling` multiplied by the weight it set; the
+    # batched path must apply its own weight to the adapter's base scale, not to that product (0.8 * 0.8 = 0.64).
+    from conceptkit.compose.row_lora import per_row_adapters
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    add_random_lora(pipe, "style", 5)
+    x, emb = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        pipe.unet.set_adapters(["style"], [0.8])
+        want = pipe.unet(x, 10, encoder_hidden_states=emb).sample  # PEFT's own path at weight 0.8
+        with per_row_adapters([pipe.unet], {"style": [0.8, 0.8]}):
+            got = pipe.unet(x, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_style_weight_does_not_depend_on_the_methods_run_before(sd_tiny_dir, fixture_lora_files):
+    # `--method reference,clora --style-lora X:0.8` gave the clora image a style LoRA at 0.64
+    from conceptkit.compose.run import LoraSpec, compose
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    concepts = [LoraSpec("cat", str(fixture_lora_files["cat"])), LoraSpec("dog", str(fixture_lora_files["dog"]), "zwx", "dog")]
+    style = f"{fixture_lora_files['dog']}:0.8"
+    cfg = CLoRAConfig(steps=2, iterative_steps=())
+    alone = compose(pipe, "a {cat} and a {dog}", concepts, methods=["clora"], cfg=cfg, style_lora=style)
+    after = compose(pipe, "a {cat} and a {dog}", concepts, methods=["reference", "clora"], cfg=cfg, style_lora=style)
+    a, b = (np.asarray(r.images["clora"][0], dtype=np.int16) for r in (alone, after))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_sequential_text_encoding_turns_off_the_previous_branchs_text_encoder_lora(sd_tiny_dir):
+    # a concept LoRA without text-encoder weights: its branch's prompt is encoded by the plain text encoder, not
+    # with the adapter the branch before it switched on
+    pipe = load_pipeline(str(sd_tiny_dir))
+    add_random_lora(pipe, "a", 3)
+    add_random_lora(pipe, "unet_only", 4, text_encoder=False)
+    branches = Branches(["a cat", "a sks cat", "a zwx cat"], ["", "", ""], [{}, {"a": 1.0}, {"unet_only": 1.0}])
+    batched = encode_branches(pipe, branches, CLoRAConfig(execution="batched"), None)
+    sequential = encode_branches(pipe, branches, CLoRAConfig(execution="sequential"), None)
+    with torch.no_grad():
+        pipe.disable_lora()
+        plain = pipe.text_encoder(pipe.tokenizer(["a zwx cat"], padding="max_length", return_tensors="pt").input_ids)[0]
+        pipe.enable_lora()
+    torch.testing.assert_close(sequential[5], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sequential, batched, atol=1e-5, rtol=1e-5)

@@ -104,7 +104,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, mo
     learn_lora(load_pipeline("toy"), images, single / "lora", worker.lora_config(4), progress=False)
     generate(load_pipeline("toy"), **worker.GENERATE, progress=False, out_dir=single / "generate")
     loras, cfg = worker.compose_inputs()
-    compose(load_pipeline("toy"), loras=loras, cfg=cfg, **worker.COMPOSE, out_dir=single / "compose")
+    compose(load_pipeline("toy"), concepts=loras, cfg=cfg, **worker.COMPOSE, out_dir=single / "compose")
 
     report = {}
     for method, cfg in (("ti", worker.ti_config(4)), ("lora", worker.lora_config(4))):

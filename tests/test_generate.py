@@ -35,12 +35,14 @@ def test_an_image_does_not_depend_on_batching(pipe):
     assert np.abs(a - b).max() <= 1  # batched matmuls may differ in the last bit
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "euler-a", "pndm"])
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler", "euler-a", "pndm"])
 def test_every_scheduler_runs_and_changes_the_result(pipe, scheduler):
+    before = type(pipe.scheduler)
     image = generate(pipe, "a dog", steps=3, scheduler=scheduler, progress=False).images[0]
+    ddim = generate(pipe, "a dog", steps=3, scheduler="ddim", progress=False).images[0]
     assert image.size == (64, 64)
-    assert type(pipe.scheduler).__name__.lower().startswith(
-        {"ddim": "ddim", "dpm++": "dpmsolver", "euler": "euler", "euler-a": "eulerancestral", "pndm": "pndm"}[scheduler])
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(ddim, np.int16)).max() > 0
+    assert type(pipe.scheduler) is before  # the loop builds its own scheduler; the pipeline's stays
 
 
 def test_bad_requests_are_user_errors(pipe, tmp_path):

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from transformers import CLIPTokenizer
 
-from conceptkit.cli import compose_config, split_lora_spec
+from conceptkit.commands.compose import compose_config
+from conceptkit.generate.loading import split_lora_spec
 from conceptkit.compose.prompts import ConceptSlot, branch_prompts, fill, template_slots, token_spans
 from conceptkit.compose.run import LoraSpec
 from conceptkit.errors import UserError

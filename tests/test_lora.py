@@ -7,7 +7,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from conceptkit.cli import load_loras, main
+from conceptkit.cli import main
+from conceptkit.generate.loading import load_loras
 from conceptkit.errors import UserError
 from conceptkit.learn.lora import ADAPTER, LoRAConfig, add_training_adapters, learn_lora
 from conceptkit.learn.textual_inversion import draw_batch, encode_latent_cache, freeze, ti_loss

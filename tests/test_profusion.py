@@ -1,6 +1,7 @@
 """ProFusion (ALGORITHMS.md §3): PromptNet, the S* injection, fusion sampling and the trainers, pinned to the §4
 invariants on the tiny SD-1.x fixture (float64 where possible) and the bundled toy model."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -571,6 +572,17 @@ def test_sampling_refuses_bad_settings(sd64, saved64, reference):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError):
         generate_profusion(sd64, saved64, reference, [], FusionConfig(steps=2), progress=False)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++"])
+def test_plain_sampling_takes_any_scheduler_and_fusion_refuses_all_but_ddim(sd64, saved64, reference, scheduler):
+    # plain sampling with S* is a plug-in of the common loop: any scheduler; the fusion sub-step is DDIM's
+    got = sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig.plain(steps=3, scheduler=scheduler), gens(3))
+    ddim = sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig.plain(steps=3), gens(3))
+    assert torch.isfinite(got).all() and (got - ddim).abs().max() > 1e-4
+    with pytest.raises(UserError, match=re.escape(f"--scheduler {scheduler}: ProFusion samples with DDIM")) as e:
+        sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig(steps=3, scheduler=scheduler), gens(3))
+    assert "\n" not in str(e.value) and "--no-fusion" in str(e.value)
 
 
 def test_finetuned_attention_weights_are_used_while_sampling_and_put_back(sd64, saved64, reference):

@@ -162,9 +162,14 @@ def test_shell_lines_are_one_command():
         .splitlines() == words
 
 
-def test_python_m_conceptkit_cli_runs():
-    out = subprocess.run([sys.executable, "-m", "conceptkit.cli", "report", "--help"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["conceptkit", "conceptkit.cli"])
+def test_python_m_conceptkit_runs(module):
+    out = subprocess.run([sys.executable, "-m", module, "report", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "JSON" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", module, "compose", "--prompt", "a {x}", "--lora", "x"],
+                         capture_output=True, text=True)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error")]  # (library warnings aside)
+    assert bad.returncode == 2 and errors == [bad.stderr.strip().splitlines()[-1]] and "--lora 'x'" in errors[0]
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -215,7 +220,7 @@ def test_rerun_command_of_a_ti_file_gives_back_its_recipe(evaluations):
     command = rerun_command("ti", data, Path("ti.json"))
     args = build_parser().parse_args(shlex.split(command)[1:])
     given = TIConfig(steps=args.ti_steps, lr=args.lr, batch=args.batch, vectors=args.vectors,
-                     init_word=args.init_word or None, seed=args.seed)  # as cmd_evaluate_ti builds it
+                     init_word=args.init_word or None, seed=args.seed)  # as commands/evaluate.py's run_ti builds it
     assert {k: v for k, v in asdict(given).items() if k != "token"} == recipe
     assert args.concepts == "pink-checkered-cross" and args.seeds == 1 and args.json == "ti.json"
     data["settings"]["recipe"]["template"] = "style"  # not a command-line option of evaluate ti

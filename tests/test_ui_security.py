@@ -102,12 +102,12 @@ def test_generate_refuses_paths_that_were_not_offered(tmp_path, field):
 
 
 def test_compose_and_learn_refuse_models_and_loras_that_were_not_offered(tmp_path):
-    from conceptkit.ui.app import UI, bundled_loras
+    from conceptkit.ui.app import UI
     from conceptkit.ui.jobs import JobQueue
 
     queue = JobQueue(tmp_path / "jobs")
     ui = UI(queue, tmp_path, ["toy"])
-    first = next(iter(bundled_loras()))
+    first = next(iter(ui.concepts()))
     _, message = ui.start_compose("toy", "a {a} and a {b}", "a", first, "b", "/etc/passwd", "", None,
                                   ["clora"], 2, 0)
     assert "not one of the offered" in message
@@ -130,3 +130,34 @@ def test_free_text_cannot_become_an_option(tmp_path):
     assert "--token=--out=/tmp/elsewhere" in command and "--init-word=--steps=1" in command
     assert command[command.index("--out") + 1] == str(job.out)
     assert command.count("--out") == 1
+
+
+def test_compose_slots_take_every_kind_of_concept(tmp_path):
+    """A slot holds a LoRA, a learned embedding or an image; each becomes its own compose option."""
+    from conceptkit.ui.app import UI
+    from conceptkit.ui.jobs import JobQueue
+
+    queue = JobQueue(tmp_path / "jobs", program=("true",))  # records the command, runs nothing
+    ui = UI(queue, tmp_path, ["toy"])
+    offered = ui.concepts()
+    lora = next(label for label, (kind, _) in offered.items() if kind == "lora")
+    image = next(label for label, (kind, _) in offered.items() if kind == "image")
+    ui.start_compose("toy", "a {a} and a {b}", "a", lora, "b", image, "", None, ["clora"], 2, 0)
+    (job,) = queue.list()
+    command = job.commands[0]
+    assert command[command.index("--lora") + 1] == f"a={offered[lora][1]}"
+    assert command[command.index("--image") + 1] == f"b={offered[image][1]}"
+
+
+def test_generate_calls_the_python_api_and_shows_the_command(tmp_path, monkeypatch):
+    import conceptkit.cli
+    from conceptkit.ui.app import UI
+    from conceptkit.ui.jobs import JobQueue
+
+    monkeypatch.setattr(conceptkit.cli, "main", lambda *a, **k: pytest.fail("the UI went through cli.main"))
+    ui = UI(JobQueue(tmp_path / "jobs"), tmp_path, ["toy"])
+    images, message = ui.generate("toy", "a red star", "", 0, 2, 7.5, "euler", 2, [], [], "")
+    assert len(images) == 2 and "conceptkit generate --model toy '--prompt=a red star'" in message
+    assert "--scheduler euler" in message
+    images, message = ui.generate("toy", "a red star", "", 0, 2, 7.5, "nope", 1, [], [], "")
+    assert images == [] and "unknown scheduler" in message

@@ -14,6 +14,7 @@ METHODS = ("clora", "merge", "switch", "composite", "none")
 @dataclass
 class CLoRAConfig:
     steps: int = 50
+    scheduler: str = "ddim"  # any of generate/schedulers.py (the official code: DDIM, η = 0)
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     # latent optimisation (§2.5)

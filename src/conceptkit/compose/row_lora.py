@@ -4,10 +4,15 @@ CLoRA runs K branches (base + one per LoRA) at both CFG halves; switching adapte
 K small forwards per step. Instead the PEFT layers are told to skip their own LoRA path and a forward hook adds
 `Σ_a w[row, a] · B_a(A_a(x[row])) · scaling_a` for exactly the rows that use adapter a (a concept LoRA runs on
 its branch's 2 rows, a style LoRA on all rows). The base layer runs once on the whole batch.
+
+The scale is the adapter's own (lora_alpha / r, or / sqrt(r) for rsLoRA), never PEFT's current `scaling`: PEFT's
+`set_adapters` multiplies its weight into `scaling`, so reading it after an adapter switch (the sequential path,
+`--method reference`) would apply that weight a second time.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -34,13 +39,19 @@ def row_plan(weights: dict[str, list[float]]) -> dict[str, tuple[torch.Tensor | 
     return plan
 
 
+def base_scaling(layer: LoraLayer, name: str) -> float:
+    """The adapter's scale before any weight: what `set_adapters(name, 1.0)` would give."""
+    r = layer.r[name]
+    return layer.lora_alpha[name] / (math.sqrt(r) if layer.use_rslora.get(name, False) else r)
+
+
 def _add_adapter_rows(layer: LoraLayer, x: torch.Tensor, output: torch.Tensor, plan) -> torch.Tensor:
     for name, (rows, w) in plan.items():
         if name not in layer.lora_A:
             continue
         sub = x if rows is None else x[rows.to(x.device)]
         sub = sub.to(layer.lora_A[name].weight.dtype)
-        delta = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](sub))) * layer.scaling[name]
+        delta = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](sub))) * base_scaling(layer, name)
         scale = w.to(delta.device, delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
         delta = (delta * scale).to(output.dtype)
         output = output + delta if rows is None else output.index_add(0, rows.to(output.device), delta)

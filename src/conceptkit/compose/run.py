@@ -1,4 +1,5 @@
-"""`conceptkit compose` as a function: load the LoRAs, build the branch prompts, sample each method and seed."""
+"""`conceptkit compose` as a function: load the concepts (concepts.py), build the branch prompts, sample each method
+and seed, write the images, grid and compose.json."""
 from __future__ import annotations
 
 import json
@@ -11,35 +12,15 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
-from .config import CLoRAConfig, METHODS
-from .prompts import ConceptSlot, branch_prompts
-from .sampler import decode, encode_branches, method_branches, sample
+from ..generate.loop import decode
+from .branches import encode_branches
+from .concepts import ConceptSpec, EmbeddingSpec, ImageSpec, LoraSpec, load_concepts
+from .config import METHODS, CLoRAConfig
+from .prompts import branch_prompts
+from .sampler import method_branches, sample
 from .trace_images import trace_grids
 
-MAX_CONCEPTS = 4
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """`name=path[:trigger[:class word]]` from the command line."""
-    name: str
-    path: str
-    trigger: str | None = None
-    class_word: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> "LoraSpec":
-        name, sep, rest = spec.partition("=")
-        if not sep or not name or not rest:
-            raise UserError(f"--lora {spec!r}: write NAME=FILE[:TRIGGER[:CLASS]], e.g. cat=cat.safetensors:sks:cat")
-        parts = rest.split(":")
-        path, words = parts[0], parts[1:]
-        if not path:
-            raise UserError(f"--lora {spec!r}: no file after '=': write NAME=FILE[:TRIGGER[:CLASS]], "
-                            "e.g. cat=cat.safetensors:sks:cat")
-        if len(words) > 2:
-            raise UserError(f"--lora {spec!r}: too many ':' fields; write NAME=FILE[:TRIGGER[:CLASS]]")
-        return cls(name, path, *(w or None for w in words))
+__all__ = ["Composed", "EmbeddingSpec", "ImageSpec", "LoraSpec", "compose"]  # the specs: one kind of concept each
 
 
 @dataclass
@@ -51,33 +32,7 @@ class Composed:
     unet_calls: dict[str, int]  # method -> UNet calls per image
     paths: dict[str, list[Path]] = field(default_factory=dict)
     traces: dict = field(default_factory=dict)  # (method, seed) -> Trace
-
-
-def adapter_name(name: str) -> str:
-    return "concept_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
-def load_concepts(pipe, specs: list[LoraSpec]) -> list[tuple[ConceptSlot, str]]:
-    from ..models.lora import load_lora, loaded_adapters
-
-    if not specs:
-        raise UserError("no LoRA given: pass --lora NAME=FILE for each {NAME} slot of the prompt")
-    if len(specs) > MAX_CONCEPTS:
-        raise UserError(f"{len(specs)} concept LoRAs given; compose takes at most {MAX_CONCEPTS}")
-    loaded = loaded_adapters(pipe)
-    out = []
-    for spec in specs:
-        adapter = adapter_name(spec.name)
-        if adapter in loaded:  # a slot name reused with another file: replace it
-            pipe.delete_adapters(adapter)
-        info = load_lora(pipe, spec.path, adapter)
-        trigger = spec.trigger or info.trigger
-        class_word = spec.class_word or info.class_word
-        if not class_word:
-            raise UserError(f"LoRA '{spec.name}' ({spec.path}) has no class word in its metadata: pass "
-                            f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
-        out.append((ConceptSlot(spec.name, trigger, class_word), adapter))
-    return out
+    concepts: list[dict] = field(default_factory=list)  # each slot's kind, file, token and class word
 
 
 def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
@@ -96,12 +51,15 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
     return "style", w
 
 
-def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = ("clora",), seeds: list[int] = (0,),
-            cfg: CLoRAConfig | None = None, negative_prompt: str = "", style_lora: str | None = None,
-            height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
-            save_maps: bool = False, procs=None) -> Composed:
-    """Every method at every seed. procs (learn/distributed.Processes, several processes): each process samples its
-    contiguous share of the seeds, every process gets all images back in order, only the main one writes files."""
+def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[str] = ("clora",),
+            seeds: list[int] = (0,), cfg: CLoRAConfig | None = None, negative_prompt: str = "",
+            style_lora: str | None = None, promptnet=None, height: int | None = None, width: int | None = None,
+            out_dir: str | Path | None = None, save_maps: bool = False, procs=None) -> Composed:
+    """Every method at every seed. `concepts`: one LoraSpec, EmbeddingSpec or ImageSpec per {slot} of the template,
+    of any kinds; `promptnet` (a PromptNet folder or SavedPromptNet) turns the ImageSpecs into words.
+
+    procs (learn/distributed.Processes, several processes): each process samples its contiguous share of the
+    seeds, every process gets all images back in order, only the main one writes files."""
     cfg = cfg or CLoRAConfig()
     several = procs is not None and procs.several
     mine = procs.split(list(seeds)) if several else list(seeds)
@@ -109,11 +67,13 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
     for m in methods:
         if m not in METHODS + ("reference",):
             raise UserError(f"unknown method {m!r}: choose from {', '.join(METHODS + ('reference',))}")
-    concepts = load_concepts(pipe, loras)
+    loaded = load_concepts(pipe, list(concepts), promptnet)
     style = load_style(pipe, style_lora)
-    bp = branch_prompts(pipe.tokenizer, template, [c for c, _ in concepts])
-    adapters = [dict((c.name, a) for c, a in concepts)[slot.name] for slot in bp.concepts]
-    result = Composed({}, list(seeds), {}, {}, {})
+    bp = branch_prompts(pipe.tokenizer, template, [c.slot for c in loaded])
+    by_name = {c.slot.name: c for c in loaded}
+    adapters = [by_name[slot.name].adapter for slot in bp.concepts]
+    words = {c.slot.name: c.word for c in loaded if c.word is not None}
+    result = Composed({}, list(seeds), {}, {}, {}, concepts=[by_name[slot.name].describe() for slot in bp.concepts])
     for method in methods:
         run_cfg = cfg.as_reference() if method == "reference" else cfg
         sets, updates, masks, switch_every = method_branches("clora" if method == "reference" else method, bp,
@@ -125,8 +85,9 @@ def compose(pipe, template: str, loras: list[LoraSpec], *, methods: list[str] = 
             g = torch.Generator(device="cpu").manual_seed(seed)
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
                        mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
-                       height=height, width=width, switch_every=switch_every, record=save_maps)
-            images.append(decode(pipe, r.latents))
+                       height=height, width=width, switch_every=switch_every, record=save_maps, style=style_name,
+                       words=words)
+            images.append(decode(pipe, r.latents)[0])
             seconds += r.seconds
             calls = r.unet_calls
             if save_maps and masks:
@@ -166,7 +127,7 @@ def write_outputs(result: Composed, out: Path, bp, template: str) -> None:
         maps_png, masks_png = trace_grids(trace, bp)
         atomic_write(out / method / f"s{seed}-attention.png", lambda p, im=maps_png: im.save(p, format="PNG"))
         atomic_write(out / method / f"s{seed}-masks.png", lambda p, im=masks_png: im.save(p, format="PNG"))
-    summary = {"template": template, "branch_prompts": bp.prompts, "groups": bp.groups,
+    summary = {"template": template, "concepts": result.concepts, "branch_prompts": bp.prompts, "groups": bp.groups,
                "mask_indices": bp.mask_indices, "merged_prompt": bp.merged_prompt, "seeds": result.seeds,
                "methods": {m: {"seconds_per_image": round(result.seconds[m], 3), "unet_calls": result.unet_calls[m],
                                "branch_prompts": result.prompts[m],

@@ -1,4 +1,4 @@
-"""Plain text-to-image generation: prompts x seeds through the model's pipeline, PNGs plus a grid.
+"""Plain text-to-image generation: prompts x seeds through the denoising loop (loop.py), PNGs plus a grid.
 
 Image j of every prompt uses seed `seed + j`, drawn from its own generator, so an image does not depend on how
 the work was batched or on which other prompts ran with it.
@@ -18,6 +18,8 @@ from ..errors import UserError
 from ..files import atomic_write
 from ..models.embeddings import check_prompt_tokens
 from ..resources import is_large, memory_savers
+from .loop import decode, denoise, initial_noise, latent_size, sampler
+from .plain import PromptModel
 from .schedulers import make_scheduler
 
 
@@ -59,10 +61,6 @@ def warn_truncated(tokenizer, prompts: list[str]) -> None:
                   "after that (shorten it to keep the end)", file=sys.stderr)
 
 
-def default_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
 
@@ -99,15 +97,11 @@ def generate(
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
     check_prompt_tokens(pipe.tokenizer, prompts + ([negative_prompt] if negative_prompt else []))
     warn_truncated(pipe.tokenizer, prompts + ([negative_prompt] if negative_prompt else []))
-    size = default_size(pipe)
-    height, width = height or size, width or size
-    multiple = pipe.vae_scale_factor
-    if height % multiple or width % multiple or height < multiple or width < multiple:
-        raise UserError(f"size {width}x{height} is not a positive multiple of {multiple}: pass --width/--height "
-                        f"divisible by {multiple}")
+    latent_hw = latent_size(pipe, height, width)
+    height, width = (side * pipe.vae_scale_factor for side in latent_hw)
     low_memory = is_large(pipe, height, width) if low_memory is None else low_memory
     batch_size = 1 if low_memory else batch_size
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    make_scheduler(scheduler, pipe.scheduler.config)  # an unknown name fails before any work
     jobs = [(p, seed + j) for p in prompts for j in range(num_images)]
     images: list[Image.Image] = []
     several = procs is not None and procs.several
@@ -116,24 +110,14 @@ def generate(
     progress = progress and (not several or procs.main)
     bar = tqdm(total=len(batches) * steps, desc="generate", unit="step", disable=not progress, dynamic_ncols=True)
 
-    def advance(_pipe, _i, _t, kwargs):
-        bar.update(1)
-        return kwargs
-
     with memory_savers(pipe, low_memory):
         for batch in batches:
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
-            out = pipe(
-                prompt=[p for p, _ in batch],
-                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                generator=generators,
-                callback_on_step_end=advance,
-            )
-            images.extend(out.images)
+            model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale)
+            schedule = sampler(scheduler, pipe, steps)
+            latents = initial_noise(pipe, generators, latent_hw, schedule)
+            latents = denoise(model, latents, schedule, generators=generators, progress=bar)
+            images.extend(decode(pipe, latents))
     bar.close()
     if several:
         images = procs.gather(images)

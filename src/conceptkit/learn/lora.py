@@ -153,13 +153,9 @@ def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int) -> Path:
     from ..generate.images import generate
 
     prompts = [p.format(cfg.phrase) for p in cfg.validation_prompts]
-    scheduler = pipe.scheduler  # generate() installs its own sampler; training keeps the pipeline's
-    try:
-        with torch.no_grad():
-            result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
-                              guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
-    finally:
-        pipe.scheduler = scheduler
+    with torch.no_grad():
+        result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
+                          guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
     return result.grid_path
 
 

@@ -22,13 +22,14 @@ DEFAULT_PLACEHOLDER = "S*"
 
 
 class _WordAtSlot(nn.Module):
-    def __init__(self, base: nn.Embedding, slots: torch.Tensor, words: torch.Tensor, positions: nn.Embedding):
+    def __init__(self, base: nn.Embedding, rows: torch.Tensor | None, slots: torch.Tensor, words: torch.Tensor,
+                 positions: nn.Embedding):
         super().__init__()
-        self.base, self.slots, self.words, self.positions = base, slots, words, positions
+        self.base, self.rows, self.slots, self.words, self.positions = base, rows, slots, words, positions
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        rows = torch.arange(ids.shape[0], device=ids.device)
+        rows = torch.arange(ids.shape[0], device=ids.device) if self.rows is None else self.rows.to(ids.device)
         spliced = (self.words.to(out.dtype) - self.positions.weight[self.slots].to(out.dtype))
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         mask[rows, self.slots] = True
@@ -42,9 +43,12 @@ def position_embedding(text_encoder) -> nn.Embedding:
 
 
 @contextlib.contextmanager
-def _spliced(text_encoder, slots: torch.Tensor, words: torch.Tensor):
+def words_spliced(text_encoder, slots: torch.Tensor, words: torch.Tensor, rows: torch.Tensor | None = None):
+    """Within the block, the text encoder reads words[k] (d,) at token position slots[k] of batch row rows[k]
+    (rows None: row k) instead of that token's embedding plus its position: S* carries no position (§3.3)."""
     base = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(_WordAtSlot(base, slots, words, position_embedding(text_encoder)))
+    slots = slots.to(text_encoder.device)
+    text_encoder.set_input_embeddings(_WordAtSlot(base, rows, slots, words, position_embedding(text_encoder)))
     try:
         yield
     finally:
@@ -61,7 +65,7 @@ def encode_with_word(text_encoder, ids: torch.Tensor, slots: torch.Tensor | None
         return text_encoder(ids)[0]
     slots = slots.to(device)
     words = words.reshape(ids.shape[0], -1)
-    with _spliced(text_encoder, slots, words):
+    with words_spliced(text_encoder, slots, words):
         out = text_encoder(ids)[0]
     if scale != 1.0:
         factor = torch.ones(out.shape[:2] + (1,), dtype=out.dtype, device=out.device)

@@ -1,4 +1,5 @@
-"""ProFusion sampling (ALGORITHMS.md §3.6): plain sampling with the encoded word S*, and fusion sampling.
+"""ProFusion sampling (ALGORITHMS.md §3.6) as a plug-in of the denoising loop (generate/loop.py): plain sampling with
+the encoded word S*, and fusion sampling.
 
 Per DDIM step t (η = 0 for the main step):
   (b) fusion, `refine_steps` = m times: S* = PromptNet(x_ref, t, tokens, x_t);
@@ -12,6 +13,9 @@ are encoded once, c once per PromptNet call (S* changes with x_t); η = 0 sub-st
 noise comes from each image's generator. `reference` follows the official code: one UNet call per condition, the
 reference branch computed (and discarded) in fusion sub-steps, every prompt re-encoded at every call, fusion
 noise from the global RNG.
+
+Plain sampling (no fusion sub-step) works with every scheduler of generate/schedulers.py; fusion sub-steps are
+defined on DDIM's steps (ᾱ_t, ᾱ_t' and the η-variance of a DDIM step), so fusion refuses other schedulers.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..generate.loop import Step, decode, denoise, initial_noise, sampler
+from ..generate.loop import work_dtype as loop_work_dtype
 from .fusion import MAX_ETA, fusion_update, to_epsilon
 from .prompts import DEFAULT_PLACEHOLDER, check_placeholder, encode_plain, encode_with_word, tokenize_with_slot
 from .saved import SavedPromptNet, unet_attention_applied
@@ -44,6 +50,7 @@ class FusionConfig:
     ref_prompt: str | None = None  # overrides the derived r
     placeholder: str = DEFAULT_PLACEHOLDER
     execution: str = "batched"  # batched | reference
+    scheduler: str = "ddim"  # fusion sub-steps are DDIM's: other schedulers (generate/schedulers.py) only without them
 
     @classmethod
     def plain(cls, **kw) -> "FusionConfig":
@@ -108,7 +115,7 @@ def encode_conditions(pipe, prompts: list[str], cfg: FusionConfig) -> Conditions
 
 def work_dtype(pipe) -> torch.dtype:
     """The dtype of the latents and guided outputs: float32 for half-precision pipelines, float64 for float64 ones."""
-    return torch.promote_types(pipe.unet.dtype, torch.float32)
+    return loop_work_dtype(pipe.unet)
 
 
 class Evaluator:
@@ -170,6 +177,53 @@ def fusion_noise(x: torch.Tensor, generators: list[torch.Generator], cfg: Fusion
     return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
 
 
+class FusionSampling:
+    """ProFusion as a plug-in of the loop: `before_step` runs the fusion sub-steps on the latent, calling the object
+    gives the main step's guided output (ε̂ = ε(∅) + w1 [ε(c) − ε(∅)] + w2 [ε(r) − ε(∅)])."""
+
+    def __init__(self, ev: Evaluator, generators: list[torch.Generator], cfg: FusionConfig, scheduler):
+        self.ev, self.generators, self.cfg = ev, generators, cfg
+        self.fusing = cfg.refine_eta > 0 and cfg.refine_steps > 0
+        if self.fusing and not isinstance(scheduler, DDIMScheduler):
+            raise UserError(f"--scheduler {cfg.scheduler}: ProFusion samples with DDIM when fusion is on (the fusion "
+                            "sub-step is a DDIM step and its reverse): pass --scheduler ddim, or --no-fusion to sample "
+                            f"with {cfg.scheduler}")
+        self.alphas = scheduler.alphas_cumprod
+        self.final_alpha = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+        self.prediction = scheduler.config.prediction_type
+        self.step_gap = scheduler.config.num_train_timesteps // cfg.steps
+
+    def before_step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """η = 0 sub-steps are identities and are skipped."""
+        if not self.fusing:
+            return x
+        t = step.t
+        a = float(self.alphas[int(t)])
+        prev = int(t) - self.step_gap
+        a_prev = float(self.alphas[prev]) if prev >= 0 else self.final_alpha
+        for _ in range(self.cfg.refine_steps):
+            eps = to_epsilon(self.ev.fusion_output(x, t), x, a, self.prediction)
+            x = fusion_update(x, eps, a, a_prev, self.cfg.refine_eta, fusion_noise(x, self.generators, self.cfg))
+        return x
+
+    def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        return self.ev.main_output(x, step.t)
+
+
+def reference_latents(pipe, saved: SavedPromptNet, reference: torch.Tensor,
+                      generators: list[torch.Generator]) -> torch.Tensor:
+    """x_ref = vae.encode(ref).sample() · scaling, drawn from each image's own generator (batching-independent); or
+    the posterior mean, if that is what the PromptNet was trained with. (B, C, h, w) in the work dtype."""
+    device = pipe.unet.device
+    dist = pipe.vae.encode(reference.to(device, pipe.vae.dtype)).latent_dist
+    scaling = pipe.vae.config.scaling_factor
+    work = work_dtype(pipe)
+    if saved.meta.get("latents", "sample") == "mean":
+        return dist.mean.to(work).expand(len(generators), -1, -1, -1) * scaling
+    draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(device)
+    return (dist.mean + dist.std * draws).to(work) * scaling
+
+
 @torch.no_grad()
 def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str], cfg: FusionConfig,
            generators: list[torch.Generator], progress: bool = False) -> torch.Tensor:
@@ -178,47 +232,15 @@ def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[s
     check_config(cfg)
     for p in prompts:
         check_placeholder(p, cfg.placeholder)
-    device = pipe.unet.device
-    b = len(prompts)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(cfg.steps, device=device)
-    alphas = scheduler.alphas_cumprod
-    prediction = scheduler.config.prediction_type
-    step_gap = scheduler.config.num_train_timesteps // cfg.steps
-    scaling = pipe.vae.config.scaling_factor
-    pixels = reference.to(device, pipe.vae.dtype)
-    dist = pipe.vae.encode(pixels).latent_dist
-    # x_ref = vae.encode(ref).sample() · scaling, drawn from each image's own generator (batching-independent);
-    # or the posterior mean, if that is what the PromptNet was trained with
-    work = work_dtype(pipe)
-    if saved.meta.get("latents", "sample") == "mean":
-        x_ref = dist.mean.to(work).expand(b, -1, -1, -1) * scaling
-    else:
-        draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(device)
-        x_ref = (dist.mean + dist.std * draws).to(work) * scaling
-    tokens = saved.image_encoder(reference.float().to(device).expand(b, -1, -1, -1), x_ref)
-    cond = encode_conditions(pipe, prompts, cfg)
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, work) * scheduler.init_noise_sigma
-    ev = Evaluator(pipe, saved, x_ref, tokens, cond, cfg)
-    with unet_attention_applied(pipe.unet, saved.unet_attention):
-        for t in tqdm(scheduler.timesteps, desc="profusion", disable=not progress, leave=False):
-            a = float(alphas[int(t)])
-            prev = int(t) - step_gap
-            a_prev = float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
-            if cfg.refine_eta > 0:
-                for _ in range(cfg.refine_steps):
-                    eps = to_epsilon(ev.fusion_output(x, t), x, a, prediction)
-                    x = fusion_update(x, eps, a, a_prev, cfg.refine_eta, fusion_noise(x, generators, cfg))
-            out = ev.main_output(x, t)
-            x = scheduler.step(out, t, x, eta=0.0).prev_sample
-    return x
-
-
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+    schedule = sampler(cfg.scheduler, pipe, cfg.steps)
+    x_ref = reference_latents(pipe, saved, reference, generators)
+    tokens = saved.image_encoder(reference.float().to(pipe.unet.device).expand(len(prompts), -1, -1, -1), x_ref)
+    ev = Evaluator(pipe, saved, x_ref, tokens, encode_conditions(pipe, prompts, cfg), cfg)
+    method = FusionSampling(ev, generators, cfg, schedule)
+    x = initial_noise(pipe, generators, (pipe.unet.config.sample_size,) * 2, schedule)
+    with unet_attention_applied(pipe.unet, saved.unet_attention), \
+            tqdm(total=cfg.steps, desc="profusion", disable=not progress, leave=False) as bar:
+        return denoise(method, x, schedule, before_step=method.before_step, generators=generators, progress=bar)
 
 
 def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str] | str,
@@ -243,3 +265,26 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
 
         save(result, out_dir, columns=num_images)
     return result
+
+
+def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str | Path | None = None,
+                        fusion: bool = True, steps: int = 30, scheduler: str = "ddim", seed: int = 0,
+                        num_images: int = 1, out_dir: str | Path | None = None, progress: bool = True,
+                        **settings) -> ProFusionOutput:
+    """ProFusion the way `conceptkit generate --promptnet/--image` runs it. `promptnet`: a PromptNet folder (or a
+    loaded SavedPromptNet); `image`: the reference (default: the one the PromptNet was fine-tuned on); fusion
+    sampling with the folder's recommended settings, or plain sampling (`fusion=False`); `settings`: FusionConfig
+    fields on top (guidance_scale=..., refine_steps=..., class_word=...)."""
+    from ..learn.images import load_reference_image
+    from .saved import load_promptnet
+
+    saved = promptnet if isinstance(promptnet, SavedPromptNet) else load_promptnet(promptnet, pipe)
+    image = image or saved.reference_path
+    if image is None:
+        raise UserError(f"no reference image: pass --image FILE (the PromptNet in {saved.folder} was not "
+                        "fine-tuned on one)")
+    base = recommended_fusion(saved) if fusion else FusionConfig.plain()
+    cfg = replace(base, steps=steps, scheduler=scheduler, **settings)
+    reference = load_reference_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    return generate_profusion(pipe, saved, reference, prompts, cfg, seed=seed, num_images=num_images,
+                              out_dir=out_dir, progress=progress)

@@ -1,7 +1,7 @@
-"""`conceptkit ui`: a Gradio app with four tabs (Generate, Learn, Compose, ProFusion) over the conceptkit CLI.
+"""`conceptkit ui`: a Gradio app with four tabs (Generate, Learn, Compose, ProFusion) over conceptkit.
 
-Generation runs in the request (seconds on the bundled model), through the CLI's own code path, so the page can
-show the exact command that reproduces each picture. Everything longer is a job in the `JobQueue` (ui/jobs.py):
+Generation runs in the request (seconds on the bundled model) through the Python API, and the page shows the
+`conceptkit` command that reproduces each picture. Everything longer is a job in the `JobQueue` (ui/jobs.py):
 the page only polls it once a second, so a reload, a second browser or a second user sees the same jobs.
 """
 from __future__ import annotations
@@ -17,20 +17,24 @@ import shutil
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..models.lora import LORA_WEIGHT_NAME
-from .jobs import Job, JobQueue, one_line_error
+from ..resources import is_out_of_memory, oom_advice
+from .jobs import Job, JobQueue
 
 SCHEDULERS = ["ddim", "dpm++", "euler", "euler-a", "pndm"]
 COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none"]
 LEARN_KINDS = ("ti", "lora", "promptnet")
 LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora", "PromptNet fine-tune (one image)": "promptnet"}
 BUNDLED_LORAS = Path(__file__).resolve().parents[1] / "bundled" / "loras"
+BUNDLED_CONCEPTS = Path(__file__).resolve().parents[1] / "bundled" / "concepts"
+CONCEPT_OPTIONS = {"lora": "--lora", "embedding": "--embedding", "image": "--image"}  # compose's option per kind
 CSS = """
 .ck-bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; margin: 4px 0}
 .ck-bar > div {height: 100%; background: #2563eb}
@@ -42,6 +46,12 @@ CSS = """
 
 def bundled_loras() -> dict[str, str]:
     return {f"{p.stem} (bundled)": str(p) for p in sorted(BUNDLED_LORAS.glob("*.safetensors"))}
+
+
+def bundled_images() -> dict[str, str]:
+    """One image of each bundled concept set: a ProFusion image concept for the Compose tab."""
+    folders = sorted(p for p in BUNDLED_CONCEPTS.iterdir() if p.is_dir()) if BUNDLED_CONCEPTS.is_dir() else []
+    return {f"{p.name} (bundled)": str(sorted(p.glob("*.png"))[0]) for p in folders if any(p.glob("*.png"))}
 
 
 def learned(queue: JobQueue, kind: str) -> dict[str, str]:
@@ -188,6 +198,58 @@ def queue_md(queue: JobQueue) -> str:
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------- Generate, in the request
+
+@dataclass
+class GenerateRequest:
+    """One Generate-tab request: `run()` calls the Python API, `argv()` is the `conceptkit` command that does the
+    same (free text goes in as --option=value, so a value that starts with '-' stays a value)."""
+    model: str
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    num_images: int
+    embeddings: list[str]
+    loras: list[str]
+    promptnet: str | None
+    out: Path
+
+    def argv(self) -> list[str]:
+        argv = ["generate", "--model", self.model, f"--prompt={self.prompt}", "--seed", str(self.seed), "--steps",
+                str(self.steps), "--guidance-scale", f"{self.guidance:g}", "--num-images", str(self.num_images)]
+        if self.negative:
+            argv += [f"--negative-prompt={self.negative}"]
+        argv += [a for e in self.embeddings for a in ("--embedding", e)]
+        argv += [a for lora in self.loras for a in ("--lora", lora)]
+        if self.promptnet:
+            argv += ["--promptnet", self.promptnet]
+        elif self.scheduler != "ddim":  # ProFusion's fusion sampling is DDIM's
+            argv += ["--scheduler", self.scheduler]
+        return argv + ["--out", str(self.out)]
+
+    def run(self) -> None:
+        from ..generate.images import generate
+        from ..generate.loading import load_embeddings, load_loras
+        from ..models.loading import load_pipeline
+
+        pipe = load_pipeline(self.model)
+        load_embeddings(pipe, self.embeddings)
+        load_loras(pipe, self.loras)
+        if self.promptnet:
+            from ..profusion.sampling import generate_from_image
+
+            settings = {"guidance_scale": self.guidance, **({"negative_prompt": self.negative} if self.negative else {})}
+            generate_from_image(pipe, [self.prompt], promptnet=self.promptnet, steps=self.steps, seed=self.seed,
+                                num_images=self.num_images, out_dir=self.out, progress=False, **settings)
+        else:
+            generate(pipe, [self.prompt], negative_prompt=self.negative or None, seed=self.seed,
+                     num_images=self.num_images, steps=self.steps, guidance_scale=self.guidance,
+                     scheduler=self.scheduler, out_dir=self.out, progress=False)
+
+
 # ---------------------------------------------------------------- the app
 
 class UI:
@@ -198,46 +260,47 @@ class UI:
     def progress(self, job: Job | None) -> str:
         return progress_html(job, self.queue.position(job) if job is not None and job.status == "queued" else 0)
 
-    # Generate: in the request, through the CLI's code path
+    # Generate: in the request, through the Python API; the page shows the command that does the same
     def generate(self, model, prompt, negative, seed, steps, guidance, scheduler, num_images, embeddings, loras,
                  promptnet):
-        from .. import cli
-
         if not prompt.strip():
             return [], error_html("write a prompt first")
         out = self.work / "generate" / (time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])  # one per request
-        # free text goes in as --option=value: a value that starts with '-' stays a value, never an option
-        argv = ["generate", "--model", model, f"--prompt={prompt}", "--seed", str(int(seed)), "--steps",
-                str(int(steps)), "--guidance-scale", f"{guidance:g}", "--num-images", str(int(num_images))]
-        if negative.strip():
-            argv += [f"--negative-prompt={negative}"]
         try:
             self.check_model(model)
-            argv += [a for e in embeddings or [] for a in ("--embedding", offered(learned(self.queue, "ti"), e))]
-            argv += [a for name in loras or [] for a in ("--lora", offered(self.loras(), name))]
-            if promptnet:
-                argv += ["--promptnet", offered(learned(self.queue, "promptnet"), promptnet)]
+            embedding_files = [offered(learned(self.queue, "ti"), e) for e in embeddings or []]
+            lora_files = [offered(self.loras(), name) for name in loras or []]
+            promptnet_folder = offered(learned(self.queue, "promptnet"), promptnet) if promptnet else None
         except ValueError as e:
             return [], error_html(str(e))
-        if not promptnet and scheduler != "ddim":
-            argv += ["--scheduler", scheduler]
-        argv += ["--out", str(out)]
-        err = io.StringIO()
-        with self.generate_lock, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        request = GenerateRequest(model, prompt, negative.strip(), int(seed), int(steps), float(guidance),
+                                  scheduler, int(num_images), embedding_files, lora_files, promptnet_folder, out)
+        with self.generate_lock, contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
             began = time.perf_counter()
             try:
-                code = cli.main(argv)
-            except SystemExit as e:  # argparse rejected a value
-                code = e.code or 2
+                request.run()
+            except UserError as e:
+                return [], error_html(one_line(e))
+            except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(e):
+                    raise
+                return [], error_html(oom_advice("generate", e))
             seconds = time.perf_counter() - began
-        if code != 0:
-            return [], error_html(one_line_error(err.getvalue(), code))
         images = [p for p in pngs(out) if not p.endswith("grid.png")]
         return images, (f"{len(images)} image(s) in {seconds:.1f} s, saved in `{out}`. Reproduce with:\n"
-                        f"```bash\n{shlex.join(['conceptkit', *argv])}\n```")
+                        f"```bash\n{shlex.join(['conceptkit', *request.argv()])}\n```")
 
     def loras(self) -> dict[str, str]:
         return {**bundled_loras(), **learned(self.queue, "lora")}
+
+    def concepts(self) -> dict[str, tuple[str, str]]:
+        """What a Compose slot can hold, label -> (kind, file): LoRAs, learned embeddings, images (ProFusion, with
+        the bundled PromptNet)."""
+        out = {f"LoRA: {label}": ("lora", path) for label, path in self.loras().items()}
+        out.update({f"Embedding: {label}": ("embedding", path) for label, path in learned(self.queue, "ti").items()})
+        out.update({f"Image: {label}": ("image", path) for label, path in bundled_images().items()})
+        return out
 
     def check_model(self, model: str) -> None:
         """Only the models the picker offers: the page (or anyone calling its API) cannot make the server read
@@ -299,15 +362,15 @@ class UI:
                 result + "\n\n" + commands_md(job))
 
     # Compose: a job
-    def start_compose(self, model, template, n1, l1, n2, l2, n3, l3, methods, steps, seed):
+    def start_compose(self, model, template, n1, c1, n2, c2, n3, c3, methods, steps, seed):
         try:
             self.check_model(model)
-            slots = [(n.strip(), offered(self.loras(), lo)) for n, lo in ((n1, l1), (n2, l2), (n3, l3))
-                     if n.strip() and lo]
+            slots = [(n.strip(), offered(self.concepts(), c)) for n, c in ((n1, c1), (n2, c2), (n3, c3))
+                     if n.strip() and c]
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if len(slots) < 2:
-            return gr.update(), error_html("pick two LoRAs and name their slots (the {names} in the prompt)")
+            return gr.update(), error_html("pick two concepts and name their slots (the {names} in the prompt)")
         missing = [n for n, _ in slots if "{" + n + "}" not in template]
         if missing:
             return gr.update(), error_html(f"the prompt has no {{{missing[0]}}} slot: write it where that concept "
@@ -315,7 +378,7 @@ class UI:
         if not methods:
             return gr.update(), error_html("tick at least one method")
         command = ["compose", "--model", model, f"--prompt={template}"]
-        command += [a for n, p in slots for a in ("--lora", f"{n}={p}")]
+        command += [a for n, (kind, path) in slots for a in (CONCEPT_OPTIONS[kind], f"{n}={path}")]
         command += ["--method", ",".join(methods), "--steps", str(int(steps)), "--seed", str(int(seed)),
                     "--save-maps", "--out", "{out}"]
         job = self.queue.submit("compose", f"Compose {' + '.join(n for n, _ in slots)}", [command])
@@ -444,7 +507,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
             cancel.click(lambda job_id: queue.cancel(job_id) if job_id else None, learn_job, None, queue=False)
 
         with gr.Tab("Compose", id="compose") as compose_tab:
-            names = list(bundled_loras())
+            names = list(ui.concepts())
             with gr.Row():
                 with gr.Column():
                     template = gr.Textbox("a {a} on the left and a {b} on the right, on a gray background",
@@ -455,7 +518,8 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                                                          ("", None))):
                         with gr.Row():
                             slots.append(gr.Textbox(slot, label=f"Slot {i + 1}", scale=1))
-                            slots.append(gr.Dropdown(names, value=default, label=f"LoRA {i + 1}", scale=3))
+                            slots.append(gr.Dropdown(names, value=default, label=f"Concept {i + 1} (LoRA, "
+                                                     "embedding or image)", scale=3))
                     methods = gr.CheckboxGroup(COMPOSE_METHODS, value=["clora", "merge"],
                                                label="Methods (CLoRA and the baselines)")
                     with gr.Row():
@@ -474,7 +538,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks
                         masks = gr.Image(label="CLoRA masks (rows: steps; columns: branches)",
                                          elem_id="compose-masks", format="png", type="filepath")
                     compose_cmds = gr.Markdown()
-            compose_tab.select(lambda: [gr.update(choices=list(ui.loras()))] * 3, None, slots[1::2], queue=False)
+            compose_tab.select(lambda: [gr.update(choices=list(ui.concepts()))] * 3, None, slots[1::2], queue=False)
             compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed],
                              [compose_job, compose_msg])
 

@@ -1,0 +1,106 @@
+"""`conceptkit compose`: several concepts in one image, CLoRA and the baselines; the CLoRA settings."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from .options import add_model
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compose", help="several concepts (LoRAs, embeddings, images) in one image: CLoRA and the "
+                                       "baselines")
+    add_model(p)
+    p.add_argument("--prompt", required=True, help='template with a slot per concept: "a {cat} and a {dog} on the grass"')
+    g = p.add_argument_group("concepts, one per {slot}, of any kinds mixed")
+    g.add_argument("--lora", action="append", metavar="NAME=FILE[:TRIGGER[:CLASS]]",
+                   help="a LoRA; trigger and class word default to the LoRA's metadata")
+    g.add_argument("--embedding", action="append", metavar="NAME=FILE[:TOKEN[:CLASS]]",
+                   help="a Textual Inversion embedding: its branch's prompt says the token (default: the file's); "
+                        "the class word defaults to the init word of a `learn ti` folder")
+    g.add_argument("--image", action="append", metavar="NAME=FILE[:CLASS]",
+                   help="one image of the concept: its branch's prompt holds PromptNet's word S* for it (ProFusion; "
+                        "class word default 'object')")
+    g.add_argument("--promptnet", help="the PromptNet for --image (default with the bundled model: the bundled one)")
+    p.add_argument("--style-lora", metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
+    p.add_argument("--method", default="clora", help="clora, reference, merge, switch, composite, none; "
+                                                      "comma-separated for a side-by-side grid")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="seeds seed, seed+1, ...")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--save-maps", action="store_true", help="also write per-step attention maps and masks as PNG grids")
+    p.add_argument("--out", default="outputs/compose")
+    add_compose_settings(p)
+    p.set_defaults(func=run, several_processes=True)
+
+
+def compose_config(args):
+    from dataclasses import fields
+
+    from ..compose.config import CLoRAConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(CLoRAConfig) if getattr(args, f.name, None) is not None}
+    if "iterative_steps" in values:
+        try:
+            values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--iterative-steps {values['iterative_steps']!r}: pass step numbers separated by "
+                            "commas, e.g. 0,10,20 ('' for none)") from None
+    return CLoRAConfig(**values)
+
+
+def concept_specs(args) -> list:
+    """The --lora, --embedding and --image options as concept specs (compose/concepts.py)."""
+    from ..compose.concepts import EmbeddingSpec, ImageSpec, LoraSpec
+
+    return ([LoraSpec.parse(s) for s in args.lora or []] + [EmbeddingSpec.parse(s) for s in args.embedding or []]
+            + [ImageSpec.parse(s) for s in args.image or []])
+
+
+def run(args) -> None:
+    from ..compose.run import compose
+    from ..learn.distributed import process_device, processes
+    from ..models.loading import bundled_promptnet_path, load_pipeline
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    specs = concept_specs(args)
+    promptnet = args.promptnet or (bundled_promptnet_path(args.model) if args.image else None)
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
+    result = compose(pipe, args.prompt, specs, methods=methods, seeds=[args.seed + i for i in range(args.num_images)],
+                     cfg=compose_config(args), negative_prompt=args.negative_prompt, style_lora=args.style_lora,
+                     promptnet=promptnet, height=args.height, width=args.width, out_dir=args.out,
+                     save_maps=args.save_maps, procs=processes())
+    if not processes().main:
+        return
+    for m in methods:
+        print(f"{m}: {len(result.images[m])} image(s), {result.seconds[m]:.2f} s/image, "
+              f"{result.unet_calls[m]} UNet calls/image")
+    print(f"wrote {Path(args.out).resolve()} (grid.png: rows seeds, columns methods; compose.json)")
+
+
+def add_compose_settings(p: argparse.ArgumentParser) -> None:
+    from ..compose.config import CLoRAConfig
+
+    d = CLoRAConfig()
+    g = p.add_argument_group("CLoRA (ALGORITHMS.md §2; defaults fix the official quirks, --method reference keeps them)")
+    g.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
+    g.add_argument("--guidance-scale", type=float, help=f"default {d.guidance_scale}")
+    g.add_argument("--step-size", type=float, help=f"latent update step (default {d.step_size})")
+    g.add_argument("--max-iter-to-alter", type=int, help="update the latent on the first N steps (default: half)")
+    g.add_argument("--iterative-steps", help="steps with extra refinement, comma-separated (default "
+                                             f"{','.join(map(str, d.iterative_steps))}; '' for none)")
+    g.add_argument("--iterative-steps-steps", type=int, help=f"refinements at those steps (default {d.iterative_steps_steps})")
+    g.add_argument("--no-latent-update", dest="latent_update", action="store_false", default=None)
+    g.add_argument("--mask-threshold", type=float, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
+    g.add_argument("--apply-mask-after", type=int, help="blend uniformly before this step (default 0)")
+    g.add_argument("--attn-res", type=int, help="side of the attention maps used (default: latent/4, at least 8)")
+    for name in ("dilate", "erode", "opening", "closing"):
+        g.add_argument(f"--{name}", action="store_true", default=None, help=f"{name} the masks (3x3)")
+    g.add_argument("--execution", choices=["batched", "sequential"], help="default batched (one UNet call a step)")
+    g.add_argument("--scheduler", help=f"default {d.scheduler}: ddim, dpm++, euler, euler-a, pndm (the latent update "
+                                       "moves the latent the scheduler holds)")
+    g.add_argument("--merge-weight", type=float, help=f"merge: weight of every LoRA (default {d.merge_weight})")
+    g.add_argument("--switch-every", type=int, help=f"switch: steps per LoRA (default {d.switch_every})")

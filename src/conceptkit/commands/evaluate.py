@@ -1,0 +1,184 @@
+"""`conceptkit evaluate base|ti|clora|profusion|oracle`: the benchmarks on the shapes world."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..learn.promptnet_config import FinetuneConfig
+from ..learn.ti_config import TIConfig
+from .compose import add_compose_settings, compose_config
+from .learn import FINETUNE_DEFAULTS, TI_DEFAULTS
+from .options import add_model, add_sampling
+
+
+def register(sub) -> None:
+    evaluate = sub.add_parser("evaluate", help="benchmarks on the shapes world").add_subparsers(
+        dest="evaluate_command", required=True)
+    p = evaluate.add_parser("base", help="oracle accuracy of a model on the held-out prompt set")
+    add_model(p)
+    add_sampling(p)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--split", choices=["test", "tune"], default="test",
+                   help="test: the held-out prompts and seeds (report these); tune: training combinations and their "
+                        "own seeds (choose recipes and settings on these)")
+    p.add_argument("--json")
+    p.add_argument("--images", help="also write the generated images here")
+    p.set_defaults(func=run_base, several_processes=True)
+    p = evaluate.add_parser("ti", help="Textual Inversion on the bundled concept sets: fidelity and adherence")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--concepts", help="comma-separated concept names (default: all bundled sets)")
+    p.add_argument("--ti-steps", type=int, default=TI_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=TI_DEFAULTS.lr)
+    p.add_argument("--batch", type=int, default=TI_DEFAULTS.batch)
+    p.add_argument("--vectors", type=int, default=TI_DEFAULTS.vectors)
+    p.add_argument("--init-word", default=TI_DEFAULTS.init_word)
+    p.add_argument("--seed", type=int, default=0, help="training seed (sampling uses the held-out seeds)")
+    p.add_argument("--seeds", type=int, default=4, help="held-out sampling seeds per prompt")
+    p.add_argument("--out", default="outputs/evaluate-ti", help="embeddings, images and the picture grid")
+    p.add_argument("--json")
+    p.set_defaults(func=run_ti)
+    p = evaluate.add_parser("clora", help="compose pairs of concept LoRAs: success of CLoRA and the baselines")
+    add_model(p)
+    p.add_argument("--methods", help="comma-separated (default: clora,reference,merge,switch,composite,none)")
+    p.add_argument("--train-loras", metavar="DIR", help="train (or resume) the concept LoRAs into DIR and use "
+                                                        "them instead of the bundled ones")
+    p.add_argument("--images", help="also write every image into this folder")
+    p.add_argument("--json", help="write the results (keys <method>.success, <method>.seconds_per_image)")
+    add_compose_settings(p)
+    p.set_defaults(func=run_clora)
+    p = evaluate.add_parser("profusion", help="ProFusion on held-out objects: detail preservation and prompt adherence")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--promptnet", help="the pre-trained PromptNet (default: the bundled one)")
+    p.add_argument("--methods", help="comma-separated (default: fusion,fusion_notebook,plain,pretrained,"
+                                     "pretrained_plain,ti)")
+    p.add_argument("--objects", type=int, default=8, help="held-out test objects (at most 8)")
+    p.add_argument("--split", choices=["test", "tune"], default="test",
+                   help="tune: 4 objects seen in pre-training and seeds of their own, for choosing settings")
+    p.add_argument("--seeds", type=int, default=4, help="held-out sampling seeds per prompt")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--augment", choices=["none", "flip", "affine"])
+    g = p.add_argument_group("fusion sampling settings (default: the notebook's fusion call, see generate --help)")
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--ref-guidance-scale", type=float)
+    g.add_argument("--refine-steps", type=int)
+    g.add_argument("--refine-eta", type=float)
+    g.add_argument("--refine-emb-scale", type=float)
+    g.add_argument("--refine-guidance", type=float)
+    g.add_argument("--class-word")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="outputs/evaluate-profusion", help="fine-tuned PromptNets, images, grid.png")
+    p.add_argument("--json", help="write the results (keys <method>.preservation/.adherence/.seconds)")
+    p.set_defaults(func=run_profusion)
+    p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
+    p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
+    p.add_argument("--config")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--vae", help="a diffusers AutoencoderKL folder to test instead of --model's VAE")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--json")
+    p.set_defaults(func=run_oracle)
+
+
+def run_base(args) -> None:
+    from ..evaluate.base import evaluate_base, table, write_json
+    from ..learn.distributed import process_device, processes
+    from ..models.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
+    results = evaluate_base(pipe, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
+                            scheduler=args.scheduler, image_dir=args.images, procs=processes(), split=args.split)
+    if not processes().main:
+        return
+    results["model"] = args.model
+    print(table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
+def run_ti(args) -> None:
+    from ..evaluate.base import write_json
+    from ..evaluate.ti import evaluate_ti, table
+    from ..shapes.concepts import CONCEPTS, by_name
+
+    try:
+        concepts = [by_name(n) for n in args.concepts.split(",")] if args.concepts else list(CONCEPTS)
+    except KeyError as e:
+        raise UserError(f"unknown concept {e}: pass some of {', '.join(c.name for c in CONCEPTS)}") from None
+    cfg = TIConfig(steps=args.ti_steps, lr=args.lr, batch=args.batch, vectors=args.vectors,
+                   init_word=args.init_word or None, seed=args.seed)
+    results = evaluate_ti(args.model, cfg, concepts=concepts, seeds=args.seeds, out_dir=args.out)
+    print(table(results))
+    print(f"picture grid: {Path(args.out) / 'grid.png'}")
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
+def run_oracle(args) -> None:
+    from ..evaluate.oracle_accuracy import oracle_accuracy, table
+    from ..models.loading import load_pipeline
+
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
+    else:
+        vae = load_pipeline(args.model, config=args.config, device=args.device).vae if args.model else None
+    results = oracle_accuracy(args.n, vae)
+    print(table(results))
+    if args.json:
+        from ..evaluate.base import write_json
+
+        write_json(results, args.json)
+
+
+def run_clora(args) -> None:
+    from ..evaluate.base import write_json
+    from ..evaluate.clora import METHODS, evaluate_clora, table, train_concept_loras
+    from ..models.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    loras = None
+    if args.train_loras:
+        train_concept_loras(pipe, Path(args.train_loras), model_name=args.model)
+        loras = Path(args.train_loras)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    result = evaluate_clora(pipe, compose_config(args), methods=methods, loras=loras,
+                            out_dir=Path(args.images) if args.images else None)
+    result["model"] = args.model
+    print(table(result, methods))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def run_profusion(args) -> None:
+    from ..evaluate.base import write_json
+    from ..evaluate.profusion import METHODS, evaluate_profusion, table
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}: pass some of {', '.join(METHODS)}")
+    d = FINETUNE_DEFAULTS
+    finetune = FinetuneConfig(steps=args.finetune_steps or d.steps, lr=args.finetune_lr or d.lr,
+                              augment=args.augment or d.augment)
+    given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
+             "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
+             "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
+             "class_word": args.class_word}
+    result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
+                                finetune=finetune, fusion_overrides={k: v for k, v in given.items() if v is not None},
+                                objects=args.objects, split=args.split,
+                                out_dir=args.out)
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")

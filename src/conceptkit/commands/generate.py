@@ -1,0 +1,91 @@
+"""`conceptkit generate`: text-to-image with the learned concepts (embeddings, LoRAs, a PromptNet's image word)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from .options import add_model, add_sampling
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-image: PNGs plus a grid")
+    add_model(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a text file, one prompt per line")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--low-memory", action="store_true",
+                   help="VAE tiling and slicing, one image per batch (automatic above 4x the "
+                        "model's native pixel count, e.g. over 1024x1024 on SD 1.5)")
+    add_sampling(p, guidance=None)
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA file or `learn lora` folder (diffusers or kohya layout), at WEIGHT (default 1); "
+                        "repeatable")
+    g = p.add_argument_group("ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt")
+    g.add_argument("--promptnet", help="a PromptNet folder (`learn promptnet`; default with --image: the bundled one)")
+    g.add_argument("--image", help="the reference image (default: the one a fine-tuned PromptNet was tuned on)")
+    g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="fusion sampling (default; the PromptNet folder's recommended settings, else the notebook's),"
+                        " or plain sampling with S* (--no-fusion: CFG 5, no reference prompt)")
+    g.add_argument("--refine-steps", type=int, help="fusion sub-steps per step, m (default 1)")
+    g.add_argument("--refine-eta", type=float, help="η of the fusion sub-step, in [0, sqrt(2)] (default 1)")
+    g.add_argument("--refine-emb-scale", type=float, help="λ: S* output scale in the fusion sub-step (default 0.6)")
+    g.add_argument("--refine-guidance", type=float, help="w_f: guidance in the fusion sub-step (default 7)")
+    g.add_argument("--ref-guidance-scale", type=float, help="w2: guidance of the reference prompt (default 5; 0 with --no-fusion)")
+    g.add_argument("--class-word", help="the reference prompt is the prompt with S* replaced by this (default 'object')")
+    g.add_argument("--ref-prompt", help="the reference prompt, given whole")
+    g.add_argument("--placeholder", help="the word that stands for the image in the prompt (default S*)")
+    p.add_argument("--out", default="outputs/generate")
+    p.set_defaults(func=run, several_processes=True)
+
+
+def run(args) -> None:
+    from ..generate.images import generate, read_prompt_file
+    from ..generate.loading import load_embeddings, load_loras
+    from ..models.loading import load_pipeline
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += read_prompt_file(args.prompt_file)
+    if not prompts:
+        raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    from ..learn.distributed import launched_processes, process_device, processes
+
+    if (args.promptnet or args.image) and launched_processes() > 1:
+        raise UserError("ProFusion generation (--promptnet/--image) runs in one process: launch it without "
+                        "accelerate/torchrun")
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
+    load_embeddings(pipe, args.embedding)
+    load_loras(pipe, args.lora)
+    if args.promptnet or args.image:
+        return generate_with_promptnet(pipe, prompts, args)
+    out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
+                   steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+                   scheduler=args.scheduler,
+                   height=args.height, width=args.width, out_dir=args.out, low_memory=args.low_memory or None,
+                   procs=processes())
+    if processes().main:
+        print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
+
+
+def generate_with_promptnet(pipe, prompts: list[str], args) -> None:
+    """ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt; fusion sampling unless --no-fusion."""
+    from ..models.loading import bundled_promptnet_path
+    from ..profusion.sampling import generate_from_image
+
+    given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
+             "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
+             "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
+             "class_word": args.class_word, "ref_prompt": args.ref_prompt, "placeholder": args.placeholder,
+             "negative_prompt": args.negative_prompt}
+    out = generate_from_image(pipe, prompts, promptnet=args.promptnet or bundled_promptnet_path(args.model),
+                              image=args.image, fusion=args.fusion, steps=args.steps, scheduler=args.scheduler,
+                              seed=args.seed, num_images=args.num_images, out_dir=args.out,
+                              **{k: v for k, v in given.items() if v is not None})
+    print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")

@@ -1,0 +1,234 @@
+"""`conceptkit learn ti|lora|promptnet`: the trainers' options and what the commands print."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from ..learn.lora_config import LoRAConfig
+from ..learn.promptnet_config import FinetuneConfig, PretrainConfig
+from ..learn.ti_config import TIConfig
+from .options import add_model, add_progress_log, progress_log, refuse_finished_run
+
+TI_DEFAULTS = TIConfig()
+LORA_DEFAULTS = LoRAConfig()
+PRETRAIN_DEFAULTS = PretrainConfig()
+FINETUNE_DEFAULTS = FinetuneConfig()
+
+
+def register(sub) -> None:
+    learn = sub.add_parser("learn", help="teach the model a concept").add_subparsers(dest="learn_command",
+                                                                                     required=True)
+    p = learn.add_parser("ti", help="Textual Inversion: learn a new token from 3-5 images")
+    add_model(p)
+    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept")
+    p.add_argument("--token", required=True, help="the new pseudo-word, e.g. '<my-cat>'")
+    p.add_argument("--init-word", default=TI_DEFAULTS.init_word, help="a one-token word to start from (coarse class); '' for "
+                                                        "the vocabulary mean")
+    p.add_argument("--vectors", type=int, default=TI_DEFAULTS.vectors, help="vectors per token")
+    p.add_argument("--template", default=TI_DEFAULTS.template, help="object (27), object81, style (19), or a file of templates")
+    p.add_argument("--steps", type=int, default=TI_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=TI_DEFAULTS.lr)
+    p.add_argument("--scale-lr", action="store_true", help="multiply lr by batch x grad-accum")
+    p.add_argument("--batch", type=int, default=TI_DEFAULTS.batch)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=TI_DEFAULTS.checkpoint_every)
+    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
+    p.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers",
+                   help="a1111 also writes AUTOMATIC1111's .pt layout")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the frozen models (GPU); the learned vectors stay fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (GPU, 512 px)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_progress_log(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_ti, several_processes=True)
+
+    p = learn.add_parser("lora", help="DreamBooth-style LoRA: fine-tune low-rank adapters on 3-5 captioned images")
+    add_model(p)
+    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept (captions: --prompt, or "
+                                                   "<image>.txt next to each image)")
+    p.add_argument("--prompt", default=LORA_DEFAULTS.prompt,
+                   help="instance prompt for every image, e.g. 'a photo of zwx circle' ({} = trigger + class word)")
+    p.add_argument("--trigger", default=LORA_DEFAULTS.trigger, help="the rare word the captions use for the concept")
+    p.add_argument("--class-word", default=LORA_DEFAULTS.class_word, help="the concept's class, e.g. 'circle' "
+                                                                          "(validation prompts say 'trigger class')")
+    p.add_argument("--rank", type=int, default=LORA_DEFAULTS.rank)
+    p.add_argument("--alpha", type=float, default=LORA_DEFAULTS.alpha, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=int, default=LORA_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=LORA_DEFAULTS.lr)
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=LORA_DEFAULTS.text_encoder,
+                   help="also train LoRA on the text encoder's attention")
+    p.add_argument("--text-encoder-lr", type=float, default=LORA_DEFAULTS.text_encoder_lr, help="(default: --lr)")
+    p.add_argument("--batch", type=int, default=LORA_DEFAULTS.batch)
+    p.add_argument("--grad-accum", type=int, default=LORA_DEFAULTS.grad_accum)
+    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
+    p.add_argument("--flip-p", type=float, default=LORA_DEFAULTS.flip_p, help="probability of a mirrored image")
+    p.add_argument("--seed", type=int, default=LORA_DEFAULTS.seed)
+    p.add_argument("--checkpoint-every", type=int, default=LORA_DEFAULTS.checkpoint_every)
+    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
+    p.add_argument("--validation-prompt", action="append",
+                   help="repeatable; {} = trigger + class word (default: 'a photo of {}')")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the models (GPU); the LoRA weights stay fp32")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_progress_log(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_lora, several_processes=True)
+
+    p = learn.add_parser("promptnet", help="ProFusion's PromptNet: --pretrain on a domain, or --finetune on one image")
+    add_model(p)
+    p.add_argument("--pretrain", action="store_true", help="domain pre-training on --images DIR (ALGORITHMS.md §3.4)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune on one --image FILE (§3.5)")
+    p.add_argument("--images", help="--pretrain: a folder of images of the domain")
+    p.add_argument("--image", help="--finetune: the image of the concept")
+    p.add_argument("--promptnet", help="--finetune: the pre-trained PromptNet folder (default: the bundled one)")
+    p.add_argument("--image-encoder", help="--pretrain: a local transformers CLIPVisionModel folder for the context "
+                                           "tokens (default: the VAE-latent patch encoder of the bundled model)")
+    p.add_argument("--steps", type=int, help=f"default {PRETRAIN_DEFAULTS.steps} (pretrain), {FINETUNE_DEFAULTS.steps} (finetune)")
+    p.add_argument("--lr", type=float, help=f"default {PRETRAIN_DEFAULTS.lr} (pretrain), {FINETUNE_DEFAULTS.lr} (finetune)")
+    p.add_argument("--batch", type=int, help=f"default {PRETRAIN_DEFAULTS.batch} (pretrain), {FINETUNE_DEFAULTS.batch} (finetune)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--l2-reg", type=float, default=0.0, help="λ·mean(S*²) (default 0: the official regularisation-free objective)")
+    p.add_argument("--prefix", default=PRETRAIN_DEFAULTS.prefix, help="training prompt before S*")
+    p.add_argument("--pad-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad the training prompt like inference does (default: no, the official 6 tokens; "
+                        "--finetune: as the PromptNet was pre-trained)")
+    p.add_argument("--latents", choices=["sample", "mean"],
+                   help="z ~ q(z|x) (default, official) or its mean (for a UNet trained on means, like the bundled "
+                        "one); --finetune default: as pre-trained")
+    p.add_argument("--flip-p", type=float, default=0.0, help="--pretrain: probability of a mirrored image")
+    p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
+                   help="--finetune: the mini dataset's augmentation")
+    p.add_argument("--copies", type=int, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
+    p.add_argument("--unet-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="--finetune: also train the UNet's to_q/to_k/to_v (default yes, as the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_progress_log(p)
+    p.add_argument("--export-to", help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
+                                       "folder here, and stop (works while the run goes on)")
+    p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_promptnet)
+
+
+def run_ti(args) -> None:
+    from ..learn.textual_inversion import learn_textual_inversion
+    from ..models.loading import load_pipeline
+
+    refuse_finished_run(args.out, args.resume, "learned_embeds.safetensors")
+
+    cfg = TIConfig(token=args.token, init_word=args.init_word or None, vectors=args.vectors, template=args.template,
+                   steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch=args.batch, grad_accum=args.grad_accum,
+                   resolution=args.resolution, center_crop=args.center_crop, seed=args.seed,
+                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
+                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                   **({"validation_prompts": ()} if args.no_validation else {}))
+    from ..learn.distributed import process_device, processes
+
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
+    result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
+                                     on_step=progress_log(args, cfg.steps))
+    if processes().main:
+        print(f"learned {cfg.token} in {result.seconds:.0f} s (final loss {result.losses[-1]:.4f}); wrote "
+          f"{result.out_dir / 'learned_embeds.safetensors'}; use it with: conceptkit generate --model {args.model} "
+          f"--embedding {result.out_dir} --prompt 'a photo of {cfg.token}'")
+
+
+def run_lora(args) -> None:
+    from ..learn.lora import learn_lora
+    from ..models.loading import load_pipeline
+
+    refuse_finished_run(args.out, args.resume, "pytorch_lora_weights.safetensors")
+
+    cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, prompt=args.prompt, rank=args.rank,
+                     alpha=args.alpha, steps=args.steps, lr=args.lr, text_encoder=args.text_encoder,
+                     text_encoder_lr=args.text_encoder_lr, batch=args.batch, grad_accum=args.grad_accum,
+                     resolution=args.resolution, center_crop=args.center_crop, flip_p=args.flip_p, seed=args.seed,
+                     checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+                     validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
+                     if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
+                     mixed_precision=args.mixed_precision)
+    from ..learn.distributed import process_device, processes
+
+    pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
+    result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
+                        on_step=progress_log(args, cfg.steps))
+    final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
+    if processes().main:
+        print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "
+          f"conceptkit generate --model {args.model} --lora {result.out_dir} --prompt 'a photo of {cfg.phrase}'")
+
+
+def run_promptnet(args) -> None:
+    from ..models.loading import load_pipeline
+
+    if args.export_to:
+        from ..learn.promptnet import export_pretrain_checkpoint
+        from ..models.loading import load_pipeline
+
+        pipe = load_pipeline(args.model, config=args.config, device=args.device)
+        import torch
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.export_dtype]
+        path = export_pretrain_checkpoint(pipe, args.out, args.export_to, dtype, model_name=args.model)
+        print(f"wrote the latest checkpoint of {args.out} as a PromptNet folder: {path}")
+        return
+    if args.pretrain == args.finetune:
+        raise UserError("pass exactly one of --pretrain (with --images DIR) or --finetune (with --image FILE)")
+    if args.pretrain and not args.images:
+        raise UserError("--pretrain needs --images DIR, a folder of images of the domain")
+    if args.finetune and not args.image:
+        raise UserError("--finetune needs --image FILE, the one image of the concept")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, config=args.config, device=args.device)
+    if args.pretrain:
+        from ..learn.promptnet import pretrain_promptnet
+
+        d = PRETRAIN_DEFAULTS
+        cfg = PretrainConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
+                             grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix,
+                             pad_prompt=bool(args.pad_prompt), latents=args.latents or "sample", flip_p=args.flip_p,
+                             seed=args.seed,
+                             checkpoint_every=args.checkpoint_every or d.checkpoint_every,
+                             validate_every=d.validate_every if args.validate_every is None else args.validate_every)
+        encoder = None
+        if args.image_encoder:
+            from ..profusion.image_encoders import ClipVisionEncoder
+
+            encoder = ClipVisionEncoder(args.image_encoder, device=pipe.unet.device)
+        result = pretrain_promptnet(pipe, args.images, args.out, cfg, image_encoder=encoder, model_name=args.model,
+                                    resume=args.resume, on_step=progress_log(args, cfg.steps))
+        print(f"pre-trained PromptNet in {result.seconds:.0f} s (loss over the last 100 steps "
+              f"{sum(result.losses[-100:]) / max(len(result.losses[-100:]), 1):.4f}); wrote {result.out_dir}; "
+              f"fine-tune it with: conceptkit learn promptnet --finetune --promptnet {result.out_dir} "
+              "--image IMAGE --out OUT")
+        return
+    from ..learn.promptnet import finetune_promptnet
+    from ..models.loading import bundled_promptnet_path
+    from ..profusion.saved import load_promptnet
+
+    d = FINETUNE_DEFAULTS
+    cfg = FinetuneConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
+                         grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix, augment=args.augment,
+                         copies=args.copies, train_unet_attention=args.unet_attention, seed=args.seed,
+                         pad_prompt=args.pad_prompt, latents=args.latents,
+                         checkpoint_every=args.checkpoint_every or d.checkpoint_every,
+                         validate_every=d.validate_every if args.validate_every is None else args.validate_every)
+    pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)
+    result = finetune_promptnet(pipe, pretrained, args.image, args.out, cfg, model_name=args.model,
+                                resume=args.resume, on_step=progress_log(args, cfg.steps))
+    print(f"fine-tuned PromptNet on {args.image} in {result.seconds:.1f} s; wrote {result.out_dir}; use it with: "
+          f"conceptkit generate --model {args.model} --promptnet {result.out_dir} --prompt 'S* on a navy background'")

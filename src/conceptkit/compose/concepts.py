@@ -1,0 +1,205 @@
+"""The concepts a composition holds, one per {slot} of the template, of any kind:
+
+- a LoRA, `--lora NAME=FILE[:TRIGGER[:CLASS]]`: its branch runs the adapter (UNet, and the text encoder where the
+  file has weights for it) and its prompt says "TRIGGER CLASS";
+- a Textual Inversion embedding, `--embedding NAME=FILE[:TOKEN[:CLASS]]`: the token is added to the tokenizer and
+  text encoder (diffusers' loader), its branch's prompt says the token, and no adapter runs;
+- a ProFusion image, `--image NAME=FILE[:CLASS]` with a PromptNet: its branch's prompt has a word slot where
+  PromptNet's S* for the current latent is spliced in at every step (profusion/image_word.py).
+In every other branch a concept is its CLASS word. CLoRA's contrastive update and masks work on the branches'
+attention maps, so they treat every kind alike.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import UserError
+from .prompts import ConceptSlot
+
+MAX_CONCEPTS = 4
+DEFAULT_IMAGE_CLASS = "object"  # ProFusion's default reference word (profusion/sampling.py FusionConfig.class_word)
+
+
+def _parse(cls, spec: str, fields: int):
+    name, sep, rest = spec.partition("=")
+    example = cls.EXAMPLE
+    if not sep or not name or not rest:
+        raise UserError(f"{cls.OPTION} {spec!r}: write {cls.FORM}, e.g. {example}")
+    parts = rest.split(":")
+    path, words = parts[0], parts[1:]
+    if not path:
+        raise UserError(f"{cls.OPTION} {spec!r}: no file after '=': write {cls.FORM}, e.g. {example}")
+    if len(words) > fields:
+        raise UserError(f"{cls.OPTION} {spec!r}: too many ':' fields; write {cls.FORM}")
+    return cls(name, path, *(w or None for w in words))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """`name=path[:trigger[:class word]]` from the command line."""
+    name: str
+    path: str
+    trigger: str | None = None
+    class_word: str | None = None
+    kind: ClassVar[str] = "lora"
+    OPTION: ClassVar[str] = "--lora"
+    FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]]"
+    EXAMPLE: ClassVar[str] = "cat=cat.safetensors:sks:cat"
+
+    @classmethod
+    def parse(cls, spec: str) -> "LoraSpec":
+        return _parse(cls, spec, 2)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """`name=path[:token[:class word]]`: a Textual Inversion embedding (any layout models/embeddings.py reads)."""
+    name: str
+    path: str
+    token: str | None = None
+    class_word: str | None = None
+    kind: ClassVar[str] = "embedding"
+    OPTION: ClassVar[str] = "--embedding"
+    FORM: ClassVar[str] = "NAME=FILE[:TOKEN[:CLASS]]"
+    EXAMPLE: ClassVar[str] = "cat=learned_embeds.safetensors:<my-cat>:cat"
+
+    @classmethod
+    def parse(cls, spec: str) -> "EmbeddingSpec":
+        return _parse(cls, spec, 2)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """`name=path[:class word]`: one image of the concept, turned into a word by a PromptNet."""
+    name: str
+    path: str
+    class_word: str | None = None
+    kind: ClassVar[str] = "image"
+    OPTION: ClassVar[str] = "--image"
+    FORM: ClassVar[str] = "NAME=FILE[:CLASS]"
+    EXAMPLE: ClassVar[str] = "cat=cat.png:cat"
+
+    @classmethod
+    def parse(cls, spec: str) -> "ImageSpec":
+        return _parse(cls, spec, 1)
+
+
+ConceptSpec = LoraSpec | EmbeddingSpec | ImageSpec
+
+
+@dataclass
+class Concept:
+    """A loaded concept: its slot (phrases and kind), the file, and what its branch runs."""
+    slot: ConceptSlot
+    file: str
+    token: str | None  # LoRA: its trigger; embedding: its token; image: the placeholder its word slot shows
+    adapter: str | None = None  # LoRA: the adapter's name in the pipeline
+    word: object | None = None  # image: its ImageWord
+
+    def describe(self) -> dict:
+        return {"name": self.slot.name, "kind": self.slot.kind, "file": self.file, "token": self.token,
+                "class_word": self.slot.class_word}
+
+
+def adapter_name(name: str) -> str:
+    return "concept_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def load_concepts(pipe, specs: list[ConceptSpec], promptnet=None) -> list[Concept]:
+    """Load every concept into `pipe` (LoRA adapters, embedding tokens; PromptNet words for images). `promptnet`: a
+    PromptNet folder or a loaded SavedPromptNet, needed when an image is among the concepts."""
+    if not specs:
+        raise UserError("no concept given: pass --lora NAME=FILE (or --embedding / --image NAME=FILE) for each "
+                        "{NAME} slot of the prompt")
+    if len(specs) > MAX_CONCEPTS:
+        raise UserError(f"{len(specs)} concepts given; compose takes at most {MAX_CONCEPTS}")
+    names = [s.name for s in specs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise UserError(f"two concepts are named '{twice}': give each {{slot}} one concept")
+    saved = None
+    if any(s.kind == "image" for s in specs):
+        saved = _promptnet(pipe, promptnet)
+    return [{"lora": _load_lora, "embedding": _load_embedding, "image": _load_image}[s.kind](pipe, s, saved)
+            for s in specs]
+
+
+def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
+    from ..models.lora import load_lora, loaded_adapters
+
+    adapter = adapter_name(spec.name)
+    if adapter in loaded_adapters(pipe):  # a slot name reused with another file: replace it
+        pipe.delete_adapters(adapter)
+    info = load_lora(pipe, spec.path, adapter)
+    trigger = spec.trigger or info.trigger
+    class_word = spec.class_word or info.class_word
+    if not class_word:
+        raise UserError(f"LoRA '{spec.name}' ({spec.path}) has no class word in its metadata: pass "
+                        f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
+    return Concept(ConceptSlot(spec.name, trigger, class_word, "lora"), spec.path, trigger, adapter=adapter)
+
+
+def _embedding_class_word(path: Path) -> str | None:
+    """The init word a `learn ti` run recorded next to its embedding (metadata.json), if any."""
+    folder = path if path.is_dir() else path.parent
+    meta = folder / "metadata.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("init_word") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_embedding(pipe, spec: EmbeddingSpec, _saved) -> Concept:
+    import torch
+
+    from ..models.embeddings import add_embedding, read_embedding
+
+    embedding = read_embedding(spec.path, spec.token)
+    class_word = spec.class_word or _embedding_class_word(Path(spec.path))
+    if not class_word:
+        raise UserError(f"embedding '{spec.name}' ({spec.path}) names no class word: pass --embedding "
+                        f"{spec.name}={spec.path}:{embedding.token}:CLASS (e.g. :{embedding.token}:dog)")
+    vocab = pipe.tokenizer.get_vocab()
+    if embedding.token in vocab:  # loaded before (a composition run twice on one pipeline): the same vectors?
+        n = embedding.vectors.shape[0]
+        names = [embedding.token] + [f"{embedding.token}_{i}" for i in range(1, n)]
+        ids = [vocab.get(t) for t in names]
+        table = pipe.text_encoder.get_input_embeddings().weight
+        same = None not in ids and torch.equal(table[ids].detach().float().cpu(), embedding.vectors)
+        if not same:
+            raise UserError(f"token '{embedding.token}' is already in the vocabulary: pass --embedding "
+                            f"{spec.name}={spec.path}:<another-token>")
+    else:
+        add_embedding(pipe, embedding)
+    phrase = pipe.maybe_convert_prompt(embedding.token, pipe.tokenizer)  # "<t> <t>_1 ..." for several vectors
+    return Concept(ConceptSlot(spec.name, phrase, class_word, "embedding"), spec.path, embedding.token)
+
+
+def _promptnet(pipe, promptnet):
+    from ..profusion.saved import SavedPromptNet, load_promptnet
+
+    if promptnet is None:
+        raise UserError("an --image concept needs a PromptNet: pass --promptnet DIR (with the bundled model, the "
+                        "bundled one is the default)")
+    saved = promptnet if isinstance(promptnet, SavedPromptNet) else load_promptnet(promptnet, pipe)
+    if saved.unet_attention:
+        # its fine-tuned to_q/to_k/to_v would change every branch's UNet, not only the image's
+        print(f"note: {saved.folder} was fine-tuned with UNet attention weights; compose uses its PromptNet alone",
+              file=sys.stderr)
+    return saved
+
+
+def _load_image(pipe, spec: ImageSpec, saved) -> Concept:
+    from ..profusion.image_word import ImageWord
+    from ..profusion.prompts import DEFAULT_PLACEHOLDER
+
+    word = ImageWord(pipe, saved, spec.path)
+    slot = ConceptSlot(spec.name, DEFAULT_PLACEHOLDER, spec.class_word or DEFAULT_IMAGE_CLASS, "image")
+    return Concept(slot, spec.path, DEFAULT_PLACEHOLDER, word=word)

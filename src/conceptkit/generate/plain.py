@@ -1,0 +1,36 @@
+"""Plain text-to-image sampling as a plug-in of the loop: the prompts' conditioning and classifier-free guidance.
+
+The prompts are encoded by diffusers' own `encode_prompt` (Textual Inversion's multi-vector tokens, LoRA text
+encoder layers and clip-skip handled as the pipeline does), and every step is the pipeline's arithmetic: one UNet
+call on [negatives; prompts], ε_u + w (ε_c − ε_u). A guidance scale of 1 or less means no negative branch, as in
+the pipeline.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loop import Step, guide, work_dtype
+
+
+class PromptModel:
+    """ε (or v) for a batch of prompts, guided: the `model` of `loop.denoise` for plain sampling."""
+
+    def __init__(self, pipe, prompts: list[str], negative_prompt: str | None, guidance_scale: float,
+                 guidance_rescale: float = 0.0):
+        self.unet, self.scale, self.rescale = pipe.unet, guidance_scale, guidance_rescale
+        self.guided = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(
+                prompts, pipe.unet.device, 1, self.guided,
+                [negative_prompt] * len(prompts) if negative_prompt else None)
+        self.embeddings = torch.cat([uncond, cond]) if self.guided else cond
+        self.work = work_dtype(pipe.unet)
+
+    def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = torch.cat([x] * 2) if self.guided else x
+        out = self.unet(x.to(self.unet.dtype), step.t, encoder_hidden_states=self.embeddings,
+                        return_dict=False)[0].to(self.work)
+        if not self.guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return guide(uncond, cond, self.scale, self.rescale)
