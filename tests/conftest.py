@@ -8,6 +8,7 @@ from hypothesis import settings
 
 
 from conceptkit.models.fixtures import build_tiny_sd, write_single_file
+from conceptkit.models.sdxl_fixture import build_tiny_sdxl
 
 # Another process may be training on the same machine: keep each test to one core.
 torch.set_num_threads(1)
@@ -29,6 +30,12 @@ def sd_tiny_dir(tmp_path_factory) -> Path:
 def sd_tiny_single_file(sd_tiny_dir, tmp_path_factory) -> Path:
     """The same model as one LDM-layout .safetensors checkpoint (load it with config=sd_tiny_dir)."""
     return write_single_file(sd_tiny_dir, tmp_path_factory.mktemp("sd-tiny-single") / "sd-tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sdxl_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight StableDiffusionXLPipeline diffusers folder (seed 0; diffusers' SDXL test widths)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny") / "pipeline", seed=0)
 
 
 @pytest.fixture

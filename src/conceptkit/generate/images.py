@@ -113,7 +113,7 @@ def generate(
     with memory_savers(pipe, low_memory):
         for batch in batches:
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
-            model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale)
+            model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale, size=(height, width))
             schedule = sampler(scheduler, pipe, steps)
             latents = initial_noise(pipe, generators, latent_hw, schedule)
             latents = denoise(model, latents, schedule, generators=generators, progress=bar)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.sdxl import encode_prompts, is_sdxl
 from .loop import Step, guide, work_dtype
 
 
@@ -16,20 +17,28 @@ class PromptModel:
     """ε (or v) for a batch of prompts, guided: the `model` of `loop.denoise` for plain sampling."""
 
     def __init__(self, pipe, prompts: list[str], negative_prompt: str | None, guidance_scale: float,
-                 guidance_rescale: float = 0.0):
+                 guidance_rescale: float = 0.0, size: tuple[int, int] | None = None):
+        """size: (height, width) of the images, for SDXL's time ids (default: the model's native size)."""
         self.unet, self.scale, self.rescale = pipe.unet, guidance_scale, guidance_rescale
         self.guided = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        self.added = None
         with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(
-                prompts, pipe.unet.device, 1, self.guided,
-                [negative_prompt] * len(prompts) if negative_prompt else None)
-        self.embeddings = torch.cat([uncond, cond]) if self.guided else cond
+            if is_sdxl(pipe):
+                native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+                height, width = size or (native, native)
+                self.embeddings, self.added = encode_prompts(pipe, prompts, negative_prompt, self.guided, height,
+                                                             width)
+            else:
+                cond, uncond = pipe.encode_prompt(
+                    prompts, pipe.unet.device, 1, self.guided,
+                    [negative_prompt] * len(prompts) if negative_prompt else None)
+                self.embeddings = torch.cat([uncond, cond]) if self.guided else cond
         self.work = work_dtype(pipe.unet)
 
     def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         x = torch.cat([x] * 2) if self.guided else x
         out = self.unet(x.to(self.unet.dtype), step.t, encoder_hidden_states=self.embeddings,
-                        return_dict=False)[0].to(self.work)
+                        added_cond_kwargs=self.added, return_dict=False)[0].to(self.work)
         if not self.guided:
             return out
         uncond, cond = out.chunk(2)

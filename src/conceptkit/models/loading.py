@@ -1,6 +1,7 @@
 """The one place where conceptkit loads base models (the `--model` option).
 
-`--model` accepts:
+`--model` accepts (a StableDiffusionPipeline or StableDiffusionXLPipeline; the class model_index.json names decides,
+anything else is refused in one line):
 - "toy": the bundled shapes-world model (`CONCEPTKIT_TOY_MODEL` overrides its folder);
 - a local diffusers folder (with model_index.json);
 - a single `.safetensors` / `.ckpt` checkpoint in the original LDM layout, plus `config=` a diffusers folder or a
@@ -13,6 +14,7 @@ snapshot folders by us, and `.ckpt` files are unpickled with `weights_only=True`
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -31,6 +33,9 @@ TOY_MODEL_ENV = "CONCEPTKIT_TOY_MODEL"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_REVISION = "main"
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SUPPORTED_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE)
 ACCEPTED_FORMS = ("pass 'toy', a diffusers folder (with model_index.json), a .safetensors/.ckpt file together with "
                   "--config <diffusers folder or cached hub id>, or a hub id already in the local Hugging Face cache")
 
@@ -197,22 +202,42 @@ def silence_empty_keep_in_float32_warning() -> None:
         diffusers_model_logger.addFilter(DropEmptyKeepInFloat32Warning())
 
 
-def load_from_source(source: ModelSource, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not readable JSON ({first_line(error)[:120]}): pass a complete diffusers "
+                        "folder") from None
+    return value if isinstance(value, dict) else {}
 
+
+def architecture(folder: Path) -> str:
+    """The pipeline class a diffusers folder declares (model_index.json's `_class_name`), checked to be one we
+    support (a folder that names none is left to diffusers, which says what it lacks)."""
+    name = read_json(folder / "model_index.json").get("_class_name", SD_PIPELINE)
+    if name not in SUPPORTED_PIPELINES:
+        raise UserError(f"{folder} is a {name} model, which conceptkit does not support: pass a Stable Diffusion "
+                        f"1.x/2.x ({SD_PIPELINE}) or SDXL ({SDXL_PIPELINE}) base model")
+    return name
+
+
+def load_from_source(source: ModelSource, dtype: torch.dtype):
+    import diffusers
+
+    pipeline_class = getattr(diffusers, architecture(source.folder))
     # diffusers 0.42 takes `dtype`; `torch_dtype` still works but emits a deprecation warning.
     if source.single_file is None:
-        return StableDiffusionPipeline.from_pretrained(str(source.folder), local_files_only=True, dtype=dtype)
+        return pipeline_class.from_pretrained(str(source.folder), local_files_only=True, dtype=dtype)
     if source.single_file.suffix.lower() == ".ckpt":
         ensure_ckpt_holds_only_weights(source.single_file)
-    return StableDiffusionPipeline.from_single_file(str(source.single_file), config=str(source.folder),
-                                                    local_files_only=True, dtype=dtype)
+    return pipeline_class.from_single_file(str(source.single_file), config=str(source.folder),
+                                           local_files_only=True, dtype=dtype)
 
 
 def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dtype: torch.dtype = torch.float32,
                   device: str = "auto"):
-    """Load a StableDiffusionPipeline from `model` (see the module docstring), on `device` ("auto": CUDA when
-    there is one) in `dtype`."""
+    """Load a StableDiffusionPipeline or StableDiffusionXLPipeline (whichever the model's model_index.json names)
+    from `model` (see the module docstring), on `device` ("auto": CUDA when there is one) in `dtype`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     source = resolve_model(str(model), None if config is None else str(config))
