@@ -52,10 +52,12 @@ def test_official_repo_embeddings_pt_without_a_name(tmp_path):
     assert (e.token, e.layout) == ("<obj>", "textual_inversion_repo") and torch.equal(e.vectors, VECTORS)
 
 
-def test_sdxl_files_bare_tensors_and_pickles_with_code_are_refused(tmp_path):
+def test_sdxl_files_on_sd_bare_tensors_and_pickles_with_code_are_refused(tmp_path, pipe):
     save_file({"clip_l": VECTORS, "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(UserError, match="SDXL"):
-        read_embedding(tmp_path / "xl.safetensors")
+    xl = read_embedding(tmp_path / "xl.safetensors")
+    assert xl.is_sdxl and xl.token == "xl" and xl.vectors_2.shape == (2, 1280)
+    with pytest.raises(UserError, match="is an SDXL embedding .* single text encoder"):
+        add_embedding(pipe, xl)
     torch.save(VECTORS, tmp_path / "bare.pt")
     with pytest.raises(UserError, match="bare.pt:<token>"):
         read_embedding(tmp_path / "bare.pt")

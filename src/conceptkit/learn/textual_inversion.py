@@ -9,6 +9,10 @@ Speed: each image (and its mirror image) goes through the VAE once; every step s
 distributions, as `latent_dist.sample()` would. Frozen models are in eval mode with requires_grad off, so the
 backward pass computes no weight gradients.
 
+SDXL (models/sdxl.py): a vector set for each text encoder (clip_l and clip_g), trained together through the UNet's
+conditioning on both (hidden states and the pooled embedding); written as diffusers' two files and as the
+community single file.
+
 Resumable and reproducible: every step draws its randomness from a generator seeded by (seed, step), so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 """
@@ -28,7 +32,8 @@ from diffusers import DDPMScheduler
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..models.embeddings import Embedding, add_embedding, save_embedding
+from ..models.embeddings import SDXL_SECOND_FILE, Embedding, add_embedding, save_embedding
+from ..models.sdxl import added_conditioning, encode_ids, encoders, is_sdxl, time_ids
 from .distributed import Processes, processes
 from .images import load_images
 from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, save_checkpoint, start_run_folder,
@@ -59,6 +64,15 @@ class SplicedTokenEmbedding(torch.nn.Module):
         out = self.base(torch.where(new, 0, ids))
         rows = self.learned[(ids - self.first_new_id).clamp(0, self.learned.shape[0] - 1)].to(out.dtype)
         return torch.where(new[..., None], rows, out)
+
+
+@contextlib.contextmanager
+def spliced_all(pipe, learned: list[torch.Tensor], first_new_ids: list[int]):
+    """Every text encoder of the pipeline spliced with its own trainable rows (one encoder, or SDXL's two)."""
+    with contextlib.ExitStack() as stack:
+        for (_, encoder), rows, first in zip(encoders(pipe), learned, first_new_ids):
+            stack.enter_context(spliced(encoder, rows, first))
+        yield
 
 
 @contextlib.contextmanager
@@ -161,13 +175,25 @@ def share(batch: Batch, procs: Processes, n: int) -> Batch:
     return Batch(*(None if v is None else v[part] for v in values))
 
 
-def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens: torch.Tensor) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target (ε, or v for v-prediction models), §1.1."""
+def condition(pipe, tokens, rows: torch.Tensor, latent_hw: tuple[int, int]):
+    """(encoder hidden states, added_cond_kwargs or None) of the token ids `tokens[rows]`: one tensor for a
+    one-encoder model, a list (one tensor per encoder) for SDXL, which also gets its pooled embedding and time ids."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    if not is_sdxl(pipe):
+        return pipe.text_encoder(tokens[rows].to(device))[0].to(dtype), None
+    hidden, pooled = encode_ids(pipe, [ids[rows] for ids in tokens])
+    height, width = (side * pipe.vae_scale_factor for side in latent_hw)
+    return hidden.to(dtype), added_conditioning(pooled, time_ids(pipe, height, width, len(rows)), dtype)
+
+
+def ti_loss(pipe, scheduler, batch: Batch, template_ids_tokens) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (ε, or v for v-prediction models), §1.1.
+    template_ids_tokens: (templates, L) ids, or on SDXL a list of them, one per text encoder."""
     device = pipe.unet.device
     latents, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, t)
-    cond = pipe.text_encoder(template_ids_tokens[batch.template_ids].to(device))[0]
-    pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample.float()
+    cond, added = condition(pipe, template_ids_tokens, batch.template_ids, latents.shape[-2:])
+    pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond, added_cond_kwargs=added).sample.float()
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, t)
     else:
@@ -185,7 +211,7 @@ def autocast(pipe, mixed_precision: str):
 
 
 def freeze(pipe) -> None:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, *(encoder for _, encoder in encoders(pipe))):
         module.requires_grad_(False)
         module.eval()
 
@@ -203,19 +229,27 @@ def check_resume_config(out: Path, config: dict) -> None:
     check_same_settings(out, config, json.loads(path.read_text()))
 
 
-def validate(pipe, tok, learned, first_new_id, cfg: TIConfig, out_dir: Path, step: int) -> Path:
+def validate(pipe, toks, learned, first_new_ids, cfg: TIConfig, out_dir: Path, step: int) -> Path:
     from ..generate.images import generate
 
     prompts = [p.format(cfg.token) for p in cfg.validation_prompts]
-    original = pipe.tokenizer
-    pipe.tokenizer = tok
+    names = ["tokenizer", "tokenizer_2"][: len(toks)]
+    originals = [getattr(pipe, name) for name in names]
+    for name, tok in zip(names, toks):
+        setattr(pipe, name, tok)
     try:
-        with spliced(pipe.text_encoder, learned.detach(), first_new_id), torch.no_grad():
+        with spliced_all(pipe, [rows.detach() for rows in learned], first_new_ids), torch.no_grad():
             result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
                               guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
     finally:
-        pipe.tokenizer = original
+        for name, original in zip(names, originals):
+            setattr(pipe, name, original)
     return result.grid_path
+
+
+def sdxl_file_name(token: str) -> str:
+    """The community SDXL file's name: the token, as the web UIs name the word after the file."""
+    return f"{token.strip('<>') or 'embedding'}.safetensors"
 
 
 def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, cfg: TIConfig | None = None, *,
@@ -232,13 +266,16 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     resolution = cfg.resolution or native
     images = load_images(images_dir, resolution, cfg.center_crop)
     templates = load_templates(cfg.template)
-    tok = training_tokenizer(pipe.tokenizer, cfg)
-    first_new_id = len(pipe.tokenizer)
+    pairs = encoders(pipe)  # SDXL: a vector set for each text encoder, trained together
+    toks = [training_tokenizer(tokenizer, cfg) for tokenizer, _ in pairs]
+    first_new_ids = [len(tokenizer) for tokenizer, _ in pairs]
     freeze(pipe)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    learned = torch.nn.Parameter(initial_vectors(pipe.tokenizer, pipe.text_encoder, cfg).to(pipe.text_encoder.device))
-    optimizer = torch.optim.AdamW([learned], lr=global_config(cfg, procs).effective_lr,
+    learned = [torch.nn.Parameter(initial_vectors(tokenizer, encoder, cfg).to(encoder.device))
+               for tokenizer, encoder in pairs]
+    state = {"learned": learned[0], **({"learned_2": learned[1]} if len(learned) > 1 else {})}
+    optimizer = torch.optim.AdamW(learned, lr=global_config(cfg, procs).effective_lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -249,15 +286,17 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
         check_resume_config(out, config)
         last = latest_checkpoint(checkpoints)
         if last is not None:
-            start, losses = load_checkpoint(last, {"learned": learned}, optimizer)
+            start, losses = load_checkpoint(last, state, optimizer)
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
     start_run_folder(out, config, resume, procs)
 
     means, stds = encode_latent_cache(pipe.vae, images)
     placeholder = " ".join(placeholder_tokens(cfg.token, cfg.vectors))
-    template_tokens = tok([t.format(placeholder) for t in templates], padding="max_length",
-                          max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    texts = [t.format(placeholder) for t in templates]
+    template_tokens = [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids for tok in toks]
+    template_tokens = template_tokens if is_sdxl(pipe) else template_tokens[0]
     scaling = pipe.vae.config.scaling_factor
 
     drawn = global_config(cfg, procs)
@@ -268,23 +307,28 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
         with autocast(pipe, cfg.mixed_precision):
             return ti_loss(pipe, scheduler, batch, template_tokens)
 
-    with spliced(pipe.text_encoder, learned, first_new_id):
+    with spliced_all(pipe, learned, first_new_ids):
         seconds = train_steps(
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
-            checkpoint=lambda done: save_checkpoint(checkpoints, done, {"learned": learned}, optimizer, losses),
-            validate=lambda done: validate(pipe, tok, learned, first_new_id, cfg, out / "validation", done),
+            checkpoint=lambda done: save_checkpoint(checkpoints, done, state, optimizer, losses),
+            validate=lambda done: validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", done),
             desc=f"textual inversion {cfg.token}", progress=progress, on_step=on_step, procs=procs)
     # the final grid is written last: a run killed while validating (folder there, grid not) validates again
     final_grid = out / "validation" / f"step-{cfg.steps:06d}" / "grid.png"
     if procs.main and cfg.validation_prompts and (cfg.steps > start or not final_grid.is_file()):
-        validate(pipe, tok, learned, first_new_id, cfg, out / "validation", cfg.steps)
+        validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", cfg.steps)
 
-    vectors = learned.detach().float().cpu()
-    embedding = Embedding(cfg.token, vectors, cfg.fmt)
+    vectors, *second = [rows.detach().float().cpu() for rows in learned]
+    embedding = Embedding(cfg.token, vectors, "sdxl" if second else cfg.fmt, second[0] if second else None)
     metadata = {**config, "steps_done": cfg.steps, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses
                 else None, "vector_norms": [round(float(v.norm()), 4) for v in vectors]}
+    if second:
+        metadata["vector_norms_2"] = [round(float(v.norm()), 4) for v in second[0]]
     if procs.main:
-        if cfg.fmt == "a1111":
+        if second:  # the community single file (clip_l/clip_g) beside diffusers' two files
+            save_embedding(out / sdxl_file_name(cfg.token), cfg.token, (vectors, second[0]), fmt="sdxl")
+            save_embedding(out / SDXL_SECOND_FILE, cfg.token, second[0])
+        elif cfg.fmt == "a1111":
             save_embedding(out / f"{cfg.token.strip('<>') or 'embedding'}.pt", cfg.token, vectors, fmt="a1111",
                            metadata={"steps": cfg.steps, "base_model": model_name})
         save_embedding(out / EMBEDDINGS_FILE, cfg.token, vectors, metadata=metadata)

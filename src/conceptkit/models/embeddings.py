@@ -4,7 +4,11 @@ Layouts read (ALGORITHMS.md §1.6):
 - diffusers: `{token: (n, d)}` or `{token: (d,)}` in `.safetensors` or `.bin`;
 - AUTOMATIC1111 `.pt`: `{"string_to_token", "string_to_param": {"*": (n, d)}, "name", "step", ...}`;
 - AUTOMATIC1111 / kohya `.safetensors`: `{"emb_params": (n, d)}` (the token is the file name, as in the web UI);
-- SDXL `{"clip_l", "clip_g"}`: refused with a clear error (our base models have one text encoder);
+- SDXL, one vector set per text encoder: the community single file `{"clip_l": (n, 768), "clip_g": (n, 1280)}`
+  (AUTOMATIC1111, ComfyUI, kohya), and diffusers' layout, a folder holding `learned_embeds.safetensors` (the first
+  encoder's `{token: (n, d)}`) and `learned_embeds_2.safetensors` (the second's), as diffusers'
+  `textual_inversion_sdxl.py` writes them; added with `load_textual_inversion` once per encoder. An SDXL embedding
+  given to an SD 1.x/2.x model, or a one-encoder embedding given to SDXL, is refused in one line;
 - the official Textual Inversion repo's `embeddings.pt`: like A1111 but with no "name" and its params in an
   `nn.ParameterDict`.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
@@ -26,11 +30,19 @@ from ..files import atomic_write
 PLACEHOLDER_PATTERN = re.compile(r"<[^<>\s]+>")
 
 
+SDXL_SECOND_FILE = "learned_embeds_2.safetensors"
+
+
 @dataclass
 class Embedding:
     token: str
-    vectors: torch.Tensor  # (n, d)
+    vectors: torch.Tensor  # (n, d); on SDXL the first text encoder's (clip_l)
     layout: str  # which file layout it came from
+    vectors_2: torch.Tensor | None = None  # SDXL only: the second text encoder's (clip_g), (n, d2)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.vectors_2 is not None
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
@@ -70,6 +82,8 @@ def _as_matrix(value, path: Path, key: str) -> torch.Tensor:
 def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     """Read any supported embedding file; `token` overrides the name stored in (or implied by) the file."""
     path = Path(path)
+    if path.is_dir() and (path / SDXL_SECOND_FILE).is_file():
+        return read_diffusers_sdxl(path, token)
     if path.is_dir():
         for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
             if (path / name).is_file():
@@ -93,8 +107,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if not isinstance(state, dict):
         raise UserError(f"embedding {path} is not a textual-inversion file: expected a dict of tensors")
     if "clip_l" in state or "clip_g" in state:
-        raise UserError(f"embedding {path} is an SDXL embedding (clip_l/clip_g, one per text encoder); the base model "
-                        "has a single text encoder: use an embedding trained for SD 1.x/2.x or an SDXL base model")
+        return read_community_sdxl(path, state, token)
     if "string_to_param" in state:
         layout = "a1111" if "name" in state else "textual_inversion_repo"
         name = token or state.get("name") or path.stem
@@ -108,9 +121,39 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
                     "pass a diffusers, AUTOMATIC1111 or kohya embedding")
 
 
+def read_community_sdxl(path: Path, state: dict, token: str | None) -> Embedding:
+    missing = [key for key in ("clip_l", "clip_g") if key not in state]
+    if missing:
+        raise UserError(f"embedding {path} is an SDXL embedding without '{missing[0]}': an SDXL embedding needs both "
+                        "clip_l and clip_g (one per text encoder); re-export it")
+    first, second = _as_matrix(state["clip_l"], path, "clip_l"), _as_matrix(state["clip_g"], path, "clip_g")
+    if first.shape[0] != second.shape[0]:
+        raise UserError(f"embedding {path}: clip_l has {first.shape[0]} vectors but clip_g {second.shape[0]}; they "
+                        "must match: re-export it")
+    return Embedding(token or path.stem, first, "sdxl", second)
+
+
+def read_diffusers_sdxl(folder: Path, token: str | None) -> Embedding:
+    """diffusers' SDXL layout: learned_embeds.safetensors (first encoder) + learned_embeds_2.safetensors."""
+    first = read_embedding(folder / "learned_embeds.safetensors", token)
+    second = read_embedding(folder / SDXL_SECOND_FILE, token)
+    if first.is_sdxl or second.is_sdxl or first.token != second.token:
+        raise UserError(f"embedding folder {folder}: learned_embeds.safetensors and {SDXL_SECOND_FILE} must each "
+                        f"hold one token, the same one (found {first.token!r} and {second.token!r}): re-export it")
+    if first.vectors.shape[0] != second.vectors.shape[0]:
+        raise UserError(f"embedding folder {folder}: the two encoders' files hold {first.vectors.shape[0]} and "
+                        f"{second.vectors.shape[0]} vectors; they must match: re-export it")
+    return Embedding(first.token, first.vectors, "diffusers_sdxl", second.vectors)
+
+
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, fmt: str = "diffusers",
                    metadata: dict | None = None) -> Path:
-    """Write `vectors` (n, d) for `token` atomically, in diffusers or AUTOMATIC1111 layout."""
+    """Write `vectors` (n, d) for `token` atomically, in diffusers or AUTOMATIC1111 layout; `vectors` a pair
+    (clip_l, clip_g) with fmt "sdxl": the community SDXL single file."""
+    if fmt == "sdxl":
+        first, second = (v.detach().to("cpu", torch.float32).contiguous() for v in vectors)
+        return atomic_write(path, lambda p: save_file({"clip_l": first, "clip_g": second}, p,
+                                                      metadata={"format": "pt", "token": token}))
     vectors = vectors.detach().to("cpu", torch.float32).contiguous()
     if fmt == "diffusers":
         return atomic_write(path, lambda p: save_file({token: vectors}, p, metadata={"format": "pt"}))
@@ -123,24 +166,40 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, fmt: 
 
 
 def add_embedding(pipe, embedding: Embedding) -> None:
-    """Teach the pipeline's tokenizer/text encoder `embedding.token` (diffusers' loader, after our checks)."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    dim = encoder.get_input_embeddings().embedding_dim
-    n, d = embedding.vectors.shape
-    if d != dim:
-        raise UserError(f"embedding '{embedding.token}' has vectors of size {d} but this model's text encoder uses "
-                        f"{dim}: it was trained for another base model (768 = SD 1.x, 1024 = SD 2.x); use an "
-                        "embedding made for this model")
-    vocab = tokenizer.get_vocab()
-    if embedding.token in vocab or f"{embedding.token}_1" in vocab:
-        raise UserError(f"token '{embedding.token}' is already in the vocabulary: load the embedding under another "
-                        f"name with FILE:<new-token>")
+    """Teach the pipeline's tokenizer(s)/text encoder(s) `embedding.token` (diffusers' loader, after our checks;
+    on SDXL once per encoder, as diffusers documents it)."""
+    from .sdxl import encoders, is_sdxl
+
+    sdxl = is_sdxl(pipe)
+    if embedding.is_sdxl and not sdxl:
+        raise UserError(f"embedding '{embedding.token}' is an SDXL embedding (clip_l/clip_g, one per text encoder); "
+                        "this base model has a single text encoder: use an embedding trained for SD 1.x/2.x or "
+                        "an SDXL base model")
+    if sdxl and not embedding.is_sdxl:
+        raise UserError(f"embedding '{embedding.token}' has vectors for one text encoder (an SD 1.x/2.x embedding); "
+                        "this SDXL model has two: use an SDXL embedding (clip_l + clip_g, or a folder with "
+                        f"learned_embeds.safetensors and {SDXL_SECOND_FILE})")
+    pairs = encoders(pipe)
+    sets = [embedding.vectors, embedding.vectors_2][: len(pairs)]
+    for index, ((tokenizer, encoder), vectors) in enumerate(zip(pairs, sets)):
+        dim = encoder.get_input_embeddings().embedding_dim
+        if vectors.shape[1] != dim:
+            which = f"text encoder {index + 1}" if sdxl else "text encoder"
+            raise UserError(f"embedding '{embedding.token}' has vectors of size {vectors.shape[1]} but this model's "
+                            f"{which} uses {dim}: it was trained for another base model (768 = SD 1.x, 1024 = SD "
+                            "2.x, 768 + 1280 = SDXL); use an embedding made for this model")
+        vocab = tokenizer.get_vocab()
+        if embedding.token in vocab or f"{embedding.token}_1" in vocab:
+            raise UserError(f"token '{embedding.token}' is already in the vocabulary: load the embedding under "
+                            "another name with FILE:<new-token>")
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # resize_token_embeddings explains mean-resizing; our rows are overwritten
     try:
-        pipe.load_textual_inversion(embedding.vectors.to(encoder.dtype), token=embedding.token)
+        for (tokenizer, encoder), vectors in zip(pairs, sets):
+            pipe.load_textual_inversion(vectors.to(encoder.dtype), token=embedding.token, text_encoder=encoder,
+                                        tokenizer=tokenizer)
     finally:
         hf_logging.set_verbosity(level)
 
