@@ -211,3 +211,140 @@ def test_cli_learn_ti_then_generate_with_the_community_file(sdxl_tiny_dir, conce
           "--prompt", "a <xs> on a beach", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")])
     assert (tmp_path / "gen" / "grid.png").is_file()
     assert "loaded <xs> (1 vector(s), sdxl layout)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+def xl_outputs(pipe, prompt="a photo of zwx star"):
+    """(prompt embeddings, pooled, UNet output) for fixed inputs: what a LoRA on the encoders / UNet changes."""
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        eps = pipe.unet(latents, torch.tensor(500), encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+    return embeds, pooled, eps
+
+
+def same(a, b, atol=0.0):
+    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def xl_lora(sdxl_tiny_dir, tmp_path_factory):
+    """A random SDXL LoRA on the UNet and both text encoders (rank 4, alpha 8), saved; the outputs of the model it
+    was saved from, without and with the adapter."""
+    from conceptkit.learn.lora import ADAPTER, add_training_adapters
+    from conceptkit.learn.lora_config import LoRAConfig
+    from conceptkit.models.lora import save_lora
+
+    src = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    base = xl_outputs(src)
+    add_training_adapters(src, LoRAConfig(rank=4, alpha=8.0), 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (src.unet, src.text_encoder, src.text_encoder_2):
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    want = xl_outputs(src)
+    path = save_lora(tmp_path_factory.mktemp("xl-lora") / "zwx", src.unet, src.text_encoder,
+                     text_encoder_2=src.text_encoder_2, adapter_name=ADAPTER, metadata={"trigger": "zwx"})
+    return path, base, want
+
+
+def test_our_sdxl_lora_file_loads_in_vanilla_diffusers_like_ours(xl_lora, sdxl_tiny_dir):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from conceptkit.models.lora import load_lora
+
+    path, base, want = xl_lora
+    keys = load_file(path)
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    plain = StableDiffusionXLPipeline.from_pretrained(str(sdxl_tiny_dir), local_files_only=True)
+    plain.load_lora_weights(str(path.parent))
+    theirs = xl_outputs(plain)
+    ours_pipe = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    info = load_lora(ours_pipe, path, "zwx")
+    assert same(xl_outputs(ours_pipe), theirs)
+    assert same(theirs, want, atol=1e-5)  # alpha 8 / rank 4 round-trips
+    for i in range(3):  # the LoRA changes the hidden states, the pooled embedding and the UNet
+        assert not torch.allclose(theirs[i], base[i], atol=1e-3)
+    assert info.has_text_encoder and (info.trigger, info.rank, info.alpha) == ("zwx", 4, 8.0)
+
+
+def to_kohya_sdxl(state, unet):
+    """diffusers-layout SDXL LoRA -> kohya's (lora_unet_ with the UNet's original input_blocks/… names,
+    lora_te1_/lora_te2_, lora_down/lora_up, .alpha)."""
+    from conceptkit.models.fixtures import unet_key_to_ldm
+
+    up_with_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    out = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora.", 1) if ".lora." in rest else rest.rsplit(".lora_linear_layer.", 1)
+        if component == "unet":
+            module = unet_key_to_ldm(module + ".weight", unet.config.layers_per_block,
+                                     up_with_attention).removesuffix(".weight")
+        else:  # transformers 5 flattens CLIPTextModel (no text_model.), not CLIPTextModelWithProjection
+            module = module.removeprefix("text_model.")
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_",
+                  "text_encoder_2": "lora_te2_text_model_"}[component]
+        name = prefix + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if kind.startswith('down') else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(8.0)
+    return out
+
+
+def test_kohya_sdxl_lora_with_te1_te2_keys_loads_like_the_diffusers_file(xl_lora, sdxl_tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from conceptkit.models.lora import check_lora_fits, load_lora
+
+    path, _, want = xl_lora
+    pipe = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    kohya = to_kohya_sdxl(load_file(path), pipe.unet)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_k.lora_up.weight" in kohya
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    assert "lora_te2_text_model_encoder_layers_4_self_attn_out_proj.lora_down.weight" in kohya
+    save_file(kohya, tmp_path / "zwx_kohya.safetensors")
+    assert sorted(check_lora_fits(pipe, tmp_path / "zwx_kohya.safetensors")) == sorted(check_lora_fits(pipe, path))
+    info = load_lora(pipe, tmp_path / "zwx_kohya.safetensors", "kohya")
+    assert info.has_text_encoder and (info.rank, info.alpha) == (4, 8.0)
+    assert same(xl_outputs(pipe), want, atol=1e-5)
+
+
+def test_loras_of_the_other_architecture_are_refused_in_one_line(xl_lora, xl, sd_tiny_dir, tmp_path):
+    from conceptkit.models.lora import load_lora
+
+    path, _, _ = xl_lora
+    sd = load_pipeline(str(sd_tiny_dir), device="cpu")
+    with pytest.raises(UserError, match="does not fit this model") as caught:
+        load_lora(sd, path, "xl")
+    assert "\n" not in str(caught.value)
+    from conceptkit.learn.lora import add_training_adapters, ADAPTER
+    from conceptkit.learn.lora_config import LoRAConfig
+    from conceptkit.models.lora import save_lora
+
+    add_training_adapters(sd, LoRAConfig(rank=2), 0)
+    sd_path = save_lora(tmp_path / "sd", sd.unet, sd.text_encoder, adapter_name=ADAPTER)
+    with pytest.raises(UserError, match="does not fit this model: .* expects input 768 .*model.s has 32") as caught:
+        load_lora(xl, sd_path, "sd")
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_learn_lora_trains_both_encoders_and_generates(sdxl_tiny_dir, concept, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    main(["learn", "lora", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--prompt", "a photo of {}",
+          "--trigger", "zwx", "--class-word", "star", "--steps", "2", "--batch", "1", "--rank", "2",
+          "--no-validation", "--device", "cpu", "--out", str(tmp_path / "lora")])
+    state = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    trained = {k.split(".")[0] for k, v in state.items() if k.endswith(".up.weight") and v.abs().max() > 0}
+    assert trained == {"unet", "text_encoder", "text_encoder_2"}  # every component's B moved from zero
+    main(["generate", "--model", str(sdxl_tiny_dir), "--lora", str(tmp_path / "lora"), "--prompt", "a zwx star",
+          "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")])
+    assert (tmp_path / "gen" / "grid.png").is_file()

@@ -8,7 +8,8 @@ steps an uninterrupted run takes; checkpoints and outputs are written atomically
 
 The adapters are added with diffusers' / transformers' PEFT integration (`add_adapter`, as diffusers'
 `train_dreambooth_lora.py` does) under a private name and removed again before returning: the pipeline is left as it
-was. The result is a diffusers-layout `pytorch_lora_weights.safetensors` that a plain `load_lora_weights` reads.
+was. On SDXL both text encoders get adapters (the trainer conditions the UNet as SDXL does, pooled embedding and
+time ids included). The result is a diffusers-layout `pytorch_lora_weights.safetensors` that a plain `load_lora_weights` reads.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..models.lora import LORA_WEIGHT_NAME, LoraInfo, loaded_adapters, quiet_diffusers, read_lora_info, save_lora
+from ..models.sdxl import encoders, is_sdxl, tokenize
 from .distributed import Processes, processes
 from .images import image_files, load_images
 from .lora_config import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, LoRAConfig
@@ -41,7 +43,7 @@ from .textual_inversion import (
 )
 
 ADAPTER = "conceptkit_training"
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -96,8 +98,10 @@ def add_training_adapters(pipe, cfg: LoRAConfig, seed: int) -> dict[str, list[tu
     params: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for component, targets in (("unet", UNET_TARGET_MODULES), ("text_encoder", TEXT_ENCODER_TARGET_MODULES)):
-            if component == "text_encoder" and not cfg.text_encoder:
+        text_encoders = ["text_encoder", "text_encoder_2"][: len(encoders(pipe))]
+        for component, targets in (("unet", UNET_TARGET_MODULES),
+                                   *((name, TEXT_ENCODER_TARGET_MODULES) for name in text_encoders)):
+            if component != "unet" and not cfg.text_encoder:
                 continue
             model = getattr(pipe, component)
             config = LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha, init_lora_weights="gaussian",
@@ -121,7 +125,8 @@ def remove_training_adapters(pipe) -> None:
 def restored_pipeline(pipe):
     """Whatever training does to the pipeline (adapters, requires_grad, train/eval, the sampling scheduler) is undone
     on the way out, on errors too."""
-    modules = [getattr(pipe, c) for c in ("unet", "vae", "text_encoder")]
+    modules = [getattr(pipe, c) for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+               if getattr(pipe, c, None) is not None]
     grads = [[p.requires_grad for p in m.parameters()] for m in modules]
     modes = [[s.training for s in m.modules()] for m in modules]
     scheduler = pipe.scheduler
@@ -197,7 +202,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         params = flat_params(add_training_adapters(pipe, cfg, cfg.seed))
         groups = [{"params": [p for n, p in params.items() if n.startswith("unet.")], "lr": cfg.lr}]
         if cfg.text_encoder:
-            groups.append({"params": [p for n, p in params.items() if n.startswith("text_encoder.")],
+            groups.append({"params": [p for n, p in params.items() if n.startswith("text_encoder")],
                            "lr": cfg.effective_text_encoder_lr})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -208,8 +213,8 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         start_run_folder(out, config, resume, procs)
 
         means, stds = encode_latent_cache(pipe.vae, images)
-        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
+        tokens = [tokenize(tokenizer, captions, "cpu") for tokenizer, _ in encoders(pipe)]
+        tokens = tokens if is_sdxl(pipe) else tokens[0]
         scaling = pipe.vae.config.scaling_factor
 
         drawn = global_config(cfg, procs)
@@ -234,8 +239,9 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         meta = file_metadata(cfg, model_name, seconds, losses)
         path = out / LORA_WEIGHT_NAME
         if procs.main:
-            save_lora(path, pipe.unet, pipe.text_encoder if cfg.text_encoder else None, metadata=meta,
-                      adapter_name=ADAPTER)
+            text_encoder_2 = getattr(pipe, "text_encoder_2", None) if cfg.text_encoder else None
+            save_lora(path, pipe.unet, pipe.text_encoder if cfg.text_encoder else None, text_encoder_2=text_encoder_2,
+                      metadata=meta, adapter_name=ADAPTER)
     if procs.main:
         atomic_write_text(out / "metadata.json",
                           json.dumps({**config, **meta, "steps_done": cfg.steps}, indent=2) + "\n")

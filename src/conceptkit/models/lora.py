@@ -2,7 +2,9 @@
 
 Layouts read: whatever diffusers' own converter (`StableDiffusionPipeline.lora_state_dict`) understands: diffusers /
 PEFT (`unet.….lora_A.weight`, `text_encoder.….lora_linear_layer.down.weight`, …) and kohya / AUTOMATIC1111
-(`lora_unet_…`, `lora_te_…` with `.lora_down/.lora_up/.alpha`). Ours is diffusers' own layout (what
+(`lora_unet_…`, `lora_te_…` with `.lora_down/.lora_up/.alpha`; on SDXL `lora_te1_…`/`lora_te2_…` and the UNet's
+original `input_blocks/…` names). The converter is the model's own pipeline class's (`StableDiffusionXLPipeline` for
+SDXL, which also adapts the second text encoder, `text_encoder_2`). Ours is diffusers' own layout (what
 `train_dreambooth_lora.py` writes, with its `lora_adapter_metadata` header so a plain `load_lora_weights` gets the
 right alpha) plus `conceptkit.*` entries in the safetensors header (trigger word, class word, base model, rank, alpha).
 Pickled files are only ever read with `torch.load(weights_only=True)`.
@@ -31,6 +33,7 @@ METADATA_PREFIX = "conceptkit."
 SIDECAR = "metadata.json"
 # what a cross-attention key/value projection's input size says about the model a LoRA was made for
 CONTEXT_DIMS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -155,7 +158,8 @@ def read_lora_info(path: str | Path) -> LoraInfo:
     if rank is None:  # the rank is the down (A) matrix's first dimension
         rank = next((shape[0] for k, shape in shapes.items() if k.endswith(DOWN_SUFFIXES) and shape), None)
     alpha = alpha if alpha is not None else kohya_alpha
-    has_text_encoder = any(k.startswith(("text_encoder.", "lora_te_", "lora_te1_")) for k in shapes)
+    has_text_encoder = any(k.startswith(("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_"))
+                           for k in shapes)
     base_model = ours.get("base_model") or header.get("ss_sd_model_name") or None
 
     def text(key):
@@ -185,11 +189,13 @@ def _peft_layout(state_dict: dict[str, torch.Tensor], pipe) -> dict[str, dict[st
         parts.setdefault(component, {})[rest] = value
     if "unet" in parts and parts["unet"] and "lora_A" not in next(iter(parts["unet"])):
         parts["unet"] = convert_unet_state_dict_to_peft(parts["unet"])
-    if "text_encoder" in parts:
-        te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts["text_encoder"]))
-        if not hasattr(pipe.text_encoder, "text_model"):  # transformers 5 flattened CLIPTextModel
-            te = {k.removeprefix("text_model."): v for k, v in te.items()}
-        parts["text_encoder"] = te
+    for name in TEXT_ENCODERS:
+        if name in parts:
+            te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts[name]))
+            encoder = getattr(pipe, name, None)
+            if encoder is not None and not hasattr(encoder, "text_model"):  # transformers 5 flattened CLIPTextModel
+                te = {k.removeprefix("text_model."): v for k, v in te.items()}
+            parts[name] = te
     return parts
 
 
@@ -211,22 +217,26 @@ def _architecture_guess(module: str, lora_in: int) -> str:
 
 def check_lora_fits(pipe, path: str | Path) -> list[str]:
     """Refuse (one UserError line) a LoRA whose layers do not exist in, or do not match the sizes of, `pipe.unet` /
-    `pipe.text_encoder`. Returns the modules it adapts ('unet.down_blocks.0….to_q', …)."""
-    from diffusers import StableDiffusionPipeline
+    `pipe.text_encoder` (and SDXL's `pipe.text_encoder_2`). Returns the modules it adapts
+    ('unet.down_blocks.0….to_q', …)."""
+    from .sdxl import is_sdxl
 
     path = lora_file(path)
     raw = read_state_dict(path)
+    sdxl = is_sdxl(pipe)
+    options = {"unet_config": pipe.unet.config} if sdxl else {}  # kohya SDXL files name the UNet's LDM blocks
     try:
         with quiet_diffusers():
-            state_dict, _ = StableDiffusionPipeline.lora_state_dict(dict(raw))
+            state_dict = type(pipe).lora_state_dict(dict(raw), **options)[0]
     except (ValueError, KeyError, RuntimeError, IndexError) as e:
+        model = "SDXL" if sdxl else "Stable Diffusion 1.x/2.x"
         raise UserError(f"LoRA {path.name} is in a layout diffusers cannot read ({first_line(e)[:160]}): pass a diffusers "
-                        "or kohya LoRA for Stable Diffusion 1.x") from None
+                        f"or kohya LoRA for {model}") from None
     name = path.name
     problems: list[str] = []
     modules: list[str] = []
     for component, weights in _peft_layout(state_dict, pipe).items():
-        model = getattr(pipe, component, None) if component in ("unet", "text_encoder") else None
+        model = getattr(pipe, component, None) if component in ("unet", *TEXT_ENCODERS) else None
         if model is None:
             problems.append(f"it holds weights for '{component}' ({component}.{next(iter(weights))}), which this "
                             "model does not have")
@@ -266,7 +276,7 @@ def check_lora_fits(pipe, path: str | Path) -> list[str]:
         raise UserError(f"LoRA {name} does not fit this model: {problems[0]}{more} — use a LoRA trained on this "
                         "base model")
     if not modules:
-        raise UserError(f"LoRA {name} holds no LoRA layers (no lora_A/lora_down weights for unet or text_encoder): "
+        raise UserError(f"LoRA {name} holds no LoRA layers (no lora_A/lora_down weights for the unet or text encoders): "
                         "pass a diffusers or kohya LoRA file")
     return modules
 
@@ -301,7 +311,7 @@ ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 
 def loaded_adapters(pipe) -> list[str]:
     names: list[str] = []
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", *TEXT_ENCODERS):
         model = getattr(pipe, component, None)
         for name in getattr(model, "peft_config", None) or {}:
             if name not in names:
@@ -372,28 +382,35 @@ def header_entries(metadata: dict | None) -> dict[str, str]:
     return entries
 
 
-def save_lora(path: str | Path, unet, text_encoder=None, *, metadata: dict | None = None,
+def save_lora(path: str | Path, unet, text_encoder=None, *, text_encoder_2=None, metadata: dict | None = None,
               adapter_name: str = "default") -> Path:
-    """Write the LoRA adapter `adapter_name` of `unet` (and `text_encoder`) in diffusers' layout, atomically.
+    """Write the LoRA adapter `adapter_name` of `unet` (and `text_encoder`, and SDXL's `text_encoder_2`) in
+    diffusers' layout (StableDiffusionXLPipeline's for an SDXL UNet), atomically.
 
     `path` is a .safetensors file or a folder (then `pytorch_lora_weights.safetensors` inside it). The header holds
     diffusers' adapter metadata (rank, alpha, targets: a plain `load_lora_weights` rebuilds the same scale) and
     `metadata` as conceptkit.* entries.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
     target = path if path.suffix == ".safetensors" else path / LORA_WEIGHT_NAME
     unet_layers, unet_meta = _adapter_layers(unet, adapter_name)
     te_layers, te_meta = _adapter_layers(text_encoder, adapter_name)
-    if unet_layers is None and te_layers is None:
-        raise ValueError(f"neither model has a LoRA adapter named {adapter_name!r}")
+    te2_layers, te2_meta = _adapter_layers(text_encoder_2, adapter_name)
+    if unet_layers is None and te_layers is None and te2_layers is None:
+        raise ValueError(f"no model has a LoRA adapter named {adapter_name!r}")
+    options = {}
+    pipeline_class = StableDiffusionPipeline
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        pipeline_class = StableDiffusionXLPipeline
+        options = {"text_encoder_2_lora_layers": te2_layers, "text_encoder_2_lora_adapter_metadata": te2_meta}
     with tempfile.TemporaryDirectory(prefix="conceptkit-lora-") as tmp:
         with quiet_diffusers():
-            StableDiffusionPipeline.save_lora_weights(
+            pipeline_class.save_lora_weights(
                 tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
                 unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=te_meta,
-                safe_serialization=True)
+                safe_serialization=True, **options)
         written = Path(tmp) / LORA_WEIGHT_NAME
         tensors = load_file(written)
         with safe_open(written, "pt") as f:
