@@ -89,8 +89,8 @@ def test_time_ids_follow_the_requested_size(xl):
 
 
 def test_cli_generate_on_an_sdxl_folder(sdxl_tiny_dir, tmp_path, capsys):
-    main(["generate", "--model", str(sdxl_tiny_dir), "--prompt", "a cat", "--steps", "2", "--num-images", "2",
-          "--scheduler", "euler", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert main(["generate", "--model", str(sdxl_tiny_dir), "--prompt", "a cat", "--steps", "2", "--num-images", "2",
+          "--scheduler", "euler", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out").glob("0*.png"))) == 2 and (tmp_path / "out" / "grid.png").is_file()
 
 
@@ -203,12 +203,12 @@ def test_one_encoder_embeddings_are_refused_on_sdxl_in_one_line(xl, tmp_path):
 
 
 def test_cli_learn_ti_then_generate_with_the_community_file(sdxl_tiny_dir, concept, tmp_path, capsys):
-    main(["learn", "ti", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--token", "<xs>",
-          "--init-word", "cat", "--steps", "2", "--batch", "1", "--no-validation", "--device", "cpu",
-          "--out", str(tmp_path / "ti")])
+    assert main(["learn", "ti", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--token", "<xs>",
+                 "--init-word", "cat", "--steps", "2", "--batch", "1", "--no-validation", "--device", "cpu",
+                 "--out", str(tmp_path / "ti")]) == 0
     assert (tmp_path / "ti" / "xs.safetensors").is_file() and (tmp_path / "ti" / "learned_embeds_2.safetensors").is_file()
-    main(["generate", "--model", str(sdxl_tiny_dir), "--embedding", f"{tmp_path / 'ti' / 'xs.safetensors'}:<xs>",
-          "--prompt", "a <xs> on a beach", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")])
+    assert main(["generate", "--model", str(sdxl_tiny_dir), "--embedding", f"{tmp_path / 'ti' / 'xs.safetensors'}:<xs>",
+          "--prompt", "a <xs> on a beach", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "grid.png").is_file()
     assert "loaded <xs> (1 vector(s), sdxl layout)" in capsys.readouterr().err
 
@@ -231,27 +231,31 @@ def same(a, b, atol=0.0):
     return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module")
-def xl_lora(sdxl_tiny_dir, tmp_path_factory):
-    """A random SDXL LoRA on the UNet and both text encoders (rank 4, alpha 8), saved; the outputs of the model it
-    was saved from, without and with the adapter."""
+def random_xl_lora(folder, out, seed, trigger):
+    """A random SDXL LoRA on the UNet and both text encoders (rank 4, alpha 8), saved to `out`; the outputs of the
+    model it was saved from, without and with the adapter."""
     from conceptkit.learn.lora import ADAPTER, add_training_adapters
     from conceptkit.learn.lora_config import LoRAConfig
     from conceptkit.models.lora import save_lora
 
-    src = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    src = load_pipeline(str(folder), device="cpu")
     base = xl_outputs(src)
-    add_training_adapters(src, LoRAConfig(rank=4, alpha=8.0), 0)
-    g = torch.Generator().manual_seed(0)
+    add_training_adapters(src, LoRAConfig(rank=4, alpha=8.0), seed)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (src.unet, src.text_encoder, src.text_encoder_2):
             for name, p in model.named_parameters():
                 if ".lora_B." in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     want = xl_outputs(src)
-    path = save_lora(tmp_path_factory.mktemp("xl-lora") / "zwx", src.unet, src.text_encoder,
-                     text_encoder_2=src.text_encoder_2, adapter_name=ADAPTER, metadata={"trigger": "zwx"})
+    path = save_lora(out, src.unet, src.text_encoder, text_encoder_2=src.text_encoder_2, adapter_name=ADAPTER,
+                     metadata={"trigger": trigger, "class_word": "star"})
     return path, base, want
+
+
+@pytest.fixture(scope="module")
+def xl_lora(sdxl_tiny_dir, tmp_path_factory):
+    return random_xl_lora(sdxl_tiny_dir, tmp_path_factory.mktemp("xl-lora") / "zwx", 0, "zwx")
 
 
 def test_our_sdxl_lora_file_loads_in_vanilla_diffusers_like_ours(xl_lora, sdxl_tiny_dir):
@@ -339,12 +343,91 @@ def test_loras_of_the_other_architecture_are_refused_in_one_line(xl_lora, xl, sd
 def test_cli_learn_lora_trains_both_encoders_and_generates(sdxl_tiny_dir, concept, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    main(["learn", "lora", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--prompt", "a photo of {}",
+    assert main(["learn", "lora", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--prompt", "a photo of {}",
           "--trigger", "zwx", "--class-word", "star", "--steps", "2", "--batch", "1", "--rank", "2",
-          "--no-validation", "--device", "cpu", "--out", str(tmp_path / "lora")])
+          "--no-validation", "--device", "cpu", "--out", str(tmp_path / "lora")]) == 0
     state = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     trained = {k.split(".")[0] for k, v in state.items() if k.endswith(".up.weight") and v.abs().max() > 0}
     assert trained == {"unet", "text_encoder", "text_encoder_2"}  # every component's B moved from zero
-    main(["generate", "--model", str(sdxl_tiny_dir), "--lora", str(tmp_path / "lora"), "--prompt", "a zwx star",
-          "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")])
+    assert main(["generate", "--model", str(sdxl_tiny_dir), "--lora", str(tmp_path / "lora"), "--prompt", "a zwx star",
+          "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "grid.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLoRA, ProFusion
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_loras(xl_lora, sdxl_tiny_dir, tmp_path_factory):
+    other = random_xl_lora(sdxl_tiny_dir, tmp_path_factory.mktemp("xl-lora-2") / "qxv", 1, "qxv")
+    return xl_lora[0], other[0]
+
+
+def test_clora_on_sdxl_captures_the_deepest_transformer_blocks_and_blends_with_masks(two_loras, sdxl_tiny_dir):
+    from conceptkit.compose.config import CLoRAConfig
+    from conceptkit.compose.run import LoraSpec, compose
+
+    pipe = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    out = compose(pipe, "a {a} and a {b} on the grass", [LoraSpec("a", two_loras[0]), LoraSpec("b", two_loras[1])],
+                  methods=["clora", "merge"], seeds=[0], cfg=CLoRAConfig(steps=4, max_iter_to_alter=2),
+                  save_maps=True)
+    trace = out.traces[("clora", 0)]
+    maps, masks = trace.maps[0], trace.masks[0]
+    # the tiny SDXL's cross-attention lives at latent/2 (16x16 of 32x32): its deepest level, as SDXL's 32x32 at 1024
+    assert maps.shape == (3, 16, 16, 77) and masks.shape == (3, 32, 32)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, 16, 16), atol=1e-4, rtol=0)
+    assert trace.losses and all(torch.isfinite(torch.tensor(trace.losses)))
+    clora, merge = (torch.tensor(list(out.images[m][0].getdata())).float() for m in ("clora", "merge"))
+    assert out.images["clora"][0].size == (64, 64) and (clora - merge).abs().mean() > 1
+
+
+@pytest.mark.parametrize("cond_only", [False, True])
+def test_sdxl_batched_branches_equal_the_sequential_ones(two_loras, sdxl_tiny_dir, cond_only):
+    """One batched UNet call with per-row adapters on the UNet and both encoders = one call per branch with PEFT's
+    adapter switching (the official structure), pooled embeddings and time ids included."""
+    from conceptkit.compose.attention import AttentionStore, capturing
+    from conceptkit.compose.branches import BranchModel, Branches, encode_branches
+    from conceptkit.compose.config import CLoRAConfig
+    from conceptkit.models.lora import load_lora
+
+    pipe = load_pipeline(str(sdxl_tiny_dir), device="cpu")
+    load_lora(pipe, two_loras[0], "a")
+    load_lora(pipe, two_loras[1], "b")
+    branches = Branches(["a star and a star", "a zwx star and a star", "a star and a qxv star"], [""] * 3,
+                        [{}, {"a": 1.0}, {"b": 1.0}])
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for execution in ("batched", "sequential"):
+        cfg = CLoRAConfig(execution=execution)
+        store = AttentionStore((16, 16))
+        embeddings = encode_branches(pipe, branches, cfg, None)
+        with capturing(pipe.unet, store), torch.no_grad():
+            results.append(BranchModel(pipe, branches, embeddings, cfg, store)(z, torch.tensor(500), cond_only))
+        results[-1] = (embeddings, results[-1])
+    (e_b, (u_b, c_b, m_b)), (e_s, (u_s, c_s, m_s)) = results
+    torch.testing.assert_close(e_b[0], e_s[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e_b[1], e_s[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(e_b[1][3], e_b[1][4], atol=1e-3)  # each branch's own text-encoder adapters
+    torch.testing.assert_close(c_b, c_s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m_b, m_s, atol=1e-5, rtol=1e-4)
+    if not cond_only:
+        torch.testing.assert_close(u_b, u_s, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_compose_clora_merge_on_sdxl(two_loras, sdxl_tiny_dir, tmp_path, capsys):
+    assert main(["compose", "--model", str(sdxl_tiny_dir), "--prompt", "a {a} and a {b}", "--lora", f"a={two_loras[0]}",
+          "--lora", f"b={two_loras[1]}", "--method", "clora,merge", "--steps", "2", "--device", "cpu",
+          "--out", str(tmp_path / "compose")]) == 0
+    summary = json.loads((tmp_path / "compose" / "compose.json").read_text())
+    assert set(summary["methods"]) == {"clora", "merge"}
+    assert summary["branch_prompts"][1].startswith("a zwx star")
+    assert (tmp_path / "compose" / "clora" / "s0.png").is_file()
+
+
+def test_profusion_on_sdxl_is_refused_in_one_line(sdxl_tiny_dir, tmp_path, capsys):
+    code = main(["generate", "--model", str(sdxl_tiny_dir), "--prompt", "a photo of S*", "--promptnet",
+                 str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "ProFusion (PromptNet) is for Stable Diffusion 1.x/2.x models only" in err

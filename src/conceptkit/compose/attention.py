@@ -79,11 +79,15 @@ def capturing(unet, store: AttentionStore, explicit_everywhere: bool = False):
         unet.set_attn_processor(original)
 
 
-def default_attn_res(latent_hw: tuple[int, int], attn_res: int | None) -> tuple[int, int]:
-    """(rows, cols) of the maps. The spec's H/32 is latent/4 (16x16 for SD at 512; not (W, H), a §5 quirk)."""
+def default_attn_res(latent_hw: tuple[int, int], attn_res: int | None, deepest: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the maps. The spec's H/32 is latent/4 (16x16 for SD at 512; not (W, H), a §5 quirk).
+    `deepest` (SDXL): the downsampling of the UNet's deepest level, whose transformer blocks give the maps (latent/4,
+    32x32 at 1024 px, on SDXL itself: the ten-block level)."""
     if attn_res is not None:
         return attn_res, latent_hw[1] * attn_res // latent_hw[0]
     h, w = latent_hw
+    if deepest is not None:
+        return -(-h // deepest), -(-w // deepest)
     if h // 4 >= 8:
         return -(-h // 4), -(-w // 4)
     side = min(8, h)  # tiny models (the bundled 16x16 latents): 8x8 maps, not 4x4

@@ -4,6 +4,8 @@ A branch is a prompt, a negative prompt and a set of adapter weights. `encode_br
 prompts with its own text-encoder adapters; `BranchModel` gives every branch's ε at both CFG halves and its
 aggregated cross-attention map. `execution="batched"` runs all 2K rows as one call with per-row adapters
 (row_lora.py); `"sequential"` is the official structure (one batch-2 call per branch with PEFT adapter switching).
+On SDXL (models/sdxl.py) both text encoders carry the branches' adapters, and every UNet call also gets each row's
+pooled embedding and the time ids.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..generate.loop import work_dtype
+from ..models.sdxl import added_conditioning, encode_ids, encoders, is_sdxl, time_ids
+from ..models.sdxl import tokenize as tokenize_for
 from .attention import AttentionStore
 from .config import CLoRAConfig
 from .row_lora import per_row_adapters
@@ -60,21 +64,24 @@ def active_adapters(pipe, adapters: dict[str, float], text_encoder: bool = True)
         return
     names = list(adapters)
     pipe.unet.set_adapters(names, [adapters[n] for n in names])
-    te_names = [n for n in names if n in getattr(pipe.text_encoder, "peft_config", {})]
-    if text_encoder and te_names:
-        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
-        set_weights_and_activate_adapters(pipe.text_encoder, te_names, [adapters[n] for n in te_names])
-    elif text_encoder and getattr(pipe.text_encoder, "peft_config", None):
-        # none of these adapters has text-encoder weights: the text encoder runs plain (else the previous
-        # branch's text-encoder adapter would still be active)
-        from diffusers.loaders.lora_base import disable_lora_for_text_encoder, enable_lora_for_text_encoder
-        disable_lora_for_text_encoder(pipe.text_encoder)
-        try:
-            yield
-        finally:
-            enable_lora_for_text_encoder(pipe.text_encoder)
-        return
-    yield
+    disabled = []
+    for _, encoder in encoders(pipe) if text_encoder else []:
+        te_names = [n for n in names if n in getattr(encoder, "peft_config", {})]
+        if te_names:
+            from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+            set_weights_and_activate_adapters(encoder, te_names, [adapters[n] for n in te_names])
+        elif getattr(encoder, "peft_config", None):
+            # none of these adapters has weights in this encoder: it runs plain (else the previous branch's
+            # text-encoder adapter would still be active)
+            from diffusers.loaders.lora_base import disable_lora_for_text_encoder
+            disable_lora_for_text_encoder(encoder)
+            disabled.append(encoder)
+    try:
+        yield
+    finally:
+        from diffusers.loaders.lora_base import enable_lora_for_text_encoder
+        for encoder in disabled:
+            enable_lora_for_text_encoder(encoder)
 
 
 def tokenize(pipe, texts: list[str]) -> torch.Tensor:
@@ -84,11 +91,14 @@ def tokenize(pipe, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_branches(pipe, branches: Branches, cfg: CLoRAConfig, style: str | None) -> torch.Tensor:
+def encode_branches(pipe, branches: Branches, cfg: CLoRAConfig, style: str | None):
     """(2K, L, d): negative prompts then prompts, each encoded with its branch's text-encoder adapters. (A branch
-    with word slots is encoded here with its placeholder text; WordRows replaces it at every call.)"""
-    ids = tokenize(pipe, branches.negatives + branches.prompts)
+    with word slots is encoded here with its placeholder text; WordRows replaces it at every call.) On SDXL a pair
+    (hidden states (2K, L, d1 + d2), pooled (2K, d2)) from both encoders."""
     per_branch = [text_adapters(b, style, cfg.use_text_encoder_lora) for b in branches.adapters]
+    if is_sdxl(pipe):
+        return encode_branches_sdxl(pipe, branches, cfg, per_branch)
+    ids = tokenize(pipe, branches.negatives + branches.prompts)
     if cfg.execution == "batched":
         plan = plan_rows(Branches(branches.prompts, branches.negatives, per_branch))
         with per_row_adapters([pipe.text_encoder], plan):
@@ -100,6 +110,22 @@ def encode_branches(pipe, branches: Branches, cfg: CLoRAConfig, style: str | Non
             e = pipe.text_encoder(ids[[p, K + p]])[0]
         out[p], out[K + p] = e[0], e[1]
     return torch.stack(out)
+
+
+def encode_branches_sdxl(pipe, branches: Branches, cfg: CLoRAConfig, per_branch: list[dict[str, float]]):
+    texts = branches.negatives + branches.prompts
+    ids = [tokenize_for(tokenizer, texts, encoder.device) for tokenizer, encoder in encoders(pipe)]
+    if cfg.execution == "batched":
+        plan = plan_rows(Branches(branches.prompts, branches.negatives, per_branch))
+        with per_row_adapters([encoder for _, encoder in encoders(pipe)], plan):
+            return encode_ids(pipe, ids)
+    K = len(branches)
+    hidden, pooled = [None] * (2 * K), [None] * (2 * K)
+    for p, adapters in enumerate(per_branch):
+        with active_adapters(pipe, adapters):
+            h, e = encode_ids(pipe, [i[[p, K + p]] for i in ids])
+        hidden[p], hidden[K + p], pooled[p], pooled[K + p] = h[0], h[1], e[0], e[1]
+    return torch.stack(hidden), torch.stack(pooled)
 
 
 class WordRows:
@@ -155,7 +181,9 @@ class BranchModel:
 
     def __init__(self, pipe, branches: Branches, embeddings: torch.Tensor, cfg: CLoRAConfig, store: AttentionStore,
                  word_rows: WordRows | None = None):
-        self.pipe, self.branches, self.embeddings, self.cfg, self.store = pipe, branches, embeddings, cfg, store
+        # SDXL: (hidden states, pooled embeddings), both (2K, …)
+        self.embeddings, self.pooled = embeddings if isinstance(embeddings, tuple) else (embeddings, None)
+        self.pipe, self.branches, self.cfg, self.store = pipe, branches, cfg, store
         self.word_rows = word_rows
         self.calls = 0
         self.work_dtype = work_dtype(pipe.unet)  # latent updates and blending in fp32+
@@ -167,13 +195,16 @@ class BranchModel:
         conditional half and ε is recomputed after the update: the unconditional half would be thrown away)."""
         unet, K = self.pipe.unet, len(self.branches)
         halves = 1 if cond_only else 2
+        added = self.added_conditioning(z)
         all_embeddings = self.embeddings if self.word_rows is None else self.word_rows(self.embeddings, z, t)
         if self.cfg.execution == "batched":
             self.store.reset()
             x = z.to(unet.dtype).expand(halves * K, *z.shape[1:])
             embeddings = all_embeddings[K:] if cond_only else all_embeddings
+            rows = list(range(K, 2 * K)) if cond_only else list(range(2 * K))
             with per_row_adapters([unet], plan_rows(self.branches, halves)):
-                eps = unet(x, t, encoder_hidden_states=embeddings).sample.to(self.work_dtype)
+                eps = unet(x, t, encoder_hidden_states=embeddings,
+                           added_cond_kwargs=added(rows)).sample.to(self.work_dtype)
             self.calls += 1
             if cond_only:
                 return None, eps, self.store.aggregate([[p] for p in range(K)])
@@ -184,11 +215,21 @@ class BranchModel:
             self.store.reset()
             index = [K + p] if cond_only else [p, K + p]
             with active_adapters(self.pipe, adapters, text_encoder=False):
-                e = unet(z.to(unet.dtype).expand(halves, *z.shape[1:]), t,
-                         encoder_hidden_states=all_embeddings[index]).sample.to(self.work_dtype)
+                e = unet(z.to(unet.dtype).expand(halves, *z.shape[1:]), t, encoder_hidden_states=all_embeddings[index],
+                         added_cond_kwargs=added(index)).sample.to(self.work_dtype)
             self.calls += 1
             uncond.append(None if cond_only else e[0])
             cond.append(e[-1])
             own = [[0]] if cond_only else [[1] if self.cfg.cond_only_maps else [0, 1]]
             maps.append(self.store.aggregate(own)[0])
         return None if cond_only else torch.stack(uncond), torch.stack(cond), torch.stack(maps)
+
+    def added_conditioning(self, z: torch.Tensor):
+        """rows -> SDXL's added_cond_kwargs for those rows (pooled embeddings, time ids of z's image size); None
+        on other models."""
+        if self.pooled is None:
+            return lambda rows: None
+        height, width = (side * self.pipe.vae_scale_factor for side in z.shape[-2:])
+        ids = time_ids(self.pipe, height, width, 1)
+        dtype = self.pipe.unet.dtype
+        return lambda rows: added_conditioning(self.pooled[rows], ids.expand(len(rows), -1), dtype)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..generate.loop import Step, Trace, denoise, guide, initial_noise, latent_size, sampler
+from ..models.sdxl import is_sdxl
 from .attention import AttentionStore, capturing, default_attn_res
 from .branches import BranchModel, Branches, WordRows, encode_branches
 from .config import CLoRAConfig, METHODS
@@ -125,7 +126,8 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     latent_hw = latent_size(pipe, height, width)
     schedule = sampler(cfg.scheduler, pipe, cfg.steps)
     z = initial_noise(pipe, [generator], latent_hw, schedule)
-    store = AttentionStore(default_attn_res(latent_hw, cfg.attn_res))
+    deepest = 2 ** (len(pipe.unet.config.block_out_channels) - 1) if is_sdxl(pipe) else None
+    store = AttentionStore(default_attn_res(latent_hw, cfg.attn_res, deepest))
     if embeddings is None:
         embeddings = [encode_branches(pipe, b, cfg, style) for b in branch_sets]
     models = [BranchModel(pipe, b, e, cfg, store, WordRows(pipe, b, cfg, style, words or {}) if b.words else None)

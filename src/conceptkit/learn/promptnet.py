@@ -216,6 +216,9 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
                        image_encoder=None, model_name: str = "", resume: bool = False,
                        progress: bool = True, on_step=None) -> PromptNetResult:
     """Pre-train a PromptNet on a folder of domain images (§3.4); write it into out_dir."""
+    from ..models.sdxl import refuse_unless_sd
+
+    refuse_unless_sd(pipe, "ProFusion (PromptNet)")
     cfg = cfg or PretrainConfig()
     out = Path(out_dir)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -276,8 +276,10 @@ def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str
     sampling with the folder's recommended settings, or plain sampling (`fusion=False`); `settings`: FusionConfig
     fields on top (guidance_scale=..., refine_steps=..., class_word=...)."""
     from ..learn.images import load_reference_image
+    from ..models.sdxl import refuse_unless_sd
     from .saved import load_promptnet
 
+    refuse_unless_sd(pipe, "ProFusion (PromptNet)")
     saved = promptnet if isinstance(promptnet, SavedPromptNet) else load_promptnet(promptnet, pipe)
     image = image or saved.reference_path
     if image is None:

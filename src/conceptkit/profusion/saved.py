@@ -64,6 +64,9 @@ def save_promptnet(out: Path, promptnet: PromptNet, image_encoder, meta: dict,
 
 
 def load_promptnet(folder: str | Path, pipe) -> SavedPromptNet:
+    from ..models.sdxl import refuse_unless_sd
+
+    refuse_unless_sd(pipe, "ProFusion (PromptNet)")
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise UserError(f"{folder} is not a PromptNet folder (no config.json + diffusion_pytorch_model.safetensors): "
