@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..generate.images import generate
+from ..generate.infotext import Settings, save_png
 from ..learn.textual_inversion import learn_textual_inversion
 from ..learn.ti_config import TIConfig
 from ..models.loading import load_pipeline
@@ -117,7 +118,8 @@ def write_showcase(rows: list[tuple[Concept, Path]], seeds: int, path: Path, sca
             x = c * 64 * scale + (8 if c else 0)
             grid.paste(image.convert("RGB").resize((64 * scale, 64 * scale), Image.Resampling.NEAREST),
                        (x, r * 64 * scale))
-    grid.save(path)
+    save_png(grid, path, Settings(prompt="evaluate ti: per concept, a training image, then 'a photo of S*' and "
+                                  "each compositional prompt (first seed)", width=grid.width, height=grid.height))
     return path
 
 
