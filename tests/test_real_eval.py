@@ -343,3 +343,53 @@ def test_dreambench_bad_layout_is_one_line(tmp_path, capsys, clip_dir):
     assert main(["evaluate", "dreambench", "--data", str(tmp_path / "db"), "--clip", str(clip_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no prompts_and_classes.txt" in err and "\n" not in err
+
+
+def test_report_renders_the_scores(tmp_path, capsys):
+    fake = ColourEncoder()
+    generated = folder_of(tmp_path / "gen", [solid(RED), solid(GREEN)])
+    result = evaluate_images(generated, folder_of(tmp_path / "ref", [solid(RED), solid(BLUE)]), prompt="a red one",
+                             clip=fake, dino=fake, progress=False)
+    from conceptkit.evaluate.base import write_json
+
+    write_json(result, tmp_path / "images.json")
+    assert main(["report", str(tmp_path / "images.json"), "--out", str(tmp_path / "page")]) == 0
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert "evaluate images: images.json" in page
+    assert "0.250 ± 0.250" in page  # CLIP-I: red 0.5, green 0 -> mean 0.25, se 0.25
+    assert "<td>1.png</td><td>a red one</td><td>0.000</td>" in page
+
+
+def test_ui_learn_job_is_scored_when_clip_and_dino_are_set(tmp_path, clip_dir, dino_dir):
+    """`conceptkit ui --clip --dino`: a TI/LoRA Learn job ends with `evaluate images` on its final validation
+    images against the uploads, and the finished job shows the scores."""
+    pytest.importorskip("gradio")
+    import sys
+    import time
+
+    from conceptkit.evaluate.base import write_json
+    from conceptkit.ui.app import UI
+    from conceptkit.ui.jobs import JobQueue
+
+    queue = JobQueue(tmp_path / "jobs", program=(sys.executable, "-c", "pass"))  # each command: a no-op
+    upload = folder_of(tmp_path / "up", [solid(RED)]) / "0.png"
+    ui = UI(queue, tmp_path, ["toy"], clip=str(clip_dir), dino=str(dino_dir))
+    ui.start_learn("toy", "Textual Inversion", [str(upload)], "<mine>", "object", 20, 0)
+    job = queue.list()[0]
+    assert job.commands[1][:2] == ["evaluate", "images"]
+    args = dict(zip(job.commands[1][2::2], job.commands[1][3::2]))
+    assert args["--images"] == f"{job.out}/validation/step-000020" and args["--reference"].endswith("/images")
+    assert (args["--clip"], args["--dino"]) == (str(clip_dir), str(dino_dir))
+    for _ in range(200):
+        if queue.get(job.id).status == "done":
+            break
+        time.sleep(0.05)
+    fake = ColourEncoder()
+    write_json(evaluate_images(folder_of(tmp_path / "v", [solid(RED)]), tmp_path / "v", prompt="a red one", clip=fake,
+                               dino=fake, progress=False), job.out / args["--json"].split("/")[-1])
+    panel = ui.learn_panel(job.id)[-1]
+    assert "**Scores**" in panel and "| 1 | 1 | 1.000 | 1.000 | 1.000 |" in panel
+    # without --clip/--dino the job is the learn command alone
+    plain = UI(queue, tmp_path, ["toy"])
+    plain.start_learn("toy", "LoRA", [str(upload)], "zq", "object", 20, 0)
+    assert [len(j.commands) for j in queue.list() if j.kind == "lora"] == [1]

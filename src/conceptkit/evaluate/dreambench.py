@@ -230,15 +230,23 @@ def _cell(summary: dict) -> str:
     return fmt(summary)
 
 
-def table(result: dict) -> str:
-    """The table the papers print (DINO, CLIP-I, CLIP-T; ± standard error over images), then one row per subject."""
+def summary_table(result: dict) -> str:
+    """The table the papers print: DINO, CLIP-I, CLIP-T (± standard error over images), real images first."""
     names = {"ti": "Textual Inversion", "lora": "LoRA (DreamBooth-style)"}
     m, r = result["means"], result["real_images"]
-    lines = ["| method | DINO | CLIP-I | CLIP-T | images |", "|---|---|---|---|---|",
-             f"| real images (this copy of DreamBench) | {_cell(r['dino'])} | {_cell(r['clip_i'])} | — | — |",
-             f"| {names[result['method']]} (this run) | {_cell(m['dino'])} | {_cell(m['clip_i'])} | "
-             f"{_cell(m['clip_t'])} | {len(result['images'])} |", "",
-             "| subject | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+    return "\n".join(["| method | DINO | CLIP-I | CLIP-T | images |", "|---|---|---|---|---|",
+                      f"| real images (this copy of DreamBench) | {_cell(r['dino'])} | {_cell(r['clip_i'])} | — | — |",
+                      f"| {names[result['method']]} (this run) | {_cell(m['dino'])} | {_cell(m['clip_i'])} | "
+                      f"{_cell(m['clip_t'])} | {len(result['images'])} |"])
+
+
+def subject_table(result: dict) -> str:
+    lines = ["| subject | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
     for name, s in result["subjects"].items():
         lines.append(f"| {name} | {_cell(s['dino'])} | {_cell(s['clip_i'])} | {_cell(s['clip_t'])} |")
     return "\n".join(lines)
+
+
+def table(result: dict) -> str:
+    """The summary table, then one row per subject."""
+    return summary_table(result) + "\n\n" + subject_table(result)
