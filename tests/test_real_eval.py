@@ -393,3 +393,29 @@ def test_ui_learn_job_is_scored_when_clip_and_dino_are_set(tmp_path, clip_dir, d
     plain = UI(queue, tmp_path, ["toy"])
     plain.start_learn("toy", "LoRA", [str(upload)], "zq", "object", 20, 0)
     assert [len(j.commands) for j in queue.list() if j.kind == "lora"] == [1]
+
+
+def test_renders_and_showcase_grids_record_settings(tmp_path):
+    from conceptkit.evaluate.ti import write_showcase
+    from conceptkit.shapes.concepts import write_concept
+    from conceptkit.shapes.dataset import write_image_folder
+    import random
+
+    from conceptkit.shapes.captions import caption
+    from conceptkit.shapes.world import sample_scene
+
+    concept = by_name("pink-checkered-cross")
+    folder = write_concept(concept, tmp_path / "concept")
+    p = parse_infotext(read_parameters(folder / "0.png"))
+    assert p["prompt"] == "a large pink checkered cross in the center, on a gray background"
+    assert (p["Model"], p["Size"]) == ("shapes-world renderer", "64x64")
+    scene = sample_scene(random.Random(0))
+    write_image_folder(tmp_path / "data", [scene])
+    rendered = parse_infotext(read_parameters(tmp_path / "data" / "000000.png"))
+    assert (rendered["prompt"], rendered["Model"]) == (caption(scene), "shapes-world renderer")
+    images = tmp_path / "images"
+    folder_of(images, [solid(RED, (64, 64))] * 6)
+    write_showcase([(concept, images)], 1, tmp_path / "grid.png",
+                   Settings(prompt="", steps=30, sampler="ddim", cfg_scale=7.5, seed=1000000, model="toy"))
+    g = parse_infotext(read_parameters(tmp_path / "grid.png"))
+    assert g["prompt"].startswith("evaluate ti:") and (g["Steps"], g["Seed"], g["Model"]) == ("30", "1000000", "toy")

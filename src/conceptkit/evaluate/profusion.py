@@ -166,11 +166,12 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                            "fusion": fusion.__dict__, "fusion_notebook": notebook.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
                            "ti": {k: v for k, v in ti.__dict__.items() if k != "token"}, "threads": torch.get_num_threads()}
     write_showcase(showcase, [m for m in ("fusion", "plain") if m in methods] or list(methods)[:1], seeds,
-                   out_dir / "grid.png")
+                   out_dir / "grid.png", Settings(prompt="", steps=steps, sampler="ddim", seed=seed0, model=model))
     return results
 
 
-def write_showcase(rows, methods: list[str], seeds: int, path: Path, scale: int = 2) -> Path:
+def write_showcase(rows, methods: list[str], seeds: int, path: Path, settings: Settings | None = None,
+                   scale: int = 2) -> Path:
     """One row per test object: the reference, then each prompt (first seed) for each of `methods`."""
     n = len(COMPOSITIONAL)
     cell = 64 * scale
@@ -183,9 +184,9 @@ def write_showcase(rows, methods: list[str], seeds: int, path: Path, scale: int 
                 x = cell + j * (8 + n * cell) + 8 + k * cell
                 grid.paste(images[m][k * seeds].convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
                            (x, r * cell))
-    save_png(grid, path, Settings(prompt="evaluate profusion: per test object, its reference, then each of "
-                                  f"{', '.join(methods)} on the compositional prompts (first seed)",
-                                  width=grid.width, height=grid.height))
+    save_png(grid, path, replace(settings or Settings(prompt=""), width=grid.width, height=grid.height,
+                                 prompt=f"evaluate profusion: per test object, its reference, then each of "
+                                        f"{', '.join(methods)} on the compositional prompts (first seed)"))
     return path
 
 
