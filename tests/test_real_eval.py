@@ -419,3 +419,23 @@ def test_renders_and_showcase_grids_record_settings(tmp_path):
                    Settings(prompt="", steps=30, sampler="ddim", cfg_scale=7.5, seed=1000000, model="toy"))
     g = parse_infotext(read_parameters(tmp_path / "grid.png"))
     assert g["prompt"].startswith("evaluate ti:") and (g["Steps"], g["Seed"], g["Model"]) == ("30", "1000000", "toy")
+
+
+def test_composed_pictures_record_method_and_concepts(tmp_path):
+    from conceptkit.compose.config import CLoRAConfig
+    from conceptkit.compose.run import LoraSpec, compose
+
+    loras = Path(__file__).parents[1] / "src/conceptkit/bundled/loras"
+    pipe = load_pipeline("toy")
+    compose(pipe, "a {star} on the left and a {cross} on the right, on a gray background",
+            [LoraSpec("star", str(loras / "red-striped-star.safetensors")),
+             LoraSpec("cross", str(loras / "pink-checkered-cross.safetensors"))],
+            methods=["clora", "merge"], seeds=[4], cfg=CLoRAConfig(steps=2, iterative_steps=()), save_maps=True,
+            out_dir=tmp_path)
+    p = parse_infotext(read_parameters(tmp_path / "merge" / "s4.png"))
+    assert (p["Method"], p["Seed"], p["Steps"], p["Sampler"]) == ("merge", "4", "2", "DDIM")
+    assert p["Concepts"] == "star: lora red-striped-star.safetensors, cross: lora pink-checkered-cross.safetensors"
+    merged = json.loads((tmp_path / "compose.json").read_text())["merged_prompt"]
+    assert p["prompt"] == merged and "{" not in merged  # every concept's phrase in place of its slot
+    assert parse_infotext(read_parameters(tmp_path / "clora" / "s4-attention.png"))["Method"] == "clora"
+    assert parse_infotext(read_parameters(tmp_path / "grid.png"))["Method"] == "clora"
