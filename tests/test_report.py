@@ -89,7 +89,7 @@ def test_report_shows_the_numbers_each_evaluate_command_prints(evaluations, tmp_
 @pytest.mark.parametrize("content,message", [
     (None, "no such file"),
     ("{not json", "not valid JSON (Expecting property name"),
-    ('{"accuracy": 0.5, "runs": 3}', "not the JSON of `conceptkit evaluate base|ti|clora|profusion|oracle --json` "
+    ('{"accuracy": 0.5, "runs": 3}', "not the JSON of `conceptkit evaluate base|ti|clora|profusion|oracle|images|dreambench --json` "
                                      "(found: accuracy, runs)"),
     ("[1, 2]", "(found: list)"),
     ('{"ti.fidelity": 0.5, "concepts": {}}', "looks like `conceptkit evaluate ti --json` output but is incomplete"),

@@ -79,6 +79,83 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--json")
     p.set_defaults(func=run_oracle)
+    p = evaluate.add_parser("images", help="CLIP-I, CLIP-T and DINO of generated images against real ones "
+                                           "(local CLIP/DINO weights)")
+    p.add_argument("--images", required=True, help="folder of generated images (grid.png is skipped)")
+    p.add_argument("--reference", required=True, help="folder of real images of the subject")
+    p.add_argument("--prompt", help="the prompt for CLIP-T (default: each image's recorded prompt, A1111's "
+                                    "`parameters` chunk; none known: CLIP-T is null)")
+    add_scorers(p)
+    p.add_argument("--batch", type=int, default=16, help="images per encoder call")
+    p.add_argument("--json", help="write per-image rows and the means with standard errors")
+    p.set_defaults(func=run_images)
+    p = evaluate.add_parser("dreambench", help="DreamBooth's protocol on a local DreamBench copy: learn each subject,"
+                                               " generate its prompts, score CLIP-I, CLIP-T and DINO")
+    add_model(p)
+    p.add_argument("--data", required=True, help="DreamBench's dataset/ folder: subject folders + "
+                                                 "prompts_and_classes.txt (or prompts.txt [+ classes.txt])")
+    p.add_argument("--method", choices=["ti", "lora"], default="ti")
+    add_scorers(p, device=False)
+    p.add_argument("--subjects", help="comma-separated subject names (default: all)")
+    p.add_argument("--prompts", type=int, help="only the first N prompt templates per subject (default: all 25)")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="seeds per prompt (DreamBooth: 4)")
+    p.add_argument("--train-steps", type=int, help="training steps per subject (default: the method's recipe)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's recipe)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/dreambench", help="learned concepts, images, dreambench.json")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=run_dreambench)
+
+
+def add_scorers(p, device: bool = True) -> None:
+    p.add_argument("--clip", help="a CLIPModel folder or cached hub id (e.g. openai/clip-vit-large-patch14): CLIP-I, "
+                                  "CLIP-T")
+    p.add_argument("--dino", help="a DINOv2 / DINO ViT folder or cached hub id (e.g. facebook/dinov2-small): DINO")
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+
+
+def scoring_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def run_images(args) -> None:
+    from ..evaluate.base import write_json
+    from ..evaluate.images import evaluate_images, table
+
+    result = evaluate_images(args.images, args.reference, prompt=args.prompt, clip=args.clip, dino=args.dino,
+                             batch_size=args.batch, device=scoring_device(args.device))
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def run_dreambench(args) -> None:
+    from ..evaluate.base import write_json
+    from ..evaluate.dreambench import evaluate_dreambench, read_dreambench, table
+    from ..evaluate.images import load_scorers
+    from ..models.loading import describe_model, load_pipeline
+
+    read_dreambench(args.data)  # a bad folder fails before any model loads
+    device = scoring_device(args.device)
+    clip, dino = load_scorers(args.clip, args.dino, device)
+    pipe = load_pipeline(args.model, config=args.config, device=device)
+    result = evaluate_dreambench(pipe, args.data, method=args.method, clip=clip, dino=dino, out_dir=args.out,
+                                 subjects=args.subjects.split(",") if args.subjects else None, prompts=args.prompts,
+                                 images_per_prompt=args.images_per_prompt, train_steps=args.train_steps, lr=args.lr,
+                                 steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                                 seed=args.seed, model_name=describe_model(args.model))
+    print(table(result))
+    print(f"wrote {Path(args.out) / 'dreambench.json'}")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
 
 
 def run_base(args) -> None:

@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--token", help="required with a --host other than this machine: visitors log in with it "
                                    "(default: $CONCEPTKIT_UI_TOKEN)")
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted upload (default 50 MB)")
+    p.add_argument("--clip", help="a CLIPModel folder or cached hub id: a finished Learn job also shows CLIP-I and "
+                                  "CLIP-T of its final validation images against the uploads")
+    p.add_argument("--dino", help="a DINOv2 / DINO ViT folder or cached hub id: ... and DINO")
     p.set_defaults(func=run)
 
 
@@ -30,4 +33,5 @@ def run(args) -> None:
         raise UserError(f"the web UI needs {e.name}: pip install 'conceptkit[ui]'") from None
 
     serve(host=args.host, port=args.port, model=args.model, work=args.work, models_dir=args.models_dir,
-          token=args.token or os.environ.get("CONCEPTKIT_UI_TOKEN"), max_upload_mb=args.max_upload_mb)
+          token=args.token or os.environ.get("CONCEPTKIT_UI_TOKEN"), max_upload_mb=args.max_upload_mb,
+          clip=args.clip, dino=args.dino)

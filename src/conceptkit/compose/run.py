@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..generate.loop import decode
 from .branches import encode_branches
 from .concepts import ConceptSpec, EmbeddingSpec, ImageSpec, LoraSpec, load_concepts
@@ -103,30 +103,51 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
     if several and save_maps:
         result.traces = dict(procs.gather(list(result.traces.items())))
     if out_dir is not None and (not several or procs.main):
-        write_outputs(result, Path(out_dir), bp, template)
+        write_outputs(result, Path(out_dir), bp, template, image_settings(pipe, result, bp, cfg, negative_prompt))
     if several:
         procs.barrier()
     return result
 
 
-def write_outputs(result: Composed, out: Path, bp, template: str) -> None:
+def image_settings(pipe, result: Composed, bp, cfg: CLoRAConfig, negative_prompt: str) -> dict:
+    """(method, seed) -> the Settings its PNG records: the prompt with every concept's phrase, the sampling
+    settings, the method and each slot's concept."""
+    from ..generate.infotext import Settings, model_name
+
+    concepts = ", ".join(f"{c['name']}: {c['kind']} {Path(str(c['file'])).name if c.get('file') else c.get('token')}"
+                         for c in result.concepts)
+    settings = {}
+    for method, images in result.images.items():
+        for seed, image in zip(result.seeds, images):
+            settings[(method, seed)] = Settings(
+                prompt=bp.merged_prompt, negative_prompt=negative_prompt or None, steps=cfg.steps,
+                sampler=cfg.scheduler, cfg_scale=cfg.guidance_scale, seed=seed, width=image.width,
+                height=image.height, model=model_name(pipe), extra={"Method": method, "Concepts": concepts})
+    return settings
+
+
+def write_outputs(result: Composed, out: Path, bp, template: str, settings: dict | None = None) -> None:
+    """Each image (and its attention/mask pictures) as a PNG recording `settings[(method, seed)]`, the grid
+    (recording the first image's), compose.json."""
     from diffusers.utils import make_image_grid
 
+    from ..generate.infotext import save_png
+
+    settings = settings or {}
     out.mkdir(parents=True, exist_ok=True)
     for method, images in result.images.items():
         result.paths[method] = []
         for seed, image in zip(result.seeds, images):
-            path = out / method / f"s{seed}.png"
-            atomic_write(path, lambda p, image=image: image.save(p, format="PNG"))
+            path = save_png(image, out / method / f"s{seed}.png", settings.get((method, seed)))
             result.paths[method].append(path)
     methods = list(result.images)
     cells = [result.images[m][j] for j in range(len(result.seeds)) for m in methods]
     grid = make_image_grid(cells, rows=len(result.seeds), cols=len(methods))
-    atomic_write(out / "grid.png", lambda p: grid.save(p, format="PNG"))
+    save_png(grid, out / "grid.png", settings.get((methods[0], result.seeds[0])) if methods else None)
     for (method, seed), trace in result.traces.items():
         maps_png, masks_png = trace_grids(trace, bp)
-        atomic_write(out / method / f"s{seed}-attention.png", lambda p, im=maps_png: im.save(p, format="PNG"))
-        atomic_write(out / method / f"s{seed}-masks.png", lambda p, im=masks_png: im.save(p, format="PNG"))
+        save_png(maps_png, out / method / f"s{seed}-attention.png", settings.get((method, seed)))
+        save_png(masks_png, out / method / f"s{seed}-masks.png", settings.get((method, seed)))
     summary = {"template": template, "concepts": result.concepts, "branch_prompts": bp.prompts, "groups": bp.groups,
                "mask_indices": bp.mask_indices, "merged_prompt": bp.merged_prompt, "seeds": result.seeds,
                "methods": {m: {"seconds_per_image": round(result.seconds[m], 3), "unet_calls": result.unet_calls[m],

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..files import atomic_write
 from ..generate.images import generate
+from ..generate.infotext import Settings, rendered, save_png
 from ..learn.promptnet import finetune_promptnet
 from ..learn.promptnet_config import FinetuneConfig
 from ..learn.textual_inversion import learn_textual_inversion
@@ -109,7 +109,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         reference_path = folder / "reference.png"
-        Image.fromarray(render(test_scene(triple))).save(reference_path)
+        save_png(Image.fromarray(render(test_scene(triple))), reference_path, rendered(test_scene(triple)))
         reference = torch.from_numpy(render(test_scene(triple))).permute(2, 0, 1)[None].float() / 127.5 - 1
         if reference.shape[-1] != size:
             reference = torch.nn.functional.interpolate(reference, size=(size, size), mode="bicubic")
@@ -125,7 +125,8 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
             t0 = time.perf_counter()
             if method == "ti":
                 (folder / "ti-image").mkdir(exist_ok=True)
-                Image.fromarray(render(test_scene(triple))).save(folder / "ti-image" / "0.png")
+                save_png(Image.fromarray(render(test_scene(triple))), folder / "ti-image" / "0.png",
+                         rendered(test_scene(triple)))
                 token = f"<{name}>"
                 run = replace(ti, token=token, validation_prompts=())
                 fresh = load_pipeline(model)
@@ -165,11 +166,12 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                            "fusion": fusion.__dict__, "fusion_notebook": notebook.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
                            "ti": {k: v for k, v in ti.__dict__.items() if k != "token"}, "threads": torch.get_num_threads()}
     write_showcase(showcase, [m for m in ("fusion", "plain") if m in methods] or list(methods)[:1], seeds,
-                   out_dir / "grid.png")
+                   out_dir / "grid.png", Settings(prompt="", steps=steps, sampler="ddim", seed=seed0, model=model))
     return results
 
 
-def write_showcase(rows, methods: list[str], seeds: int, path: Path, scale: int = 2) -> Path:
+def write_showcase(rows, methods: list[str], seeds: int, path: Path, settings: Settings | None = None,
+                   scale: int = 2) -> Path:
     """One row per test object: the reference, then each prompt (first seed) for each of `methods`."""
     n = len(COMPOSITIONAL)
     cell = 64 * scale
@@ -182,7 +184,9 @@ def write_showcase(rows, methods: list[str], seeds: int, path: Path, scale: int 
                 x = cell + j * (8 + n * cell) + 8 + k * cell
                 grid.paste(images[m][k * seeds].convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
                            (x, r * cell))
-    atomic_write(path, lambda p: grid.save(p, format="PNG"))
+    save_png(grid, path, replace(settings or Settings(prompt=""), width=grid.width, height=grid.height,
+                                 prompt=f"evaluate profusion: per test object, its reference, then each of "
+                                        f"{', '.join(methods)} on the compositional prompts (first seed)"))
     return path
 
 

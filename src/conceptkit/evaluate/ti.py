@@ -12,11 +12,13 @@ the vocabulary allows ("red striped object": a star cannot be named).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
 from ..generate.images import generate
+from ..generate.infotext import Settings, save_png
 from ..learn.textual_inversion import learn_textual_inversion
 from ..learn.ti_config import TIConfig
 from ..models.loading import load_pipeline
@@ -102,11 +104,14 @@ def evaluate_ti(model: str = "toy", cfg: TIConfig | None = None, *, concepts=CON
     results["settings"] = {"model": model, "seeds": [EVAL_SEED_BASE + k for k in range(seeds)], "steps": steps,
                            "guidance_scale": guidance_scale, "recipe": {k: v for k, v in cfg.__dict__.items()
                                                                         if k != "token"}}
-    write_showcase(showcase, seeds, out_dir / "grid.png")
+    write_showcase(showcase, seeds, out_dir / "grid.png",
+                   Settings(prompt="", steps=steps, sampler="ddim", cfg_scale=guidance_scale, seed=EVAL_SEED_BASE,
+                            model=model))
     return results
 
 
-def write_showcase(rows: list[tuple[Concept, Path]], seeds: int, path: Path, scale: int = 2) -> Path:
+def write_showcase(rows: list[tuple[Concept, Path]], seeds: int, path: Path, settings: Settings | None = None,
+                   scale: int = 2) -> Path:
     """One row per concept: a training image, then 'a photo of S*' and each compositional prompt (first seed)."""
     cells = 1 + 1 + len(COMPOSITIONAL)
     grid = Image.new("RGB", (64 * cells * scale + 8, 64 * len(rows) * scale), (255, 255, 255))
@@ -117,7 +122,10 @@ def write_showcase(rows: list[tuple[Concept, Path]], seeds: int, path: Path, sca
             x = c * 64 * scale + (8 if c else 0)
             grid.paste(image.convert("RGB").resize((64 * scale, 64 * scale), Image.Resampling.NEAREST),
                        (x, r * 64 * scale))
-    grid.save(path)
+    settings = replace(settings or Settings(prompt=""), width=grid.width, height=grid.height,
+                       prompt="evaluate ti: per concept, a training image, then 'a photo of S*' and each "
+                              "compositional prompt (first seed)")
+    save_png(grid, path, settings)
     return path
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..files import atomic_write
 from ..models.embeddings import check_prompt_tokens
 from ..resources import is_large, memory_savers
+from .infotext import save_png, settings_for
 from .loop import decode, denoise, initial_noise, latent_size, sampler
 from .plain import PromptModel
 from .schedulers import make_scheduler
@@ -30,6 +30,7 @@ class Generated:
     seeds: list[int]  # the seed of each image
     paths: list[Path] = field(default_factory=list)
     grid_path: Path | None = None
+    settings: list = field(default_factory=list)  # infotext.Settings of each image (written into its PNG)
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -122,6 +123,9 @@ def generate(
     if several:
         images = procs.gather(images)
     result = Generated(images, [p for p, _ in jobs], [s for _, s in jobs])
+    result.settings = [settings_for(pipe, p, seed=s, steps=steps, sampler=scheduler, cfg_scale=guidance_scale,
+                                    image=img, negative_prompt=negative_prompt)
+                       for (p, s), img in zip(jobs, images)]
     if out_dir is not None and (not several or procs.main):
         save(result, out_dir, columns=num_images)
     if several:
@@ -137,15 +141,16 @@ def image_name(i: int, prompt: str, seed: int) -> str:
 
 
 def save(result: Generated, out_dir: str | Path, columns: int) -> Generated:
+    """Each image as a PNG recording its settings (`result.settings`, A1111's `parameters` chunk), plus grid.png
+    (recording the first image's settings, as A1111's grids do)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = list(getattr(result, "settings", None) or []) or [None] * len(result.images)
     for i, (img, prompt, s) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        path = out_dir / image_name(i, prompt, s)
-        atomic_write(path, lambda p, img=img: img.save(p, format="PNG"))
-        result.paths.append(path)
+        result.paths.append(save_png(img, out_dir / image_name(i, prompt, s), settings[i]))
     rows = (len(result.images) + columns - 1) // columns
     blank = Image.new("RGB", result.images[0].size)
     cells = result.images + [blank] * (rows * columns - len(result.images))
     grid = make_image_grid(cells, rows=rows, cols=columns)
-    result.grid_path = atomic_write(out_dir / "grid.png", lambda p: grid.save(p, format="PNG"))
+    result.grid_path = save_png(grid, out_dir / "grid.png", settings[0])
     return result

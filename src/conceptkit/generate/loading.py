@@ -48,3 +48,5 @@ def load_loras(pipe, specs: list[str] | None) -> None:
               file=sys.stderr)
     if names:
         pipe.set_adapters(names, weights)
+        # what each image's PNG records (generate/infotext.py: `Lora: name: weight`)
+        pipe.conceptkit_loras = {**(getattr(pipe, "conceptkit_loras", None) or {}), **dict(zip(names, weights))}

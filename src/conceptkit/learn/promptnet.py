@@ -114,8 +114,16 @@ def validation_grid(pipe, saved: SavedPromptNet, pixels: torch.Tensor, prompts, 
             result = generate_profusion(pipe, saved, image[None], [prompt], FusionConfig.plain(steps=25),
                                         seed=seed + i, progress=False)
             cells.append(result.images[0])
+    from ..generate.infotext import Settings, model_name, save_png
+
     grid = make_image_grid(cells, rows=1 + len(prompts), cols=len(pixels))
-    return atomic_write(out / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+    plain = FusionConfig.plain(steps=25)
+    settings = Settings(prompt=" | ".join(prompts), steps=plain.steps, sampler=plain.scheduler,
+                        cfg_scale=plain.guidance_scale, seed=seed, width=cells[-1].width, height=cells[-1].height,
+                        model=model_name(pipe), extra={"Method": "ProFusion plain sampling",
+                                                       "Grid": f"PromptNet validation at step {step}: row 1 the "
+                                                               "references, then one row per prompt"})
+    return save_png(grid, out / f"step-{step:06d}.png", settings)
 
 
 def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, params: dict, draw, val_pixels,

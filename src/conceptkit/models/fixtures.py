@@ -321,3 +321,46 @@ def write_single_file(pipeline_or_folder, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(pipeline_to_ldm_state_dict(pipe), str(path), metadata={"format": "pt"})
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny scoring models (CLIP-I / CLIP-T / DINO tests): random weights, the real file layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A random-weight CLIPModel folder (32x32 images, 1-layer towers, SD 1.x's real CLIP tokenizer), saved with
+    its image processor and tokenizer as `openai/clip-vit-*` folders are."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil as CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": CLIP_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": CLIP_MAX_LENGTH,
+                     "bos_token_id": CLIP_VOCAB_SIZE - 2, "eos_token_id": CLIP_VOCAB_SIZE - 1,
+                     "pad_token_id": CLIP_VOCAB_SIZE - 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    write_sd_clip_tokenizer(folder / "_tokenizer")
+    CLIPTokenizer.from_pretrained(folder / "_tokenizer").save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(folder / "_tokenizer")
+    return folder
+
+
+def build_tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
+    """A random-weight Dinov2Model folder (32x32 images, patch 8, 1 layer) with DINOv2's image processor settings
+    scaled down (shortest side 36, centre crop 32, ImageNet mean/std)."""
+    from transformers import BitImageProcessorPil as BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             image_size=32, patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder

@@ -75,6 +75,7 @@ class ProFusionOutput:
     latents: torch.Tensor | None = None
     paths: list[Path] = field(default_factory=list)
     grid_path: Path | None = None
+    settings: list = field(default_factory=list)  # generate/infotext.Settings of each image
 
 
 @dataclass
@@ -260,6 +261,13 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
         latents.append(z.cpu())
         images.extend(decode(pipe, z))
     result = ProFusionOutput(images, [p for p, _ in jobs], [s for _, s in jobs], torch.cat(latents))
+    from ..generate.infotext import settings_for
+
+    method = f"ProFusion {'fusion' if cfg.refine_steps else 'plain'} sampling"
+    result.settings = [settings_for(pipe, p, seed=s, steps=cfg.steps, sampler=cfg.scheduler,
+                                    cfg_scale=cfg.guidance_scale, image=img, negative_prompt=cfg.negative_prompt,
+                                    Method=method, PromptNet=saved.folder.name if saved.folder else None)
+                       for (p, s), img in zip(jobs, images)]
     if out_dir is not None:
         from ..generate.images import save
 

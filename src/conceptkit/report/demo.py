@@ -21,8 +21,9 @@ from PIL import Image
 
 from ..errors import UserError
 from ..evaluate import clora, profusion, ti
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..generate.images import slug
+from ..generate.infotext import rendered, save_png
 from ..shapes import oracle
 from ..shapes.concepts import by_name, concept_folder
 from ..shapes.render import render
@@ -83,7 +84,7 @@ def clora_steps(out: Path, s: Settings) -> tuple[list[Step], str]:
 def profusion_steps(out: Path, s: Settings) -> tuple[list[Step], Path, list[str]]:
     reference = out / "profusion" / "reference.png"
     image = Image.fromarray(render(profusion.test_scene(PROFUSION_OBJECT)))
-    atomic_write(reference, lambda p: image.save(p, format="PNG"))
+    save_png(image, reference, rendered(profusion.test_scene(PROFUSION_OBJECT)))
     tuned = out / "profusion" / "promptnet"
     prompts = [t.format("S*") for t, _ in ti.COMPOSITIONAL]
     sampling = [*[a for p in prompts for a in ("--prompt", p)], "--seed", str(EVAL_SEED_BASE),

@@ -14,7 +14,7 @@ from ..errors import UserError
 from .page import Page, Section
 
 TITLES = {"base": "evaluate base", "ti": "evaluate ti", "clora": "evaluate clora", "profusion": "evaluate profusion",
-          "oracle": "evaluate oracle"}
+          "oracle": "evaluate oracle", "images": "evaluate images", "dreambench": "evaluate dreambench"}
 ABOUT = {
     "base": "Held-out prompts on the base model, read back by the oracle: the share of images with each requested "
             "attribute (single objects), and of two-object images with both objects present / both shapes right.",
@@ -26,6 +26,13 @@ ABOUT = {
     "profusion": "ProFusion on held-out objects from one image each: preservation = the object's shape, colour and "
                  "pattern kept (all three); adherence = the requested background, position and size.",
     "oracle": "How often the oracle reads scenes right: clean renders, and the VAE's reconstructions of them.",
+    "images": "Generated images against real ones: CLIP-I and DINO = mean cosine over every generated x reference "
+              "pair of L2-normalised embeddings (CLIP image features; DINO's CLS token), CLIP-T = cosine of each "
+              "image with its prompt (CLIP text features; '—' when no prompt is known). Means ± standard error.",
+    "dreambench": "DreamBooth's protocol on DreamBench: each subject learned from its photos, every prompt generated, "
+                  "scored with DINO and CLIP-I (against the subject's real photos) and CLIP-T (the prompt without "
+                  "the learned word). Means ± standard error over images; real images: two different photos of "
+                  "the same subject.",
 }
 
 
@@ -48,6 +55,8 @@ def kind_of(data) -> str | None:
     """Which evaluate command wrote this JSON, from its keys (None: none of them)."""
     if not isinstance(data, dict):
         return None
+    if data.get("kind") in ("images", "dreambench") and isinstance(data.get("means"), dict):
+        return data["kind"]
     if "single.shape" in data:
         return "base"
     if "ti.fidelity" in data and "concepts" in data:
@@ -69,8 +78,12 @@ def markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def main_table(kind: str, data: dict) -> str:
-    from ..evaluate import base, clora, oracle_accuracy, profusion, ti
+    from ..evaluate import base, clora, dreambench, images, oracle_accuracy, profusion, ti
 
+    if kind == "images":
+        return images.table(data)
+    if kind == "dreambench":
+        return dreambench.summary_table(data)
     if kind == "clora":
         return clora.table(data, [m for m in clora.METHODS if f"{m}.success" in data])
     return {"base": base.table, "ti": ti.table, "profusion": profusion.table, "oracle": oracle_accuracy.table}[kind](data)
@@ -82,7 +95,8 @@ def add_evaluation(page: Page, path: str | Path) -> Section:
     kind = kind_of(data)
     if kind is None:
         keys = ", ".join(list(data)[:6]) if isinstance(data, dict) else type(data).__name__
-        raise UserError(f"{path}: not the JSON of `conceptkit evaluate base|ti|clora|profusion|oracle --json` "
+        raise UserError(f"{path}: not the JSON of `conceptkit evaluate base|ti|clora|profusion|oracle|images|dreambench "
+                        "--json` "
                         f"(found: {keys})")
     try:
         header, rows = markdown_table(main_table(kind, data))
@@ -115,6 +129,15 @@ def details(section: Section, kind: str, data: dict) -> None:
         if isinstance(single, dict):
             section.table(["concept", "one LoRA alone: concept found"], [[k, float(v)] for k, v in single.items()],
                           "the ceiling: each LoRA alone")
+    elif kind in ("images", "dreambench"):
+        from ..evaluate.dreambench import subject_table
+
+        if kind == "dreambench":
+            section.table(*markdown_table(subject_table(data)), "per subject")
+        number = lambda v: "—" if v is None else f"{float(v):.3f}"  # noqa: E731
+        section.table(["image", "prompt", "CLIP-I", "CLIP-T", "DINO"],
+                      [[r["file"], r["prompt"] or "—", number(r["clip_i"]), number(r["clip_t"]), number(r["dino"])]
+                       for r in data["images"]], "per image")
     elif kind == "profusion" and data.get("objects"):
         methods = list(next(iter(data["objects"].values())))
         section.table(["object"] + [f"{m} (pres. / adh.)" for m in methods],
@@ -154,8 +177,9 @@ def write_report(files: list[str | Path], out_dir: str | Path, command: str) -> 
     if not files:
         raise UserError("no JSON file given: pass the files written by `conceptkit evaluate ... --json FILE`")
     page = Page(out_dir, "conceptkit evaluations",
-                [f"{len(files)} evaluation file(s). Scores are read back from generated images by the shapes-world "
-                 "oracle (`conceptkit shapes read`); the tables are the ones each evaluate command prints."])
+                [f"{len(files)} evaluation file(s). Shapes-world scores are read back from generated images by the "
+                 "oracle (`conceptkit shapes read`), real-concept scores by CLIP and DINO (`evaluate images`, "
+                 "`evaluate dreambench`); the tables are the ones each evaluate command prints."])
     for f in files:
         add_evaluation(page, f)
     page.section("How this page was made").command(command)

@@ -15,7 +15,6 @@ from PIL import Image
 
 import conceptkit
 
-from ..files import atomic_write
 from .captions import shape_word
 from .render import render
 from .world import UNNAMED_SHAPES, Obj, Scene
@@ -67,8 +66,10 @@ def concept_folder(concept: Concept) -> Path:
 def write_concept(concept: Concept, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(concept.images()):
-        atomic_write(folder / f"{i}.png", lambda p, image=image: image.save(p, format="PNG"))
+    from ..generate.infotext import rendered, save_png
+
+    for i, scene in enumerate(concept.scenes()):
+        save_png(Image.fromarray(render(scene)), folder / f"{i}.png", rendered(scene))
     return folder
 
 

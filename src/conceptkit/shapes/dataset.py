@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..generate.infotext import rendered, save_png
 from .captions import caption
 from .render import render
 from .world import EVAL_SEED_BASE, Scene, sample_scene
@@ -34,7 +35,7 @@ def write_image_folder(out: str | Path, items: list[Scene], seed: int = 0) -> Pa
     lines = []
     for i, s in enumerate(items):
         name = f"{i:06d}.png"
-        Image.fromarray(render(s)).save(out / name)
+        save_png(Image.fromarray(render(s)), out / name, rendered(s))
         lines.append(json.dumps({"file_name": name, "text": caption(s, rng), "scene": s.to_dict()}))
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
@@ -253,8 +254,10 @@ class GenerateRequest:
 # ---------------------------------------------------------------- the app
 
 class UI:
-    def __init__(self, queue: JobQueue, work: Path, models: list[str]):
+    def __init__(self, queue: JobQueue, work: Path, models: list[str], clip: str | None = None,
+                 dino: str | None = None):
         self.queue, self.work, self.models = queue, work, models
+        self.clip, self.dino = clip, dino  # `conceptkit ui --clip/--dino`: Learn jobs are scored with them
         self.generate_lock = threading.Lock()
 
     def progress(self, job: Job | None) -> str:
@@ -345,7 +348,12 @@ class UI:
             title = f"PromptNet {images[0].stem}"
             command = ["learn", "promptnet", "--finetune", "--image", f"{{folder}}/images/00{images[0].suffix.lower()}",
                        *common]
-        job = self.queue.submit(kind, title, [command], prepare=copy_images)
+        commands = [command]
+        if kind in ("ti", "lora") and (self.clip or self.dino):  # the final validation images against the uploads
+            commands.append(["evaluate", "images", "--images", f"{{out}}/validation/step-{int(steps):06d}",
+                             "--reference", "{folder}/images", *(["--clip", self.clip] if self.clip else []),
+                             *(["--dino", self.dino] if self.dino else []), "--json", f"{{out}}/{SCORES_FILE}"])
+        job = self.queue.submit(kind, title, commands, prepare=copy_images)
         return (gr.update(choices=job_choices(self.queue, LEARN_KINDS), value=job.id),
                 f"Queued {title} ({job.id}).")
 
@@ -355,6 +363,7 @@ class UI:
         if job is not None and job.status == "done":
             where = {"ti": "Embeddings", "lora": "LoRAs", "promptnet": "PromptNet"}[job.kind]
             result = f"Done: saved in `{job.out}`. It is now in the Generate tab's **{where}** picker."
+            result += scores_md(job.out / SCORES_FILE)
         grids = validation_images(job) if job else []
         latest = gr.update(value=grids[-1][0], label=f"Validation images at {grids[-1][1]} (prompt x seeds)") \
             if grids else gr.update(value=None, label="Validation images")
@@ -447,8 +456,26 @@ def newest(queue: JobQueue, kinds: tuple[str, ...]) -> str | None:
     return jobs[0].id if jobs else None
 
 
-def build_app(queue: JobQueue, work: str | Path, models: list[str]) -> gr.Blocks:
-    ui = UI(queue, Path(work), models)
+SCORES_FILE = "scores.json"
+
+
+def scores_md(path: Path) -> str:
+    """A finished Learn job's CLIP/DINO scores (`evaluate images` on its final validation images), if it has them."""
+    if not path.is_file():
+        return ""
+    from ..evaluate.images import table
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ("\n\n**Scores** of the final validation images against your uploads (CLIP-I and DINO: mean cosine "
+                "over every pair; CLIP-T: image vs its prompt; ± standard error):\n\n" + table(data))
+    except (ValueError, KeyError, TypeError):
+        return f"\n\n(scores file {path.name} is unreadable)"
+
+
+def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | None = None,
+              dino: str | None = None) -> gr.Blocks:
+    ui = UI(queue, Path(work), models, clip, dino)
     with gr.Blocks(title="conceptkit", analytics_enabled=False) as app:
         gr.Markdown("# conceptkit\nTeach a text-to-image model new concepts, compose them, and keep an image's "
                     "detail (Textual Inversion, CLoRA, ProFusion).")
@@ -587,7 +614,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str = "toy", work: str = "outputs/ui",
-          models_dir: str | None = None, token: str | None = None, max_upload_mb: int = 50, block: bool = True):
+          models_dir: str | None = None, token: str | None = None, max_upload_mb: int = 50, block: bool = True,
+          clip: str | None = None, dino: str | None = None):
     """Start the app; returns (app, queue) when block is False (tests).
 
     Safety: only this machine can connect unless `host` says otherwise, and then a token is required (visitors log
@@ -606,7 +634,12 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str = "toy", work: s
     else:
         models.remove(model)
         models.insert(0, model)
-    app = build_app(queue, work_path, models)
+    if clip or dino:  # a wrong folder fails now, in one line, not in every job
+        from ..evaluate.similarity import resolve_weights
+
+        clip = str(resolve_weights(clip, "--clip")) if clip else None
+        dino = str(resolve_weights(dino, "--dino")) if dino else None
+    app = build_app(queue, work_path, models, clip, dino)
     app.queue(default_concurrency_limit=1)
     if block:
         print(f"conceptkit UI on http://{host}:{port} (jobs, outputs and uploads in {work_path}); Ctrl+C stops it",
