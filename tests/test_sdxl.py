@@ -213,6 +213,15 @@ def test_cli_learn_ti_then_generate_with_the_community_file(sdxl_tiny_dir, conce
     assert "loaded <xs> (1 vector(s), sdxl layout)" in capsys.readouterr().err
 
 
+
+def test_a1111_pt_format_is_refused_on_sdxl_in_one_line(sdxl_tiny_dir, concept, tmp_path, capsys):
+    assert main(["learn", "ti", "--model", str(sdxl_tiny_dir), "--images", str(concept), "--token", "<xs>",
+                 "--steps", "2", "--batch", "1", "--no-validation", "--device", "cpu", "--format", "a1111",
+                 "--out", str(tmp_path / "ti")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --format a1111") and "clip_g" in err[-1]
+    assert not (tmp_path / "ti").exists() or not any((tmp_path / "ti").glob("*.safetensors"))
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------------------------

@@ -260,6 +260,9 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
     On return the pipeline knows the token (loaded as diffusers would load the written file).
     """
     cfg = cfg or TIConfig()
+    if cfg.fmt == "a1111" and is_sdxl(pipe):
+        raise UserError("--format a1111 writes AUTOMATIC1111's SD-1/2 .pt; on SDXL leave it out: the community "
+                        ".safetensors (clip_l + clip_g) that AUTOMATIC1111 and ComfyUI read is always written")
     procs = processes()
     out = Path(out_dir)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
