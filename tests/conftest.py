@@ -8,7 +8,7 @@ from hypothesis import settings
 
 
 from conceptkit.models.fixtures import build_tiny_sd, write_single_file
-from conceptkit.models.sdxl_fixture import build_tiny_sdxl
+from conceptkit.models.sdxl_fixture import TEXT_WIDTH_2_FOR_SINGLE_FILE, build_tiny_sdxl, write_sdxl_single_file
 
 # Another process may be training on the same machine: keep each test to one core.
 torch.set_num_threads(1)
@@ -36,6 +36,21 @@ def sd_tiny_single_file(sd_tiny_dir, tmp_path_factory) -> Path:
 def sdxl_tiny_dir(tmp_path_factory) -> Path:
     """A tiny random-weight StableDiffusionXLPipeline diffusers folder (seed 0; diffusers' SDXL test widths)."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_tiny_wide_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL folder with a wider second encoder (32 and 48 wide, as SDXL's are 768 and 1280): diffusers'
+    single-file loader tells CLIP-L from OpenCLIP-bigG by width, so equal widths would load one into the other."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny-wide") / "pipeline", seed=0,
+                           text_width_2=TEXT_WIDTH_2_FOR_SINGLE_FILE)
+
+
+@pytest.fixture(scope="session")
+def sdxl_tiny_single_file(sdxl_tiny_wide_dir, tmp_path_factory) -> Path:
+    """sdxl_tiny_wide_dir as one original-layout SDXL .safetensors checkpoint (load it with config=that folder)."""
+    return write_sdxl_single_file(sdxl_tiny_wide_dir,
+                                  tmp_path_factory.mktemp("sdxl-tiny-single") / "sdxl-tiny.safetensors")
 
 
 @pytest.fixture

@@ -174,6 +174,8 @@ UNET_TOP_LEVEL_NAMES = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's text_time embedding
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 UNET_RESNET_NAMES = {
     "norm1.": "in_layers.0.",
@@ -294,9 +296,9 @@ def vae_state_dict_to_ldm(vae) -> dict[str, torch.Tensor]:
     return converted
 
 
-def text_encoder_state_dict_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+def text_encoder_state_dict_to_ldm(text_encoder, prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
     # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); older versions still have it.
-    return {TEXT_ENCODER_PREFIX + key.removeprefix("text_model."): tensor
+    return {prefix + key.removeprefix("text_model."): tensor
             for key, tensor in text_encoder.state_dict().items()}
 
 
