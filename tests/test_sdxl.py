@@ -170,6 +170,18 @@ def test_sdxl_single_file_without_config_asks_for_it_in_one_line(sdxl_tiny_singl
     assert error.count("\n") == 1 and "single-file checkpoint: also pass --config" in error
 
 
+def test_sdxl_single_file_lacking_a_weight_is_refused_in_one_line(sdxl_tiny_single_file, sdxl_tiny_wide_dir,
+                                                                   tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(sdxl_tiny_single_file))
+    del weights["conditioner.embedders.1.model.text_projection"]
+    save_file(weights, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(UserError, match="lacks 1 weight.*text_encoder_2.text_projection.weight") as caught:
+        load_pipeline(str(tmp_path / "partial.safetensors"), config=str(sdxl_tiny_wide_dir), device="cpu")
+    assert "\n" not in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Textual Inversion
 # ---------------------------------------------------------------------------------------------------------------

@@ -230,8 +230,20 @@ def load_from_source(source: ModelSource, dtype: torch.dtype):
         return pipeline_class.from_pretrained(str(source.folder), local_files_only=True, dtype=dtype)
     if source.single_file.suffix.lower() == ".ckpt":
         ensure_ckpt_holds_only_weights(source.single_file)
-    return pipeline_class.from_single_file(str(source.single_file), config=str(source.folder),
+    pipe = pipeline_class.from_single_file(str(source.single_file), config=str(source.folder),
                                            local_files_only=True, dtype=dtype)
+    ensure_every_weight_was_read(pipe, source.single_file)
+    return pipe
+
+
+def ensure_every_weight_was_read(pipe, checkpoint: Path) -> None:
+    """from_single_file leaves a weight the checkpoint lacks as an empty (meta) tensor, which fails later with a
+    PyTorch traceback; say which, in one line (ValueError: load_pipeline makes it a UserError)."""
+    missing = [f"{name}.{key}" for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+               for key, parameter in module.named_parameters() if parameter.is_meta]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {len(missing)} weight(s) of the --config architecture (first: "
+                         f"{missing[0]}): pass the --config of the model the file was made from")
 
 
 def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dtype: torch.dtype = torch.float32,
