@@ -128,9 +128,17 @@ def test_sdxl_single_file_has_the_original_layout(sdxl_tiny_single_file):
     assert not any(name in key for key in open_clip_keys for name in transformers_names)
 
 
-def test_sdxl_single_file_loads_the_folders_weights(sdxl_tiny_single_file, sdxl_tiny_wide_dir):
+def test_sdxl_single_file_loads_the_folders_weights(sdxl_tiny_single_file, sdxl_tiny_wide_dir, monkeypatch):
+    import socket
+
     from diffusers import StableDiffusionXLPipeline
 
+    def no_network(*args, **kwargs):
+        raise AssertionError("loading tried the network")
+
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     folder = load_pipeline(str(sdxl_tiny_wide_dir), device="cpu")
     single = load_pipeline(str(sdxl_tiny_single_file), config=str(sdxl_tiny_wide_dir), device="cpu")
     assert type(single) is StableDiffusionXLPipeline
