@@ -6,6 +6,7 @@ This module only dispatches: each command's options and what it runs live in con
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .commands import compose, demo, evaluate, generate, info, learn, report, shapes, ui
@@ -14,8 +15,23 @@ from .errors import UserError, one_line
 COMMANDS = (generate, learn, compose, ui, demo, report, info, shapes, evaluate)  # in `conceptkit --help` order
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument is one line (`error: --steps 0: pass an integer ...`), not the usage block
+    and `prog: error:`; sub-command parsers are of this class too (add_subparsers passes its own class on)."""
+
+    def error(self, message: str):
+        from .commands.options import VALUE_MARK
+
+        found = re.fullmatch(r"argument (\S+): (.*)", message, flags=re.S)
+        if found and found[2].startswith(VALUE_MARK):  # our type checks: "--steps 0: pass ..."
+            message = f"{found[1].split('/')[-1]} {found[2][len(VALUE_MARK):]}"
+        elif found:  # argparse's own (invalid choice, expected one argument): "--format: invalid choice ..."
+            message = f"{found[1].split('/')[-1]}: {found[2]}"
+        self.exit(2, "error: " + message.replace("\r", "\\r").replace("\n", "\\n") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="conceptkit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="conceptkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -32,7 +48,10 @@ def check_processes(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a refused argument (2, its line already printed), or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         check_processes(args)
         args.func(args)
