@@ -10,6 +10,7 @@ import re
 import sys
 
 from .commands import compose, demo, evaluate, generate, info, learn, report, shapes, ui
+from . import locks
 from .errors import UserError, one_line
 
 COMMANDS = (generate, learn, compose, ui, demo, report, info, shapes, evaluate)  # in `conceptkit --help` order
@@ -47,6 +48,19 @@ def check_processes(args) -> None:
                         "run in several): launch it without accelerate/torchrun")
 
 
+def written_folders(args) -> list[str]:
+    """The folders the command writes (its `writes`: option names, or a function of the arguments), which it locks
+    (locks.py) so that a second process given the same folder refuses instead of mixing two runs' files. Under a
+    multi-process launch only the main process writes, so only it locks."""
+    import os
+
+    writes = getattr(args, "writes", ())
+    if os.environ.get("RANK", "0") != "0":
+        return []
+    folders = writes(args) if callable(writes) else [getattr(args, name, None) for name in writes]
+    return [f for f in folders if f]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -54,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         check_processes(args)
-        args.func(args)
+        with locks.locked(*written_folders(args)):
+            args.func(args)
     except UserError as e:  # one line, even when it quotes user input that holds line breaks
         print("error: " + one_line(e), file=sys.stderr)
         return 2

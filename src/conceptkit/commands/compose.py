@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--save-maps", action="store_true", help="also write per-step attention maps and masks as PNG grids")
     p.add_argument("--out", type=o.path, default="outputs/compose")
     add_compose_settings(p)
-    p.set_defaults(func=run, several_processes=True)
+    p.set_defaults(func=run, several_processes=True, writes=("out",))
 
 
 def compose_config(args):

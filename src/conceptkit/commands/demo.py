@@ -11,7 +11,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds; the scores mean nothing), for tests")
     p.add_argument("--fresh", action="store_true", help="redo every step (default: reuse the finished steps whose "
                                                         "command is unchanged)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes=("out",))
 
 
 def run(args) -> None:

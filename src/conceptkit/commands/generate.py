@@ -43,7 +43,7 @@ def register(sub) -> None:
     g.add_argument("--ref-prompt", type=o.prompt, help="the reference prompt, given whole")
     g.add_argument("--placeholder", type=o.name, help="the word that stands for the image in the prompt (default S*)")
     p.add_argument("--out", type=o.path, default="outputs/generate")
-    p.set_defaults(func=run, several_processes=True)
+    p.set_defaults(func=run, several_processes=True, writes=("out",))
 
 
 def run(args) -> None:

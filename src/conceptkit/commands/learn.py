@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
     p.add_argument("--out", type=o.path, required=True, help="output folder")
-    p.set_defaults(func=run_ti, several_processes=True)
+    p.set_defaults(func=run_ti, several_processes=True, writes=("out",))
 
     p = learn.add_parser("lora", help="DreamBooth-style LoRA: fine-tune low-rank adapters on 3-5 captioned images")
     add_model(p)
@@ -80,7 +80,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
     p.add_argument("--out", type=o.path, required=True, help="output folder")
-    p.set_defaults(func=run_lora, several_processes=True)
+    p.set_defaults(func=run_lora, several_processes=True, writes=("out",))
 
     p = learn.add_parser("promptnet", help="ProFusion's PromptNet: --pretrain on a domain, or --finetune on one image")
     add_model(p)
@@ -119,7 +119,12 @@ def register(sub) -> None:
                                        "folder here, and stop (works while the run goes on)")
     p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--out", type=o.path, required=True, help="output folder")
-    p.set_defaults(func=run_promptnet)
+    p.set_defaults(func=run_promptnet, writes=promptnet_writes)
+
+
+def promptnet_writes(args) -> list[str]:
+    """--export-to reads a run that may still be going on: only the export folder is locked then."""
+    return [args.export_to] if args.export_to else [args.out]
 
 
 def run_ti(args) -> None:

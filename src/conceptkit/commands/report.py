@@ -8,7 +8,7 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="a static page (OUT/index.html) from `evaluate ... --json` files")
     p.add_argument("json_files", type=o.path, nargs="+", metavar="JSON", help="files written by `conceptkit evaluate ... --json`")
     p.add_argument("--out", type=o.path, required=True, help="folder for index.html")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes=("out",))
 
 
 def run(args) -> None:

@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--held-out", action="store_true", help="use the held-out attribute combinations")
     p.add_argument("--p-pair", type=o.probability, default=0.4, help="fraction of two-object scenes")
     p.add_argument("--out", type=o.path, required=True)
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=run_sample, writes=("out",))
     p = shapes.add_parser("read", help="the oracle: read images back into attributes (JSON)")
     p.add_argument("images", type=o.path, nargs="+")
     p.set_defaults(func=run_read)
@@ -33,7 +33,13 @@ def register(sub) -> None:
                                        "original run's checkpoints are gone")
     p.add_argument("--set", type=o.key_value, action="append", metavar="KEY=VALUE",
                    help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1")
-    p.set_defaults(func=run_train_base)
+    p.set_defaults(func=run_train_base, writes=train_base_writes)
+
+
+def train_base_writes(args) -> list[str]:
+    """The run folder while training; an export replaces its folder whole (a temporary folder renamed), so it
+    takes no lock there (the lock file would go with the old folder)."""
+    return [] if args.export_to else [args.run]
 
 
 def run_sample(args) -> None:

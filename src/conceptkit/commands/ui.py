@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--clip", type=o.path, help="a CLIPModel folder or cached hub id: a finished Learn job also shows CLIP-I and "
                                   "CLIP-T of its final validation images against the uploads")
     p.add_argument("--dino", type=o.path, help="a DINOv2 / DINO ViT folder or cached hub id: ... and DINO")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes=("work",))
 
 
 def run(args) -> None:
