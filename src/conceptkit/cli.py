@@ -6,6 +6,7 @@ This module only dispatches: each command's options and what it runs live in con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 
@@ -48,6 +49,27 @@ def check_processes(args) -> None:
                         "run in several): launch it without accelerate/torchrun")
 
 
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (the web UI's cancel, a batch system's stop) raises KeyboardInterrupt in the command, as Ctrl-C does,
+    so a trainer writes a checkpoint of its last step before it stops (learn/loop.py); restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def written_folders(args) -> list[str]:
     """The folders the command writes (its `writes`: option names, or a function of the arguments), which it locks
     (locks.py) so that a second process given the same folder refuses instead of mixing two runs' files. Under a
@@ -68,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         check_processes(args)
-        with locks.locked(*written_folders(args)):
+        with locks.locked(*written_folders(args)), stop_on_sigterm():
             args.func(args)
     except UserError as e:  # one line, even when it quotes user input that holds line breaks
         print("error: " + one_line(e), file=sys.stderr)
@@ -76,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a write outside files.py's atomic writes (an appended log) refused by the disk
+        from .files import write_failure
+
+        if write_failure(e) is None:
+            raise
+        print(f"error: could not write {e.filename or 'a file'}: {write_failure(e)} (disk full, a size limit or a "
+              "read-only folder?)", file=sys.stderr)
+        return 2
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         from .resources import is_out_of_memory, oom_advice
 
