@@ -10,6 +10,9 @@ JSON object {"row", "handled", "tried", ...}.
 | bad inputs handled | reliability_inputs.py | every file of the tests/bad_inputs corpus through the command it targets |
 | processes tested | reliability_processes.py | training and generation with 2 processes against 1 |
 | UI under load | reliability_ui_load.py | 20 concurrent generate requests to the web UI on loopback |
+| option values refused | reliability_options.py | every bad value tests/option_sweep.py generates for every option of every command |
+| lock races refused | reliability_locks.py | two learn ti processes started together on one --out |
+| failed writes, nothing lost | reliability_writes.py | learn ti --resume under file-size limits (a full disk) and a read-only folder |
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ ROWS = {  # name: (script, its arguments)
     "inputs": ("reliability_inputs.py", []),
     "processes": ("reliability_processes.py", []),
     "ui": ("reliability_ui_load.py", ["--requests", "20"]),
+    "options": ("reliability_options.py", []),
+    "locks": ("reliability_locks.py", ["--races", "3"]),
+    "writes": ("reliability_writes.py", []),
 }
 
 

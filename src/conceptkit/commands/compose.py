@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from . import options as o
 from .options import add_model
 
 
@@ -12,29 +13,29 @@ def register(sub) -> None:
     p = sub.add_parser("compose", help="several concepts (LoRAs, embeddings, images) in one image: CLoRA and the "
                                        "baselines")
     add_model(p)
-    p.add_argument("--prompt", required=True, help='template with a slot per concept: "a {cat} and a {dog} on the grass"')
+    p.add_argument("--prompt", type=o.prompt, required=True, help='template with a slot per concept: "a {cat} and a {dog} on the grass"')
     g = p.add_argument_group("concepts, one per {slot}, of any kinds mixed")
-    g.add_argument("--lora", action="append", metavar="NAME=FILE[:TRIGGER[:CLASS]]",
+    g.add_argument("--lora", type=o.spec, action="append", metavar="NAME=FILE[:TRIGGER[:CLASS]]",
                    help="a LoRA; trigger and class word default to the LoRA's metadata")
-    g.add_argument("--embedding", action="append", metavar="NAME=FILE[:TOKEN[:CLASS]]",
+    g.add_argument("--embedding", type=o.spec, action="append", metavar="NAME=FILE[:TOKEN[:CLASS]]",
                    help="a Textual Inversion embedding: its branch's prompt says the token (default: the file's); "
                         "the class word defaults to the init word of a `learn ti` folder")
-    g.add_argument("--image", action="append", metavar="NAME=FILE[:CLASS]",
+    g.add_argument("--image", type=o.spec, action="append", metavar="NAME=FILE[:CLASS]",
                    help="one image of the concept: its branch's prompt holds PromptNet's word S* for it (ProFusion; "
                         "class word default 'object')")
-    g.add_argument("--promptnet", help="the PromptNet for --image (default with the bundled model: the bundled one)")
-    p.add_argument("--style-lora", metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
-    p.add_argument("--method", default="clora", help="clora, reference, merge, switch, composite, none; "
+    g.add_argument("--promptnet", type=o.path, help="the PromptNet for --image (default with the bundled model: the bundled one)")
+    p.add_argument("--style-lora", type=o.path, metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
+    p.add_argument("--method", type=o.names, default="clora", help="clora, reference, merge, switch, composite, none; "
                                                       "comma-separated for a side-by-side grid")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1, help="seeds seed, seed+1, ...")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=o.seed, default=0)
+    p.add_argument("--num-images", type=o.count, default=1, help="seeds seed, seed+1, ...")
+    p.add_argument("--height", type=o.size)
+    p.add_argument("--width", type=o.size)
     p.add_argument("--save-maps", action="store_true", help="also write per-step attention maps and masks as PNG grids")
-    p.add_argument("--out", default="outputs/compose")
+    p.add_argument("--out", type=o.path, default="outputs/compose")
     add_compose_settings(p)
-    p.set_defaults(func=run, several_processes=True)
+    p.set_defaults(func=run, several_processes=True, writes=("out",))
 
 
 def compose_config(args):
@@ -46,10 +47,15 @@ def compose_config(args):
     if "iterative_steps" in values:
         try:
             values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
+            if any(v < 0 for v in values["iterative_steps"]):
+                raise ValueError
         except ValueError:
             raise UserError(f"--iterative-steps {values['iterative_steps']!r}: pass step numbers separated by "
                             "commas, e.g. 0,10,20 ('' for none)") from None
-    return CLoRAConfig(**values)
+    try:
+        return CLoRAConfig(**values)
+    except ValueError as e:  # the API's check; the CLI's options are checked when parsed, so this is rare
+        raise UserError(str(e)) from None
 
 
 def concept_specs(args) -> list:
@@ -86,21 +92,21 @@ def add_compose_settings(p: argparse.ArgumentParser) -> None:
 
     d = CLoRAConfig()
     g = p.add_argument_group("CLoRA (ALGORITHMS.md §2; defaults fix the official quirks, --method reference keeps them)")
-    g.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
-    g.add_argument("--guidance-scale", type=float, help=f"default {d.guidance_scale}")
-    g.add_argument("--step-size", type=float, help=f"latent update step (default {d.step_size})")
-    g.add_argument("--max-iter-to-alter", type=int, help="update the latent on the first N steps (default: half)")
-    g.add_argument("--iterative-steps", help="steps with extra refinement, comma-separated (default "
+    g.add_argument("--steps", type=o.count, help=f"denoising steps (default {d.steps})")
+    g.add_argument("--guidance-scale", type=o.guidance_scale, help=f"default {d.guidance_scale}")
+    g.add_argument("--step-size", type=o.weight, help=f"latent update step (default {d.step_size})")
+    g.add_argument("--max-iter-to-alter", type=o.count_or_zero, help="update the latent on the first N steps (default: half)")
+    g.add_argument("--iterative-steps", type=o.step_list, help="steps with extra refinement, comma-separated (default "
                                              f"{','.join(map(str, d.iterative_steps))}; '' for none)")
-    g.add_argument("--iterative-steps-steps", type=int, help=f"refinements at those steps (default {d.iterative_steps_steps})")
+    g.add_argument("--iterative-steps-steps", type=o.count_or_zero, help=f"refinements at those steps (default {d.iterative_steps_steps})")
     g.add_argument("--no-latent-update", dest="latent_update", action="store_false", default=None)
-    g.add_argument("--mask-threshold", type=float, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
-    g.add_argument("--apply-mask-after", type=int, help="blend uniformly before this step (default 0)")
-    g.add_argument("--attn-res", type=int, help="side of the attention maps used (default: latent/4, at least 8)")
+    g.add_argument("--mask-threshold", type=o.probability, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
+    g.add_argument("--apply-mask-after", type=o.count_or_zero, help="blend uniformly before this step (default 0)")
+    g.add_argument("--attn-res", type=o.attn_res, help="side of the attention maps used (default: latent/4, at least 8)")
     for name in ("dilate", "erode", "opening", "closing"):
         g.add_argument(f"--{name}", action="store_true", default=None, help=f"{name} the masks (3x3)")
     g.add_argument("--execution", choices=["batched", "sequential"], help="default batched (one UNet call a step)")
-    g.add_argument("--scheduler", help=f"default {d.scheduler}: ddim, dpm++, euler, euler-a, pndm (the latent update "
+    g.add_argument("--scheduler", type=o.scheduler, help=f"default {d.scheduler}: ddim, dpm++, euler, euler-a, pndm (the latent update "
                                        "moves the latent the scheduler holds)")
-    g.add_argument("--merge-weight", type=float, help=f"merge: weight of every LoRA (default {d.merge_weight})")
-    g.add_argument("--switch-every", type=int, help=f"switch: steps per LoRA (default {d.switch_every})")
+    g.add_argument("--merge-weight", type=o.small_weight, help=f"merge: weight of every LoRA (default {d.merge_weight})")
+    g.add_argument("--switch-every", type=o.count, help=f"switch: steps per LoRA (default {d.switch_every})")

@@ -5,44 +5,45 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from . import options as o
 from .options import add_model, add_sampling
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="text-to-image: PNGs plus a grid")
     add_model(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompt-file", help="a text file, one prompt per line")
+    p.add_argument("--prompt", type=o.prompt, action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", type=o.path, help="a text file, one prompt per line")
     p.add_argument("--negative-prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=o.seed, default=0)
+    p.add_argument("--num-images", type=o.count, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--height", type=o.size)
+    p.add_argument("--width", type=o.size)
     p.add_argument("--low-memory", action="store_true",
                    help="VAE tiling and slicing, one image per batch (automatic above 4x the "
                         "model's native pixel count, e.g. over 1024x1024 on SD 1.5)")
     add_sampling(p, guidance=None)
-    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+    p.add_argument("--embedding", type=o.path, action="append", metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (diffusers, AUTOMATIC1111, kohya); repeatable")
-    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+    p.add_argument("--lora", type=o.path, action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA file or `learn lora` folder (diffusers or kohya layout), at WEIGHT (default 1); "
                         "repeatable")
     g = p.add_argument_group("ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt")
-    g.add_argument("--promptnet", help="a PromptNet folder (`learn promptnet`; default with --image: the bundled one)")
-    g.add_argument("--image", help="the reference image (default: the one a fine-tuned PromptNet was tuned on)")
+    g.add_argument("--promptnet", type=o.path, help="a PromptNet folder (`learn promptnet`; default with --image: the bundled one)")
+    g.add_argument("--image", type=o.path, help="the reference image (default: the one a fine-tuned PromptNet was tuned on)")
     g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="fusion sampling (default; the PromptNet folder's recommended settings, else the notebook's),"
                         " or plain sampling with S* (--no-fusion: CFG 5, no reference prompt)")
-    g.add_argument("--refine-steps", type=int, help="fusion sub-steps per step, m (default 1)")
-    g.add_argument("--refine-eta", type=float, help="η of the fusion sub-step, in [0, sqrt(2)] (default 1)")
-    g.add_argument("--refine-emb-scale", type=float, help="λ: S* output scale in the fusion sub-step (default 0.6)")
-    g.add_argument("--refine-guidance", type=float, help="w_f: guidance in the fusion sub-step (default 7)")
-    g.add_argument("--ref-guidance-scale", type=float, help="w2: guidance of the reference prompt (default 5; 0 with --no-fusion)")
-    g.add_argument("--class-word", help="the reference prompt is the prompt with S* replaced by this (default 'object')")
-    g.add_argument("--ref-prompt", help="the reference prompt, given whole")
-    g.add_argument("--placeholder", help="the word that stands for the image in the prompt (default S*)")
-    p.add_argument("--out", default="outputs/generate")
-    p.set_defaults(func=run, several_processes=True)
+    g.add_argument("--refine-steps", type=o.count_or_zero, help="fusion sub-steps per step, m (default 1)")
+    g.add_argument("--refine-eta", type=o.eta, help="η of the fusion sub-step, in [0, sqrt(2)] (default 1)")
+    g.add_argument("--refine-emb-scale", type=o.small_weight, help="λ: S* output scale in the fusion sub-step (default 0.6)")
+    g.add_argument("--refine-guidance", type=o.guidance_scale, help="w_f: guidance in the fusion sub-step (default 7)")
+    g.add_argument("--ref-guidance-scale", type=o.guidance_scale, help="w2: guidance of the reference prompt (default 5; 0 with --no-fusion)")
+    g.add_argument("--class-word", type=o.name, help="the reference prompt is the prompt with S* replaced by this (default 'object')")
+    g.add_argument("--ref-prompt", type=o.prompt, help="the reference prompt, given whole")
+    g.add_argument("--placeholder", type=o.name, help="the word that stands for the image in the prompt (default S*)")
+    p.add_argument("--out", type=o.path, default="outputs/generate")
+    p.set_defaults(func=run, several_processes=True, writes=("out",))
 
 
 def run(args) -> None:

@@ -7,6 +7,7 @@ from ..errors import UserError
 from ..learn.lora_config import LoRAConfig
 from ..learn.promptnet_config import FinetuneConfig, PretrainConfig
 from ..learn.ti_config import TIConfig
+from . import options as o
 from .options import add_model, add_progress_log, progress_log, refuse_finished_run
 
 TI_DEFAULTS = TIConfig()
@@ -20,22 +21,22 @@ def register(sub) -> None:
                                                                                      required=True)
     p = learn.add_parser("ti", help="Textual Inversion: learn a new token from 3-5 images")
     add_model(p)
-    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept")
-    p.add_argument("--token", required=True, help="the new pseudo-word, e.g. '<my-cat>'")
+    p.add_argument("--images", type=o.path, required=True, help="folder of 3-5 images of the concept")
+    p.add_argument("--token", type=o.name, required=True, help="the new pseudo-word, e.g. '<my-cat>'")
     p.add_argument("--init-word", default=TI_DEFAULTS.init_word, help="a one-token word to start from (coarse class); '' for "
                                                         "the vocabulary mean")
-    p.add_argument("--vectors", type=int, default=TI_DEFAULTS.vectors, help="vectors per token")
-    p.add_argument("--template", default=TI_DEFAULTS.template, help="object (27), object81, style (19), or a file of templates")
-    p.add_argument("--steps", type=int, default=TI_DEFAULTS.steps)
-    p.add_argument("--lr", type=float, default=TI_DEFAULTS.lr)
+    p.add_argument("--vectors", type=o.vectors, default=TI_DEFAULTS.vectors, help="vectors per token")
+    p.add_argument("--template", type=o.name, default=TI_DEFAULTS.template, help="object (27), object81, style (19), or a file of templates")
+    p.add_argument("--steps", type=o.count, default=TI_DEFAULTS.steps)
+    p.add_argument("--lr", type=o.rate, default=TI_DEFAULTS.lr)
     p.add_argument("--scale-lr", action="store_true", help="multiply lr by batch x grad-accum")
-    p.add_argument("--batch", type=int, default=TI_DEFAULTS.batch)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--batch", type=o.count, default=TI_DEFAULTS.batch)
+    p.add_argument("--grad-accum", type=o.count, default=1)
+    p.add_argument("--resolution", type=o.size, help="training size (default: the model's native size)")
     p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=TI_DEFAULTS.checkpoint_every)
-    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--seed", type=o.seed, default=0)
+    p.add_argument("--checkpoint-every", type=o.count, default=TI_DEFAULTS.checkpoint_every)
+    p.add_argument("--validate-every", type=o.count_or_zero, default=0, help="validation grid every N steps (0: at the end)")
     p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
     p.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers",
                    help="a1111 also writes AUTOMATIC1111's .pt layout")
@@ -44,81 +45,86 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (GPU, 512 px)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=run_ti, several_processes=True)
+    p.add_argument("--out", type=o.path, required=True, help="output folder")
+    p.set_defaults(func=run_ti, several_processes=True, writes=("out",))
 
     p = learn.add_parser("lora", help="DreamBooth-style LoRA: fine-tune low-rank adapters on 3-5 captioned images")
     add_model(p)
-    p.add_argument("--images", required=True, help="folder of 3-5 images of the concept (captions: --prompt, or "
+    p.add_argument("--images", type=o.path, required=True, help="folder of 3-5 images of the concept (captions: --prompt, or "
                                                    "<image>.txt next to each image)")
-    p.add_argument("--prompt", default=LORA_DEFAULTS.prompt,
+    p.add_argument("--prompt", type=o.prompt, default=LORA_DEFAULTS.prompt,
                    help="instance prompt for every image, e.g. 'a photo of zwx circle' ({} = trigger + class word)")
-    p.add_argument("--trigger", default=LORA_DEFAULTS.trigger, help="the rare word the captions use for the concept")
-    p.add_argument("--class-word", default=LORA_DEFAULTS.class_word, help="the concept's class, e.g. 'circle' "
+    p.add_argument("--trigger", type=o.name, default=LORA_DEFAULTS.trigger, help="the rare word the captions use for the concept")
+    p.add_argument("--class-word", type=o.name, default=LORA_DEFAULTS.class_word, help="the concept's class, e.g. 'circle' "
                                                                           "(validation prompts say 'trigger class')")
-    p.add_argument("--rank", type=int, default=LORA_DEFAULTS.rank)
-    p.add_argument("--alpha", type=float, default=LORA_DEFAULTS.alpha, help="LoRA alpha (default: the rank)")
-    p.add_argument("--steps", type=int, default=LORA_DEFAULTS.steps)
-    p.add_argument("--lr", type=float, default=LORA_DEFAULTS.lr)
+    p.add_argument("--rank", type=o.rank, default=LORA_DEFAULTS.rank)
+    p.add_argument("--alpha", type=o.positive, default=LORA_DEFAULTS.alpha, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=o.count, default=LORA_DEFAULTS.steps)
+    p.add_argument("--lr", type=o.rate, default=LORA_DEFAULTS.lr)
     p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=LORA_DEFAULTS.text_encoder,
                    help="also train LoRA on the text encoder's attention")
-    p.add_argument("--text-encoder-lr", type=float, default=LORA_DEFAULTS.text_encoder_lr, help="(default: --lr)")
-    p.add_argument("--batch", type=int, default=LORA_DEFAULTS.batch)
-    p.add_argument("--grad-accum", type=int, default=LORA_DEFAULTS.grad_accum)
-    p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
+    p.add_argument("--text-encoder-lr", type=o.rate, default=LORA_DEFAULTS.text_encoder_lr, help="(default: --lr)")
+    p.add_argument("--batch", type=o.count, default=LORA_DEFAULTS.batch)
+    p.add_argument("--grad-accum", type=o.count, default=LORA_DEFAULTS.grad_accum)
+    p.add_argument("--resolution", type=o.size, help="training size (default: the model's native size)")
     p.add_argument("--center-crop", action="store_true", help="crop to a square instead of squashing")
-    p.add_argument("--flip-p", type=float, default=LORA_DEFAULTS.flip_p, help="probability of a mirrored image")
-    p.add_argument("--seed", type=int, default=LORA_DEFAULTS.seed)
-    p.add_argument("--checkpoint-every", type=int, default=LORA_DEFAULTS.checkpoint_every)
-    p.add_argument("--validate-every", type=int, default=0, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--flip-p", type=o.probability, default=LORA_DEFAULTS.flip_p, help="probability of a mirrored image")
+    p.add_argument("--seed", type=o.seed, default=LORA_DEFAULTS.seed)
+    p.add_argument("--checkpoint-every", type=o.count, default=LORA_DEFAULTS.checkpoint_every)
+    p.add_argument("--validate-every", type=o.count_or_zero, default=0, help="validation grid every N steps (0: at the end)")
     p.add_argument("--no-validation", action="store_true", help="write no validation grids (quick runs, tests)")
-    p.add_argument("--validation-prompt", action="append",
+    p.add_argument("--validation-prompt", type=o.prompt, action="append",
                    help="repeatable; {} = trigger + class word (default: 'a photo of {}')")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the models (GPU); the LoRA weights stay fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=run_lora, several_processes=True)
+    p.add_argument("--out", type=o.path, required=True, help="output folder")
+    p.set_defaults(func=run_lora, several_processes=True, writes=("out",))
 
     p = learn.add_parser("promptnet", help="ProFusion's PromptNet: --pretrain on a domain, or --finetune on one image")
     add_model(p)
     p.add_argument("--pretrain", action="store_true", help="domain pre-training on --images DIR (ALGORITHMS.md §3.4)")
     p.add_argument("--finetune", action="store_true", help="fine-tune on one --image FILE (§3.5)")
-    p.add_argument("--images", help="--pretrain: a folder of images of the domain")
-    p.add_argument("--image", help="--finetune: the image of the concept")
-    p.add_argument("--promptnet", help="--finetune: the pre-trained PromptNet folder (default: the bundled one)")
-    p.add_argument("--image-encoder", help="--pretrain: a local transformers CLIPVisionModel folder for the context "
+    p.add_argument("--images", type=o.path, help="--pretrain: a folder of images of the domain")
+    p.add_argument("--image", type=o.path, help="--finetune: the image of the concept")
+    p.add_argument("--promptnet", type=o.path, help="--finetune: the pre-trained PromptNet folder (default: the bundled one)")
+    p.add_argument("--image-encoder", type=o.path, help="--pretrain: a local transformers CLIPVisionModel folder for the context "
                                            "tokens (default: the VAE-latent patch encoder of the bundled model)")
-    p.add_argument("--steps", type=int, help=f"default {PRETRAIN_DEFAULTS.steps} (pretrain), {FINETUNE_DEFAULTS.steps} (finetune)")
-    p.add_argument("--lr", type=float, help=f"default {PRETRAIN_DEFAULTS.lr} (pretrain), {FINETUNE_DEFAULTS.lr} (finetune)")
-    p.add_argument("--batch", type=int, help=f"default {PRETRAIN_DEFAULTS.batch} (pretrain), {FINETUNE_DEFAULTS.batch} (finetune)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--l2-reg", type=float, default=0.0, help="λ·mean(S*²) (default 0: the official regularisation-free objective)")
-    p.add_argument("--prefix", default=PRETRAIN_DEFAULTS.prefix, help="training prompt before S*")
+    p.add_argument("--steps", type=o.count, help=f"default {PRETRAIN_DEFAULTS.steps} (pretrain), {FINETUNE_DEFAULTS.steps} (finetune)")
+    p.add_argument("--lr", type=o.rate, help=f"default {PRETRAIN_DEFAULTS.lr} (pretrain), {FINETUNE_DEFAULTS.lr} (finetune)")
+    p.add_argument("--batch", type=o.count, help=f"default {PRETRAIN_DEFAULTS.batch} (pretrain), {FINETUNE_DEFAULTS.batch} (finetune)")
+    p.add_argument("--grad-accum", type=o.count, default=1)
+    p.add_argument("--l2-reg", type=o.weight, default=0.0, help="λ·mean(S*²) (default 0: the official regularisation-free objective)")
+    p.add_argument("--prefix", type=o.prompt, default=PRETRAIN_DEFAULTS.prefix, help="training prompt before S*")
     p.add_argument("--pad-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="pad the training prompt like inference does (default: no, the official 6 tokens; "
                         "--finetune: as the PromptNet was pre-trained)")
     p.add_argument("--latents", choices=["sample", "mean"],
                    help="z ~ q(z|x) (default, official) or its mean (for a UNet trained on means, like the bundled "
                         "one); --finetune default: as pre-trained")
-    p.add_argument("--flip-p", type=float, default=0.0, help="--pretrain: probability of a mirrored image")
+    p.add_argument("--flip-p", type=o.probability, default=0.0, help="--pretrain: probability of a mirrored image")
     p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
                    help="--finetune: the mini dataset's augmentation")
-    p.add_argument("--copies", type=int, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
+    p.add_argument("--copies", type=o.count, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
     p.add_argument("--unet-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="--finetune: also train the UNet's to_q/to_k/to_v (default yes, as the paper)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
-    p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
+    p.add_argument("--seed", type=o.seed, default=0)
+    p.add_argument("--checkpoint-every", type=o.count)
+    p.add_argument("--validate-every", type=o.count_or_zero, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--threads", type=o.threads, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
-    p.add_argument("--export-to", help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
+    p.add_argument("--export-to", type=o.path, help="write the latest checkpoint of the pre-training run in --out as a PromptNet "
                                        "folder here, and stop (works while the run goes on)")
     p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=run_promptnet)
+    p.add_argument("--out", type=o.path, required=True, help="output folder")
+    p.set_defaults(func=run_promptnet, writes=promptnet_writes)
+
+
+def promptnet_writes(args) -> list[str]:
+    """--export-to reads a run that may still be going on: only the export folder is locked then."""
+    return [args.export_to] if args.export_to else [args.out]
 
 
 def run_ti(args) -> None:

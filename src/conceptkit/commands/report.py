@@ -1,12 +1,14 @@
 """`conceptkit report`: a static page from `evaluate ... --json` files."""
 from __future__ import annotations
 
+from . import options as o
+
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="a static page (OUT/index.html) from `evaluate ... --json` files")
-    p.add_argument("json_files", nargs="+", metavar="JSON", help="files written by `conceptkit evaluate ... --json`")
-    p.add_argument("--out", required=True, help="folder for index.html")
-    p.set_defaults(func=run)
+    p.add_argument("json_files", type=o.path, nargs="+", metavar="JSON", help="files written by `conceptkit evaluate ... --json`")
+    p.add_argument("--out", type=o.path, required=True, help="folder for index.html")
+    p.set_defaults(func=run, writes=("out",))
 
 
 def run(args) -> None:

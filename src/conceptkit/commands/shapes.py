@@ -1,6 +1,8 @@
 """`conceptkit shapes sample|read|train-base`: the shapes world's renderer, oracle and base-model trainer."""
 from __future__ import annotations
 
+from . import options as o
+
 import json
 from pathlib import Path
 
@@ -10,28 +12,34 @@ from ..errors import UserError
 def register(sub) -> None:
     shapes = sub.add_parser("shapes", help="the shapes world").add_subparsers(dest="shapes_command", required=True)
     p = shapes.add_parser("sample", help="render random scenes with captions into an image folder")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=o.count, default=16)
+    p.add_argument("--seed", type=o.seed, default=0)
     p.add_argument("--held-out", action="store_true", help="use the held-out attribute combinations")
-    p.add_argument("--p-pair", type=float, default=0.4, help="fraction of two-object scenes")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=run_sample)
+    p.add_argument("--p-pair", type=o.probability, default=0.4, help="fraction of two-object scenes")
+    p.add_argument("--out", type=o.path, required=True)
+    p.set_defaults(func=run_sample, writes=("out",))
     p = shapes.add_parser("read", help="the oracle: read images back into attributes (JSON)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", type=o.path, nargs="+")
     p.set_defaults(func=run_read)
     p = shapes.add_parser("train-base", help="train the bundled model from scratch (resumable)")
-    p.add_argument("--run", default="runs/base", help="run folder: checkpoints, logs, caches")
+    p.add_argument("--run", type=o.path, default="runs/base", help="run folder: checkpoints, logs, caches")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unet-steps", type=int, default=30000)
-    p.add_argument("--export-to", help="write the run's EMA weights as a diffusers folder and stop")
-    p.add_argument("--threads", type=int, help="CPU threads (use 1 to leave a core free for other work: two "
+    p.add_argument("--seed", type=o.seed, default=0)
+    p.add_argument("--unet-steps", type=o.count, default=30000)
+    p.add_argument("--export-to", type=o.path, help="write the run's EMA weights as a diffusers folder and stop")
+    p.add_argument("--threads", type=o.threads, help="CPU threads (use 1 to leave a core free for other work: two "
                                                 "busy processes on 2 threads each slow each other down many times)")
-    p.add_argument("--init-from", help="start a new run from shipped weights (e.g. the bundled folder) when the "
+    p.add_argument("--init-from", type=o.path, help="start a new run from shipped weights (e.g. the bundled folder) when the "
                                        "original run's checkpoints are gone")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", type=o.key_value, action="append", metavar="KEY=VALUE",
                    help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1")
-    p.set_defaults(func=run_train_base)
+    p.set_defaults(func=run_train_base, writes=train_base_writes)
+
+
+def train_base_writes(args) -> list[str]:
+    """The run folder while training; an export replaces its folder whole (a temporary folder renamed), so it
+    takes no lock there (the lock file would go with the old folder)."""
+    return [] if args.export_to else [args.run]
 
 
 def run_sample(args) -> None:

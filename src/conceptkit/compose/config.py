@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .. import values as v
+
 METHODS = ("clora", "merge", "switch", "composite", "none")
 
 
@@ -50,6 +52,22 @@ class CLoRAConfig:
 
     QUIRKS = dict(cond_only_maps=False, minmax_eps=0.0, fresh_predictions=False, execution="sequential",
                   graphs_every_step=True, explicit_attention=True)
+
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field, not in the sampler (tests/test_config_checks.py)."""
+        v.check_config(self, {"steps": v.COUNT, "guidance_scale": v.GUIDANCE, "guidance_rescale": v.PROBABILITY,
+                              "step_size": v.WEIGHT, "max_iter_to_alter": v.COUNT_OR_ZERO,
+                              "iterative_steps_steps": v.COUNT_OR_ZERO, "temperature": v.POSITIVE,
+                              "attn_res": v.Number(int, 1, 1024), "minmax_eps": v.PROBABILITY,
+                              "apply_mask_after": v.COUNT_OR_ZERO, "mask_threshold": v.PROBABILITY,
+                              "style_weight": v.SMALL_WEIGHT, "merge_weight": v.SMALL_WEIGHT, "switch_every": v.COUNT},
+                       optional=("max_iter_to_alter", "attn_res"))
+        v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
+        v.check_choice(self, "execution", ("batched", "sequential"))
+        if not isinstance(self.iterative_steps, (tuple, list)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= v.BIG for s in self.iterative_steps):
+            raise ValueError(f"CLoRAConfig.iterative_steps = {self.iterative_steps!r}: pass a tuple of step numbers "
+                             "≥ 0, e.g. (0, 10, 20)")
 
     @classmethod
     def reference(cls, **overrides) -> "CLoRAConfig":

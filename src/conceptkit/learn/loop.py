@@ -6,6 +6,7 @@ moments and step for each, and the losses so far, in one safetensors file writte
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -132,30 +133,42 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
     progress = progress and procs.main
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, step)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            loss = batch_loss(g) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-        if procs.several:
-            total = average_gradients(procs, optimizer, total)
-        if before_update is not None:
-            before_update()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        done = step + 1
-        if not procs.main:
-            continue
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint(done)
-        if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
-            validate(done)
-        if on_step is not None:
-            on_step(done, total)
+    done = saved = start  # steps finished; the last one checkpointed
+    updating = False
+    try:
+        for step in range(start, cfg.steps):
+            g = step_generator(cfg.seed, step)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                loss = batch_loss(g) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            if procs.several:
+                total = average_gradients(procs, optimizer, total)
+            if before_update is not None:
+                before_update()
+            updating = True  # an interruption from here to `done` would leave a half-updated step: no checkpoint
+            optimizer.step()
+            losses.append(total)
+            done = step + 1
+            updating = False
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if not procs.main:
+                continue
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+                saved = done
+            if cfg.validation_prompts and cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.steps:
+                validate(done)
+            if on_step is not None:
+                on_step(done, total)
+    except BaseException:  # Ctrl-C, SIGTERM (cli.py), a failed validation or log write: keep the steps done
+        if procs.main and done > saved and not updating:
+            with contextlib.suppress(Exception):  # the checkpoint may fail too (disk full): report the first error
+                checkpoint(done)
+        bar.close()  # ends the progress bar's line, so the error message starts a line of its own
+        raise
     bar.close()
     return time.perf_counter() - began

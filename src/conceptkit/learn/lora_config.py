@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import values as v
+
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -52,6 +54,17 @@ class LoRAConfig:
     validation_seeds: int = 4
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast for the models; the LoRA weights stay fp32
     weight_decay: float = 1e-2  # AdamW, on the LoRA weights (diffusers' --adam_weight_decay)
+
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field, not deep inside the trainer (tests/test_config_checks.py)."""
+        v.check_config(self, {"rank": v.RANK, "alpha": v.POSITIVE, "steps": v.COUNT, "lr": v.RATE,
+                              "text_encoder_lr": v.RATE, "batch": v.COUNT, "grad_accum": v.COUNT,
+                              "resolution": v.SIZE, "flip_p": v.PROBABILITY, "seed": v.SEED,
+                              "checkpoint_every": v.COUNT, "validate_every": v.COUNT_OR_ZERO,
+                              "validation_seeds": v.COUNT, "weight_decay": v.WEIGHT},
+                       optional=("alpha", "text_encoder_lr", "resolution"))
+        v.check_text(self, ("trigger", "class_word", "prompt"), optional=("class_word", "prompt"))
+        v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
 
     @property
     def effective_alpha(self) -> float:

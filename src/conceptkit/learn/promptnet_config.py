@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import values as v
+
 
 @dataclass
 class PretrainConfig:
@@ -33,6 +35,16 @@ class PretrainConfig:
     validation_images: int = 4  # the first N training images, reconstructed with "a photo of S*"
     validation_prompts: tuple[str, ...] = ("a photo of S*",)
 
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field (tests/test_config_checks.py)."""
+        v.check_config(self, {"steps": v.COUNT, "lr": v.RATE, "batch": v.COUNT, "grad_accum": v.COUNT,
+                              "max_grad_norm": v.POSITIVE, "weight_decay": v.WEIGHT, "l2_reg": v.WEIGHT,
+                              "projection_channels": v.COUNT, "flip_p": v.PROBABILITY, "resolution": v.SIZE,
+                              "seed": v.SEED, "checkpoint_every": v.COUNT, "keep_checkpoints": v.COUNT,
+                              "validate_every": v.COUNT_OR_ZERO, "validation_images": v.COUNT_OR_ZERO},
+                       optional=("resolution",))
+        v.check_choice(self, "latents", ("sample", "mean"))
+
 
 @dataclass
 class FinetuneConfig:
@@ -56,3 +68,17 @@ class FinetuneConfig:
     checkpoint_every: int = 10_000  # short runs: the final weights are the checkpoint
     validate_every: int = 0
     validation_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field (tests/test_config_checks.py)."""
+        v.check_config(self, {"steps": v.COUNT, "lr": v.RATE, "batch": v.COUNT, "copies": v.COUNT,
+                              "rotate": v.Number(float, 0, 180), "translate": v.PROBABILITY,
+                              "weight_decay": v.WEIGHT, "max_grad_norm": v.POSITIVE, "l2_reg": v.WEIGHT,
+                              "seed": v.SEED, "grad_accum": v.COUNT, "checkpoint_every": v.COUNT,
+                              "validate_every": v.COUNT_OR_ZERO},
+                       optional=("max_grad_norm",))
+        v.check_choice(self, "augment", ("none", "flip", "affine"))
+        v.check_choice(self, "latents", ("sample", "mean"), optional=True)
+        low, high = self.scale
+        if not (0 < low <= high <= 10):
+            raise ValueError(f"FinetuneConfig.scale = {self.scale!r}: pass (low, high) with 0 < low ≤ high ≤ 10")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import values as v
+
 
 @dataclass
 class TIConfig:
@@ -32,6 +34,17 @@ class TIConfig:
     fmt: str = "diffusers"  # or a1111
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast for the frozen models; the learned vectors stay fp32
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, GPU at 512 px)
+
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field, not deep inside the trainer (tests/test_config_checks.py)."""
+        v.check_config(self, {"vectors": v.VECTORS, "steps": v.COUNT, "lr": v.RATE, "batch": v.COUNT,
+                              "grad_accum": v.COUNT, "resolution": v.SIZE, "flip_p": v.PROBABILITY,
+                              "weight_decay": v.WEIGHT, "seed": v.SEED, "checkpoint_every": v.COUNT,
+                              "validate_every": v.COUNT_OR_ZERO, "validation_seeds": v.COUNT},
+                       optional=("resolution",))
+        v.check_text(self, ("template", "init_word"), optional=("init_word",))  # the token: training_tokenizer
+        v.check_choice(self, "fmt", ("diffusers", "a1111"))
+        v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
 
     @property
     def effective_lr(self) -> float:

@@ -52,6 +52,17 @@ class FusionConfig:
     execution: str = "batched"  # batched | reference
     scheduler: str = "ddim"  # fusion sub-steps are DDIM's: other schedulers (generate/schedulers.py) only without them
 
+    def __post_init__(self) -> None:
+        """A bad setting fails here, naming the field, not in the sampler (tests/test_config_checks.py)."""
+        from .. import values as v
+
+        v.check_config(self, {"steps": v.COUNT, "guidance_scale": v.GUIDANCE, "ref_guidance_scale": v.GUIDANCE,
+                              "refine_steps": v.COUNT_OR_ZERO, "refine_eta": v.ETA,
+                              "refine_emb_scale": v.SMALL_WEIGHT, "refine_guidance_scale": v.GUIDANCE})
+        v.check_text(self, ("class_word", "ref_prompt", "placeholder"), optional=("ref_prompt",))
+        v.check_choice(self, "execution", ("batched", "reference"))
+        v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
+
     @classmethod
     def plain(cls, **kw) -> "FusionConfig":
         return cls(**{"guidance_scale": 5.0, "ref_guidance_scale": 0.0, "refine_steps": 0, **kw})

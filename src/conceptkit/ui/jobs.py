@@ -21,6 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import locks
 from ..files import atomic_write_text
 
 FINISHED = ("done", "failed", "cancelled")
@@ -85,6 +86,9 @@ class JobQueue:
     def __init__(self, root: str | Path, program: tuple[str, ...] = (sys.executable, "-m", "conceptkit.cli")):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # one server per workspace: a second one would re-queue or fail this one's jobs (held for the process' life;
+        # each job's command locks its own out/ folder too)
+        self.folder_lock = locks.acquire(self.root)
         self.program = list(program)  # what runs a command's arguments
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
