@@ -10,6 +10,7 @@ from conceptkit.models.loading import bundled_model_path
 from conceptkit.shapes.captions import caption
 from conceptkit.shapes.dataset import scenes
 from conceptkit.shapes.grounding import GROUNDED_WORDS, box_coverage, grounding_masks, token_loss, token_owners
+from conceptkit.errors import UserError
 from conceptkit.shapes.train_base import Recipe, loss_weight, parse_overrides
 from conceptkit.shapes.world import HELD_OUT_TRIPLES, Obj, Scene
 
@@ -95,8 +96,17 @@ def test_recipe_overrides_are_typed_and_unknown_fields_refused():
     assert got == {"lr": 3e-4, "grounding_weight": 0.5, "bf16": False, "grounding_resolutions": (16, 8, 4),
                    "loss_weighting": "min_snr", "batch": 32}
     for bad in ["nope=1", "lr", "batch=x"]:
-        with pytest.raises(SystemExit, match="--set"):
+        with pytest.raises(UserError, match="--set"):
             parse_overrides([bad])
+
+
+def test_an_unknown_recipe_field_is_one_line_and_exit_2(tmp_path, capsys):
+    from conceptkit.cli import main
+
+    assert main(["shapes", "train-base", "--run", str(tmp_path / "run"), "--set", "nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --set 'nope=1'")
+    assert not (tmp_path / "run" / "recipe.json").exists()
 
 
 def test_the_tune_split_shares_no_prompt_combination_or_seed_with_the_test_split():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from conceptkit.errors import UserError
 from conceptkit.shapes import train_base
 from conceptkit.shapes.train_base import Recipe, build_vae, normalise_latents
 
@@ -43,7 +44,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a["unet"][key], b["unet"][key]), key
     for key in a["text_encoder"]:
         assert torch.equal(a["text_encoder"][key], b["text_encoder"][key]), key
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         train_base.train(straight, Recipe(unet_steps=4, **TINY))  # never silently overwrite a run
 
     out = train_base.export(straight, tmp_path / "export")

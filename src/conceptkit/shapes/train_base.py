@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from .captions import caption
 from .dataset import render_all, scenes
@@ -437,7 +438,7 @@ def seed_run_from_export(run: str | Path, folder: str | Path, overrides: dict | 
 
     run, folder = Path(run), Path(folder)
     if (run / "recipe.json").exists():
-        raise SystemExit(f"error: {run} already holds a training run; resume it instead of seeding it")
+        raise UserError(f"{run} already holds a training run; resume it instead of seeding it")
     card = json.loads((folder / "training.json").read_text())
     recipe = Recipe(**{**card["recipe"], **(overrides or {})})
     run.mkdir(parents=True, exist_ok=True)
@@ -464,7 +465,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"error: --set {pair!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+            raise UserError(f"--set {pair!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
         default = getattr(Recipe(), key)
         try:
             if isinstance(default, bool):
@@ -474,7 +475,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             else:
                 out[key] = type(default)(value)
         except (ValueError, KeyError):
-            raise SystemExit(f"error: --set {pair!r}: {value!r} is not a {type(default).__name__}") from None
+            raise UserError(f"--set {pair!r}: {value!r} is not a {type(default).__name__}") from None
     return out
 
 
@@ -482,7 +483,7 @@ def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False) -
     run = Path(run)
     if (run / "recipe.json").exists():
         if not resume:
-            raise SystemExit(f"error: {run} already holds a training run; pass --resume to continue it, or another --run")
+            raise UserError(f"{run} already holds a training run; pass --resume to continue it, or another --run")
         saved = _recipe_of(run)
         if recipe is not None:  # step targets may be raised on resume; everything else must match
             saved.unet_steps = recipe.unet_steps
