@@ -73,6 +73,13 @@ def test_a_lost_run_restarts_from_its_shipped_weights(tmp_path):
     after = _state(seeded)
     assert after["step"] == 3 and after["warm_start"] == 2
     assert not torch.equal(after["unet"]["conv_in.weight"], state["unet"]["conv_in.weight"])
+    # a resumed run may change its EMA window (not its data, draws or loss): the EMA state and recipe.json say so
+    with pytest.raises(UserError, match="--set lr: a resumed run keeps its recipe"):
+        train_base.train(seeded, Recipe(unet_steps=4, **TINY), resume=True, changes={"lr": 1.0, "ema_decay": 0.9})
+    assert _state(seeded)["step"] == 3
+    train_base.train(seeded, Recipe(unet_steps=4, **TINY), resume=True, changes={"ema_decay": 0.9})
+    assert _state(seeded)["ema"]["decay"] == 0.9
+    assert json.loads((seeded / "recipe.json").read_text())["ema_decay"] == 0.9
 
 
 def test_band_losses_average_the_last_logged_rows(tmp_path):

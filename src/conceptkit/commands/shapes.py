@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--init-from", type=o.path, help="start a new run from shipped weights (e.g. the bundled folder) when the "
                                        "original run's checkpoints are gone")
     p.add_argument("--set", type=o.key_value, action="append", metavar="KEY=VALUE",
-                   help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1")
+                   help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1; with "
+                        "--resume only ema_decay and checkpoint_every")
     p.set_defaults(func=run_train_base, writes=train_base_writes)
 
 
@@ -79,12 +80,11 @@ def run_train_base(args) -> None:
         print(f"exported {path}")
         return
     overrides = train_base.parse_overrides(args.set or [])
-    if overrides and args.resume:
-        raise UserError("--set changes a new run's recipe; a resumed run keeps its own (only --unet-steps may rise)")
+    changes = overrides if args.resume else {}  # train() refuses what a resumed run may not change
     if args.init_from:
         train_base.seed_run_from_export(args.run, args.init_from, overrides)
         args.resume = True
     recipe = train_base.Recipe(**{"seed": args.seed, **overrides, "unet_steps": args.unet_steps})
-    train_base.train(args.run, recipe, resume=args.resume)
+    train_base.train(args.run, recipe, resume=args.resume, changes=changes)
     print(f"training reached its step targets; export with: conceptkit shapes train-base --run {args.run} "
           f"--export-to DIR")
