@@ -217,7 +217,7 @@ ERRORS = {
     "prompt-without-placeholder": (GEN + ["--promptnet", "{ft}", "--prompt", "a circle on a navy background"],
                                    "names S\\* 0 times"),
     "prompt-placeholder-twice": (GEN + ["--promptnet", "{ft}", "--prompt", "S* next to S*"], "names S\\* 2 times"),
-    "refine-eta-2": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--refine-eta", "2"], r"--refine-eta 2\.0"),
+    "refine-eta-2": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--refine-eta", "2"], r"--refine-eta 2: pass a number from 0"),
     "scheduler-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--scheduler", "euler"],
                         "--scheduler euler: ProFusion samples with DDIM"),
     "not-a-promptnet": (GEN + ["--promptnet", "{empty}", "--image", "{png}", "--prompt", "S*"],
