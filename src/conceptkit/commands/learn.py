@@ -111,6 +111,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="--pretrain: write no validation grids")
     p.add_argument("--threads", type=int, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
@@ -119,6 +120,22 @@ def register(sub) -> None:
     p.add_argument("--export-dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_promptnet)
+
+
+def announce_validation(images: int, resolution: int | None, validate_every: int, sampler: str = "25 DDIM steps"
+                        ) -> None:
+    """The run's first line, on stderr: what validation will cost and how to skip it (it can outlast a short
+    training run on a CPU)."""
+    import sys
+
+    from ..learn.distributed import processes
+
+    if not processes().main:
+        return
+    size = f"{resolution}x{resolution} px" if resolution else "the training resolution (the model's native size)"
+    when = f"every {validate_every} steps and after the last one" if validate_every else "after the last step"
+    print(f"validation: {images} image(s) at {size}, {sampler} each, {when}; skip it with --no-validation",
+          file=sys.stderr, flush=True)
 
 
 def run_ti(args) -> None:
@@ -133,6 +150,8 @@ def run_ti(args) -> None:
                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                    **({"validation_prompts": ()} if args.no_validation else {}))
+    if cfg.validation_prompts:
+        announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
@@ -158,6 +177,8 @@ def run_lora(args) -> None:
                      validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
                      if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
                      mixed_precision=args.mixed_precision)
+    if cfg.validation_prompts:
+        announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
@@ -203,7 +224,11 @@ def run_promptnet(args) -> None:
                              pad_prompt=bool(args.pad_prompt), latents=args.latents or "sample", flip_p=args.flip_p,
                              seed=args.seed,
                              checkpoint_every=args.checkpoint_every or d.checkpoint_every,
-                             validate_every=d.validate_every if args.validate_every is None else args.validate_every)
+                             validate_every=d.validate_every if args.validate_every is None else args.validate_every,
+                             **({"validation_prompts": ()} if args.no_validation else {}))
+        if cfg.validation_prompts and cfg.validation_images:
+            announce_validation(cfg.validation_images * len(cfg.validation_prompts), cfg.resolution,
+                                cfg.validate_every)
         encoder = None
         if args.image_encoder:
             from ..profusion.image_encoders import ClipVisionEncoder

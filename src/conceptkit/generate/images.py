@@ -83,6 +83,7 @@ def generate(
     progress: bool = True,
     low_memory: bool | None = None,
     procs=None,
+    desc: str = "generate",
 ) -> Generated:
     """Generate `num_images` images per prompt; with out_dir, write them as PNGs plus grid.png.
 
@@ -92,7 +93,7 @@ def generate(
 
     procs (learn/distributed.Processes, several processes): each process makes its contiguous share of the
     prompt x seed list (same per-image seeds, so the same images), every process gets all of them back in order,
-    and only the main one writes the files."""
+    and only the main one writes the files. desc: the progress bar's label."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
@@ -109,7 +110,7 @@ def generate(
     mine = procs.split(jobs) if several else jobs
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     progress = progress and (not several or procs.main)
-    bar = tqdm(total=len(batches) * steps, desc="generate", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(batches) * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
 
     with memory_savers(pipe, low_memory):
         for batch in batches:
