@@ -42,6 +42,11 @@ def register(sub) -> None:
     g.add_argument("--class-word", type=o.name, help="the reference prompt is the prompt with S* replaced by this (default 'object')")
     g.add_argument("--ref-prompt", type=o.prompt, help="the reference prompt, given whole")
     g.add_argument("--placeholder", type=o.name, help="the word that stands for the image in the prompt (default S*)")
+    g = p.add_argument_group("speed (opt-in: they change the images or cost a warm-up; benchmarks/generate_speed.py)")
+    g.add_argument("--bf16", action="store_true", help="the UNet under bf16 autocast (GPUs; CPUs with avx512_bf16 or "
+                                                       "AMX): faster, images within a few pixel levels")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet: minutes of warm-up on a CPU, then "
+                                                          "faster steps, the same images (long runs)")
     p.add_argument("--out", type=o.path, default="outputs/generate")
     p.set_defaults(func=run, several_processes=True, writes=("out",))
 
@@ -65,12 +70,14 @@ def run(args) -> None:
     load_embeddings(pipe, args.embedding)
     load_loras(pipe, args.lora)
     if args.promptnet or args.image:
+        if args.bf16 or args.compile:
+            raise UserError("--bf16 and --compile apply to plain sampling: leave them out with --promptnet/--image")
         return generate_with_promptnet(pipe, prompts, args)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
                    scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out, low_memory=args.low_memory or None,
-                   procs=processes())
+                   procs=processes(), bf16=args.bf16, compile=args.compile)
     if processes().main:
         print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
 

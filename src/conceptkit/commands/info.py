@@ -11,15 +11,17 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    import diffusers
-    import peft
+    """Only torch is imported (for the device): the libraries' versions are read from their installed metadata, so
+    `info` does not pay for importing diffusers, transformers and peft (seconds)."""
+    from importlib.metadata import version
+    from pathlib import Path
+
     import torch
-    import transformers
 
+    import conceptkit
     from .. import __version__
-    from ..models.loading import bundled_model_path
 
-    bundled = bundled_model_path()
+    bundled = Path(conceptkit.__file__).parent / "bundled" / "shapes-base"  # models.loading.bundled_model_path
     print(json.dumps({
         "conceptkit": __version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -28,8 +30,8 @@ def run(args) -> None:
         "bundled_model": str(bundled),
         "bundled_model_present": (bundled / "model_index.json").exists(),
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
         "python": sys.version.split()[0],
     }, indent=2))

@@ -112,6 +112,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=o.seed, default=0)
     p.add_argument("--checkpoint-every", type=o.count)
     p.add_argument("--validate-every", type=o.count_or_zero, help="validation grid every N steps (0: at the end)")
+    p.add_argument("--no-validation", action="store_true", help="--pretrain: write no validation grids")
     p.add_argument("--threads", type=o.threads, help="CPU threads (1 leaves a core for other work)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
@@ -127,6 +128,22 @@ def promptnet_writes(args) -> list[str]:
     return [args.export_to] if args.export_to else [args.out]
 
 
+def announce_validation(images: int, resolution: int | None, validate_every: int, sampler: str = "25 DDIM steps"
+                        ) -> None:
+    """The run's first line, on stderr: what validation will cost and how to skip it (it can outlast a short
+    training run on a CPU)."""
+    import sys
+
+    from ..learn.distributed import processes
+
+    if not processes().main:
+        return
+    size = f"{resolution}x{resolution} px" if resolution else "the training resolution (the model's native size)"
+    when = f"every {validate_every} steps and after the last one" if validate_every else "after the last step"
+    print(f"validation: {images} image(s) at {size}, {sampler} each, {when}; skip it with --no-validation",
+          file=sys.stderr, flush=True)
+
+
 def run_ti(args) -> None:
     from ..learn.textual_inversion import learn_textual_inversion
     from ..models.loading import load_pipeline
@@ -139,6 +156,8 @@ def run_ti(args) -> None:
                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, fmt=args.format,
                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                    **({"validation_prompts": ()} if args.no_validation else {}))
+    if cfg.validation_prompts:
+        announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
@@ -164,6 +183,8 @@ def run_lora(args) -> None:
                      validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
                      if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
                      mixed_precision=args.mixed_precision)
+    if cfg.validation_prompts:
+        announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
@@ -209,7 +230,11 @@ def run_promptnet(args) -> None:
                              pad_prompt=bool(args.pad_prompt), latents=args.latents or "sample", flip_p=args.flip_p,
                              seed=args.seed,
                              checkpoint_every=args.checkpoint_every or d.checkpoint_every,
-                             validate_every=d.validate_every if args.validate_every is None else args.validate_every)
+                             validate_every=d.validate_every if args.validate_every is None else args.validate_every,
+                             **({"validation_prompts": ()} if args.no_validation else {}))
+        if cfg.validation_prompts and cfg.validation_images:
+            announce_validation(cfg.validation_images * len(cfg.validation_prompts), cfg.resolution,
+                                cfg.validate_every)
         encoder = None
         if args.image_encoder:
             from ..profusion.image_encoders import ClipVisionEncoder

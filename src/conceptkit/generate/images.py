@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models.embeddings import check_prompt_tokens
 from ..resources import is_large, memory_savers
+from .autocast import bf16_unet
+from .compiled import compiled_unet
 from .infotext import save_png, settings_for
 from .loop import decode, denoise, initial_noise, latent_size, sampler
 from .plain import PromptModel
@@ -83,6 +85,9 @@ def generate(
     progress: bool = True,
     low_memory: bool | None = None,
     procs=None,
+    desc: str = "generate",
+    bf16: bool = False,
+    compile: bool = False,
 ) -> Generated:
     """Generate `num_images` images per prompt; with out_dir, write them as PNGs plus grid.png.
 
@@ -92,7 +97,10 @@ def generate(
 
     procs (learn/distributed.Processes, several processes): each process makes its contiguous share of the
     prompt x seed list (same per-image seeds, so the same images), every process gets all of them back in order,
-    and only the main one writes the files."""
+    and only the main one writes the files. desc: the progress bar's label.
+
+    bf16 (generate/autocast.py) and compile (generate/compiled.py): opt-in speed-ups of the UNet; off, the images
+    are exactly those of a run without them."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
@@ -109,9 +117,9 @@ def generate(
     mine = procs.split(jobs) if several else jobs
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     progress = progress and (not several or procs.main)
-    bar = tqdm(total=len(batches) * steps, desc="generate", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(batches) * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
 
-    with memory_savers(pipe, low_memory):
+    with memory_savers(pipe, low_memory), bf16_unet(pipe.unet, bf16), compiled_unet(pipe.unet, compile):
         for batch in batches:
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
             model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale, size=(height, width))

@@ -154,13 +154,15 @@ def run_config(cfg: LoRAConfig, model: str, captions: list[str], procs: Processe
             "text_encoder_lr": cfg.effective_text_encoder_lr, "captions": captions}
 
 
-def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int) -> Path:
+def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int, resolution: int, progress: bool = True) -> Path:
+    """The validation grid at step `step`: 25 DDIM steps at the training resolution, with a progress bar."""
     from ..generate.images import generate
 
     prompts = [p.format(cfg.phrase) for p in cfg.validation_prompts]
     with torch.no_grad():
         result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
-                          guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
+                          guidance_scale=7.5, height=resolution, width=resolution, progress=progress,
+                          desc=f"validation at step {step}", out_dir=out_dir / f"step-{step:06d}")
     return result.grid_path
 
 
@@ -229,12 +231,12 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         seconds = train_steps(
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, params, optimizer, losses),
-            validate=lambda done: validate(pipe, cfg, out / "validation", done),
+            validate=lambda done: validate(pipe, cfg, out / "validation", done, resolution, progress),
             desc=f"lora {cfg.trigger}", progress=progress, on_step=on_step, procs=procs)
         # the final grid is written last: a run killed while validating (folder there, grid not) validates again
         final_grid = out / "validation" / f"step-{cfg.steps:06d}" / "grid.png"
         if procs.main and cfg.validation_prompts and (cfg.steps > start or not final_grid.is_file()):
-            validate(pipe, cfg, out / "validation", cfg.steps)
+            validate(pipe, cfg, out / "validation", cfg.steps, resolution, progress)
 
         meta = file_metadata(cfg, model_name, seconds, losses)
         path = out / LORA_WEIGHT_NAME

@@ -102,18 +102,24 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
 
 
 def validation_grid(pipe, saved: SavedPromptNet, pixels: torch.Tensor, prompts, out: Path, step: int,
-                    seed: int) -> Path:
-    """Row 0: the reference images; then one row per prompt, plain sampling with S* (25 DDIM steps)."""
+                    seed: int, progress: bool = True) -> Path:
+    """Row 0: the reference images; then one row per prompt, plain sampling with S* (25 DDIM steps) at the
+    references' (the training) resolution, with a progress bar."""
     from diffusers.utils import make_image_grid
+    from tqdm.auto import tqdm
 
     from ..profusion.sampling import FusionConfig, generate_profusion
 
     cells = [to_pil(p) for p in pixels]
-    for prompt in prompts:
-        for i, image in enumerate(pixels):
-            result = generate_profusion(pipe, saved, image[None], [prompt], FusionConfig.plain(steps=25),
-                                        seed=seed + i, progress=False)
-            cells.append(result.images[0])
+    latent_hw = tuple(side // pipe.vae_scale_factor for side in pixels.shape[-2:])
+    with tqdm(total=len(prompts) * len(pixels), desc=f"validation at step {step}", unit="image",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for prompt in prompts:
+            for i, image in enumerate(pixels):
+                result = generate_profusion(pipe, saved, image[None], [prompt], FusionConfig.plain(steps=25),
+                                            seed=seed + i, progress=False, latent_hw=latent_hw)
+                cells.append(result.images[0])
+                bar.update(1)
     from ..generate.infotext import Settings, model_name, save_png
 
     grid = make_image_grid(cells, rows=1 + len(prompts), cols=len(pixels))
@@ -162,7 +168,8 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
 
     def validate(done):
         promptnet.eval()
-        validation_grid(pipe, current(), val_pixels, cfg.validation_prompts, out / "validation", done, cfg.seed)
+        validation_grid(pipe, current(), val_pixels, cfg.validation_prompts, out / "validation", done, cfg.seed,
+                        progress)
         promptnet.train()
 
     clip = None

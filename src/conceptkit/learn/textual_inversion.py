@@ -229,7 +229,9 @@ def check_resume_config(out: Path, config: dict) -> None:
     check_same_settings(out, config, json.loads(path.read_text()))
 
 
-def validate(pipe, toks, learned, first_new_ids, cfg: TIConfig, out_dir: Path, step: int) -> Path:
+def validate(pipe, toks, learned, first_new_ids, cfg: TIConfig, out_dir: Path, step: int, resolution: int,
+             progress: bool = True) -> Path:
+    """The validation grid at step `step`: 25 DDIM steps at the training resolution, with a progress bar."""
     from ..generate.images import generate
 
     prompts = [p.format(cfg.token) for p in cfg.validation_prompts]
@@ -240,7 +242,8 @@ def validate(pipe, toks, learned, first_new_ids, cfg: TIConfig, out_dir: Path, s
     try:
         with spliced_all(pipe, [rows.detach() for rows in learned], first_new_ids), torch.no_grad():
             result = generate(pipe, prompts, seed=cfg.seed, num_images=cfg.validation_seeds, steps=25,
-                              guidance_scale=7.5, progress=False, out_dir=out_dir / f"step-{step:06d}")
+                              guidance_scale=7.5, height=resolution, width=resolution, progress=progress,
+                              desc=f"validation at step {step}", out_dir=out_dir / f"step-{step:06d}")
     finally:
         for name, original in zip(names, originals):
             setattr(pipe, name, original)
@@ -314,12 +317,13 @@ def learn_textual_inversion(pipe, images_dir: str | Path, out_dir: str | Path, c
         seconds = train_steps(
             cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
             checkpoint=lambda done: save_checkpoint(checkpoints, done, state, optimizer, losses),
-            validate=lambda done: validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", done),
+            validate=lambda done: validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", done,
+                                          resolution, progress),
             desc=f"textual inversion {cfg.token}", progress=progress, on_step=on_step, procs=procs)
     # the final grid is written last: a run killed while validating (folder there, grid not) validates again
     final_grid = out / "validation" / f"step-{cfg.steps:06d}" / "grid.png"
     if procs.main and cfg.validation_prompts and (cfg.steps > start or not final_grid.is_file()):
-        validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", cfg.steps)
+        validate(pipe, toks, learned, first_new_ids, cfg, out / "validation", cfg.steps, resolution, progress)
 
     vectors, *second = [rows.detach().float().cpu() for rows in learned]
     embedding = Embedding(cfg.token, vectors, "sdxl" if second else cfg.fmt, second[0] if second else None)

@@ -238,9 +238,10 @@ def reference_latents(pipe, saved: SavedPromptNet, reference: torch.Tensor,
 
 @torch.no_grad()
 def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str], cfg: FusionConfig,
-           generators: list[torch.Generator], progress: bool = False) -> torch.Tensor:
+           generators: list[torch.Generator], progress: bool = False,
+           latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """Final latents (B, C, h, w) for `prompts` (one image each, generator i for image i) given the reference
-    image (1, 3, H, W) in [-1, 1]."""
+    image (1, 3, H, W) in [-1, 1]. latent_hw: (h, w) of the latents (default: the model's native size)."""
     check_config(cfg)
     for p in prompts:
         check_placeholder(p, cfg.placeholder)
@@ -249,7 +250,7 @@ def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[s
     tokens = saved.image_encoder(reference.float().to(pipe.unet.device).expand(len(prompts), -1, -1, -1), x_ref)
     ev = Evaluator(pipe, saved, x_ref, tokens, encode_conditions(pipe, prompts, cfg), cfg)
     method = FusionSampling(ev, generators, cfg, schedule)
-    x = initial_noise(pipe, generators, (pipe.unet.config.sample_size,) * 2, schedule)
+    x = initial_noise(pipe, generators, latent_hw or (pipe.unet.config.sample_size,) * 2, schedule)
     with unet_attention_applied(pipe.unet, saved.unet_attention), \
             tqdm(total=cfg.steps, desc="profusion", disable=not progress, leave=False) as bar:
         return denoise(method, x, schedule, before_step=method.before_step, generators=generators, progress=bar)
@@ -257,8 +258,10 @@ def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[s
 
 def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str] | str,
                        cfg: FusionConfig | None = None, *, seed: int = 0, num_images: int = 1, batch_size: int = 8,
-                       out_dir: str | Path | None = None, progress: bool = True) -> ProFusionOutput:
-    """`num_images` images per prompt (image j uses seed + j, its own generator), as PIL images."""
+                       out_dir: str | Path | None = None, progress: bool = True,
+                       latent_hw: tuple[int, int] | None = None) -> ProFusionOutput:
+    """`num_images` images per prompt (image j uses seed + j, its own generator), as PIL images; latent_hw: the
+    latents' (h, w) (default: the model's native size)."""
     cfg = cfg or FusionConfig()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -268,7 +271,7 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
     for i in tqdm(range(0, len(jobs), batch_size), desc="profusion", disable=not progress or len(jobs) <= batch_size):
         chunk = jobs[i : i + batch_size]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-        z = sample(pipe, saved, reference, [p for p, _ in chunk], cfg, gens, progress=progress)
+        z = sample(pipe, saved, reference, [p for p, _ in chunk], cfg, gens, progress=progress, latent_hw=latent_hw)
         latents.append(z.cpu())
         images.extend(decode(pipe, z))
     result = ProFusionOutput(images, [p for p, _ in jobs], [s for _, s in jobs], torch.cat(latents))
