@@ -132,7 +132,9 @@ def test_out_of_memory_is_one_line_of_advice(error, command, monkeypatch, capsys
     else:
         monkeypatch.setattr("conceptkit.learn.textual_inversion.learn_textual_inversion", boom)
         monkeypatch.setattr("conceptkit.learn.distributed.process_device", lambda d: "cpu", raising=False)
-        argv = ["learn", "ti", "--images", str(tmp_path), "--token", "<x>", "--out", str(tmp_path / "out")]
+        # --no-validation: else the run's first line announces its validation before the error line
+        argv = ["learn", "ti", "--images", str(tmp_path), "--token", "<x>", "--no-validation",
+                "--out", str(tmp_path / "out")]
         advice = "--batch"
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
