@@ -96,25 +96,33 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def load_checked(weights, option: str, kinds, not_kind: str, complete: str, load):
+    """(folder, load(folder)) for a scorer's --clip/--dino weights, every failure a one-line UserError: a model of
+    another kind ("a 'bert' model, not <not_kind>") or one that does not load ("pass <complete>")."""
+    folder = resolve_weights(weights, option)
+    kind = model_type(folder, option)
+    if kind not in kinds:
+        raise UserError(f"{option} {weights}: a '{kind}' model, not {not_kind}")
+    try:
+        with quiet_loading():
+            return folder, load(folder)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{option} {weights}: could not load it ({str(error).strip().splitlines()[0]}); pass "
+                        f"{complete}") from None
+
+
 class ClipScorer:
     """A CLIP model for CLIP-I and CLIP-T: L2-normalised image and text embeddings."""
 
     def __init__(self, weights: str | os.PathLike, device: str = "cpu"):
         from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
-        self.folder = resolve_weights(weights, "--clip")
-        kind = model_type(self.folder, "--clip")
-        if kind not in CLIP_KINDS:
-            raise UserError(f"--clip {weights}: a '{kind}' model, not CLIP; pass a CLIPModel folder such as "
-                            "openai/clip-vit-large-patch14")
-        try:
-            with quiet_loading():
-                self.model = CLIPModel.from_pretrained(self.folder, local_files_only=True).eval().to(device)
-                self.processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
-                self.tokenizer = CLIPTokenizer.from_pretrained(self.folder, local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise UserError(f"--clip {weights}: could not load it ({str(error).strip().splitlines()[0]}); pass a "
-                            "complete CLIPModel folder (weights, preprocessor_config.json, tokenizer)") from None
+        self.folder, (self.model, self.processor, self.tokenizer) = load_checked(
+            weights, "--clip", CLIP_KINDS, "CLIP; pass a CLIPModel folder such as openai/clip-vit-large-patch14",
+            "a complete CLIPModel folder (weights, preprocessor_config.json, tokenizer)",
+            lambda folder: (CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(device),
+                            AutoImageProcessor.from_pretrained(folder, local_files_only=True),
+                            CLIPTokenizer.from_pretrained(folder, local_files_only=True)))
         self.device = device
         self.name = str(weights)
 
@@ -137,18 +145,12 @@ class DinoScorer:
     def __init__(self, weights: str | os.PathLike, device: str = "cpu"):
         from transformers import AutoImageProcessor, AutoModel
 
-        self.folder = resolve_weights(weights, "--dino")
-        kind = model_type(self.folder, "--dino")
-        if kind not in DINO_KINDS:
-            raise UserError(f"--dino {weights}: a '{kind}' model, not DINO; pass a DINOv2 (Dinov2Model) or DINO ViT "
-                            "folder such as facebook/dinov2-small or facebook/dino-vits16")
-        try:
-            with quiet_loading():
-                self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).eval().to(device)
-                self.processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise UserError(f"--dino {weights}: could not load it ({str(error).strip().splitlines()[0]}); pass a "
-                            "complete model folder (weights and preprocessor_config.json)") from None
+        self.folder, (self.model, self.processor) = load_checked(
+            weights, "--dino", DINO_KINDS, "DINO; pass a DINOv2 (Dinov2Model) or DINO ViT folder such as "
+            "facebook/dinov2-small or facebook/dino-vits16", "a complete model folder (weights and "
+            "preprocessor_config.json)",
+            lambda folder: (AutoModel.from_pretrained(folder, local_files_only=True).eval().to(device),
+                            AutoImageProcessor.from_pretrained(folder, local_files_only=True)))
         self.device = device
         self.name = str(weights)
 
