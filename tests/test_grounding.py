@@ -9,7 +9,8 @@ from conceptkit.evaluate.prompts import base_prompts, eval_seeds, split_triples
 from conceptkit.models.loading import bundled_model_path
 from conceptkit.shapes.captions import caption
 from conceptkit.shapes.dataset import scenes
-from conceptkit.shapes.grounding import GROUNDED_WORDS, box_coverage, grounding_masks, token_loss, token_owners
+from conceptkit.shapes.grounding import (GROUNDED_WORDS, box_coverage, grounding_masks, object_targets, pixel_loss,
+                                        token_loss, token_owners)
 from conceptkit.errors import UserError
 from conceptkit.shapes.train_base import Recipe, loss_weight, parse_overrides
 from conceptkit.shapes.world import HELD_OUT_TRIPLES, Obj, Scene
@@ -79,6 +80,25 @@ def test_token_loss_is_zero_inside_the_mask_and_pulls_attention_towards_it():
     grad = logits.grad[0, :, :, 1].mean(0)
     assert (grad[core] < 0).all() and (grad[outside] > 0).all()  # descent raises attention inside the box
     assert token_loss([perfect], {64: masks}).item() == 0.0  # no map at a grounded resolution: no loss
+
+
+def test_pixel_loss_is_least_when_each_box_reads_its_own_words():
+    owners = [[-1, 0, 0, -1, 1, 1, -1]]  # e.g. <bos> red circle and blue square <eot>
+    words, boxes = object_targets(owners, [PAIR], 7, 8)
+    assert words[0].tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0]]
+    assert boxes[0, 0].view(8, 8)[:, :4].sum() > 0.9 * boxes[0, 0].sum()  # the first object's box is on the left
+    own = torch.zeros(1, 1, 64, 7)  # box cells split their attention between their two words, the rest -> <eot>
+    for k in (0, 1):
+        for t in words[0, k].nonzero().flatten():
+            own[0, 0, :, t] = boxes[0, k] / 2
+    own[0, 0, :, 6] = 1 - own[0, 0].sum(dim=-1)
+    swapped = own[..., [0, 4, 5, 3, 1, 2, 6]]  # each box reads the other object's words
+    padding = torch.zeros(1, 1, 64, 7)
+    padding[..., 6] = 1.0  # every cell reads only the end-of-text state: the pooled prompt
+    loss = {name: pixel_loss([maps], {64: (words, boxes)}).item()
+            for name, maps in [("own", own), ("swapped", swapped), ("padding", padding)]}
+    assert loss["own"] < loss["padding"] < loss["swapped"]
+    assert pixel_loss([own], {256: (words, boxes)}).item() == 0.0  # no map at a grounded resolution: no loss
 
 
 def test_flat_weighting_trains_every_timestep_and_min_snr_is_diffusers_formula():

@@ -90,3 +90,39 @@ def token_loss(maps: list[torch.Tensor], masks: dict[int, torch.Tensor]) -> torc
         fraction = inside / a.sum(dim=1).clamp_min(1e-8)
         losses.append(((1 - fraction) ** 2)[grounded].mean())
     return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def object_targets(owners: list[list[int]], items: list[Scene], length: int, res: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the pixel loss: (B, 2, T) which tokens name object k, and (B, 2, res*res) object k's box coverage
+    (all-zero for a missing object)."""
+    words = torch.zeros(len(items), 2, length)
+    boxes = torch.zeros(len(items), 2, res * res)
+    for b, (row, scene) in enumerate(zip(owners, items)):
+        for t, owner in enumerate(row[:length]):
+            if owner >= 0:
+                words[b, owner, t] = 1.0
+        for k in range(len(scene.objects)):
+            if words[b, k].any():
+                boxes[b, k] = box_coverage(scene, k, res).flatten()
+    return words, boxes
+
+
+def pixel_loss(maps: list[torch.Tensor], targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """TokenCompose's L_pixel with an object's words taken together: the attention a map cell gives to object k's
+    words (summed) is pushed by binary cross-entropy towards k's box coverage of the cell — inside the box a cell
+    should read its own object's words (not the end-of-text/padding states, which carry every object's
+    attributes at once), outside it should not read them."""
+    losses = []
+    for probs in maps:
+        target = targets.get(probs.shape[2])
+        if target is None:
+            continue
+        words, boxes = (x.to(probs.device) for x in target)
+        present = words.sum(dim=2) > 0  # (B, 2)
+        if not present.any():
+            continue
+        share = torch.einsum("bqt,bkt->bkq", probs.float().mean(dim=1), words).clamp(1e-6, 1 - 1e-6)
+        bce = torch.nn.functional.binary_cross_entropy(share, boxes, reduction="none").mean(dim=2)
+        losses.append(bce[present].mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from .captions import caption
 from .dataset import render_all, scenes
-from .grounding import GROUNDED_WORDS, grounding_masks, token_loss, token_owners
+from .grounding import GROUNDED_WORDS, grounding_masks, object_targets, pixel_loss, token_loss, token_owners
 from .tokenizer import write_tokenizer
 from .world import Scene
 
@@ -61,6 +61,7 @@ class Recipe:
     grounding_weight: float = 0.0
     grounding_resolutions: tuple[int, ...] = (16, 8)
     grounding_words: str = "object"  # or "object+position" (grounding.GROUNDED_WORDS)
+    grounding_pixel_weight: float = 0.0  # TokenCompose's pixel loss (grounding.pixel_loss), weight 0 = off
     ema_decay: float = 0.9995
     checkpoint_every: int = 250
     bf16: bool = True
@@ -303,7 +304,7 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
     store = GroundingStore(r.grounding_resolutions)
     grounding = capturing(unet, store) if r.grounding_weight > 0 else contextlib.nullcontext()
     bands = torch.linspace(0, scheduler.config.num_train_timesteps, LOSS_BANDS + 1)
-    band_sum, band_count, grounding_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0
+    band_sum, band_count, grounding_sum, pixel_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0, 0.0
     with grounding:
         while step < r.unet_steps:
             t0 = time.time()
@@ -335,6 +336,12 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
                          for res in r.grounding_resolutions}
                 grounding_loss = token_loss(store.maps, masks)
                 loss = loss + r.grounding_weight * grounding_loss
+                if r.grounding_pixel_weight > 0:
+                    targets = {res * res: object_targets(owners, batch_items, ids.shape[1], res)
+                               for res in r.grounding_resolutions}
+                    pixel = pixel_loss(store.maps, targets)
+                    loss = loss + r.grounding_pixel_weight * pixel
+                    pixel_sum += pixel.item()
                 grounding_sum += grounding_loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -353,8 +360,10 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
                        "band_loss": [round(x, 5) for x in (band_sum / band_count.clamp_min(1)).tolist()]}
                 if r.grounding_weight > 0:
                     row["grounding_loss"] = round(grounding_sum / 50, 5)
+                if r.grounding_pixel_weight > 0:
+                    row["pixel_loss"] = round(pixel_sum / 50, 5)
                 log(**row)
-                band_sum, band_count, grounding_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0
+                band_sum, band_count, grounding_sum, pixel_sum = torch.zeros(LOSS_BANDS), torch.zeros(LOSS_BANDS), 0.0, 0.0
             if step % r.checkpoint_every == 0 or step == r.unet_steps:
                 _save_state(state_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                                          "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
