@@ -58,6 +58,18 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
 
+    # --export-weights raw: the trained weights themselves, not their EMA; --export-checkpoint: a copied state
+    copy = tmp_path / "state-copy.pt"
+    copy.write_bytes((straight / "unet_state.pt").read_bytes())
+    raw = train_base.export(straight, tmp_path / "raw", weights="raw", checkpoint=copy)
+    assert json.loads((raw / "training.json").read_text())["weights"] == "raw"
+    raw_unet = StableDiffusionPipeline.from_pretrained(raw).unet.state_dict()
+    ema_unet = pipe.unet.state_dict()
+    assert all(torch.equal(raw_unet[k], a["unet"][k].half().float()) for k in raw_unet)
+    assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
+    with pytest.raises(UserError, match="no UNet checkpoint"):
+        train_base.export(straight, tmp_path / "none", checkpoint=tmp_path / "missing.pt")
+
 
 def test_a_lost_run_restarts_from_its_shipped_weights(tmp_path):
     run = tmp_path / "run"
@@ -92,3 +104,12 @@ def test_band_losses_average_the_last_logged_rows(tmp_path):
                                   "875-999"]
     assert got["bands"]["0-124"] == 2.5 and got["bands"]["875-999"] == 5.0
     assert train_base.band_losses(tmp_path / "missing.jsonl") is None
+    assert train_base.band_losses(log, rows=2, up_to=150)["steps"] == [51, 150]  # an exported older checkpoint
+
+
+def test_the_pixel_loss_trains_and_is_logged(tmp_path):
+    train_base.train(tmp_path / "run", Recipe(unet_steps=50, grounding_weight=0.1, grounding_pixel_weight=0.1,
+                                              **{**TINY, "checkpoint_every": 50}))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "unet_log.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "pixel_loss" in r]
+    assert logged and 0 < logged[-1]["pixel_loss"] < 10

@@ -26,7 +26,12 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=o.seed, default=0)
     p.add_argument("--unet-steps", type=o.count, default=30000)
-    p.add_argument("--export-to", type=o.path, help="write the run's EMA weights as a diffusers folder and stop")
+    p.add_argument("--export-to", type=o.path, help="write the run's weights as a diffusers folder and stop")
+    p.add_argument("--export-weights", choices=("ema", "raw"), default="ema",
+                   help="with --export-to: the EMA weights (default) or the raw trained weights (v4 ships raw: its "
+                        "EMA lagged behind a model still improving fast)")
+    p.add_argument("--export-checkpoint", type=o.path,
+                   help="with --export-to: a copy of the run's unet_state.pt to export instead of the latest one")
     p.add_argument("--threads", type=o.threads, help="CPU threads (use 1 to leave a core free for other work: two "
                                                 "busy processes on 2 threads each slow each other down many times)")
     p.add_argument("--init-from", type=o.path, help="start a new run from shipped weights (e.g. the bundled folder) when the "
@@ -76,7 +81,8 @@ def run_train_base(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.export_to:
-        path = train_base.export(Path(args.run), Path(args.export_to))
+        path = train_base.export(Path(args.run), Path(args.export_to), weights=args.export_weights,
+                                 checkpoint=args.export_checkpoint and Path(args.export_checkpoint))
         print(f"exported {path}")
         return
     overrides = train_base.parse_overrides(args.set or [])

@@ -372,19 +372,28 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
 
 
 # -------------------------------------------------------------------------------------------------------- export
-def export(run: Path, out: Path, half: bool = True) -> Path:
-    """Write the EMA weights as a standard diffusers StableDiffusionPipeline folder."""
+def export(run: Path, out: Path, half: bool = True, weights: str = "ema", checkpoint: Path | None = None) -> Path:
+    """Write the run's weights — EMA (weights="ema") or the raw trained ones ("raw") — as a standard diffusers
+    StableDiffusionPipeline folder. checkpoint: a copy of the run's unet_state.pt to export instead."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(run / "tokenizer")
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
-    state = _load_state(run / "unet_state.pt")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = EMAModel(params)
-    ema.load_state_dict(state["ema"])
-    ema.copy_to(params)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights {weights!r}: use ema or raw")
+    state = _load_state(checkpoint or run / "unet_state.pt")
+    if state is None:
+        raise UserError(f"{checkpoint or run / 'unet_state.pt'}: no UNet checkpoint to export; train first")
+    if weights == "raw":
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+    else:
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        ema = EMAModel(params)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(params)
     vae = AutoencoderKL.from_pretrained(run / "vae")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=build_scheduler(_recipe_of(run)), safety_checker=None,
@@ -408,10 +417,11 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
     card = {
         "recipe": asdict(_recipe_of(run)),
         "unet_steps": state["step"],
+        "weights": weights,
         "vae_steps": vae_state["step"],
         "train_seconds": {"vae": round(vae_state["seconds"]), "unet": round(state["seconds"])},
         "hardware": f"{torch.get_num_threads()} CPU threads (torch {torch.__version__})",
-        "band_loss": band_losses(run / "unet_log.jsonl"),
+        "band_loss": band_losses(run / "unet_log.jsonl", up_to=state["step"]),
     }
     (tmp / "training.json").write_text(json.dumps(card, indent=2))
     if out.exists():
@@ -420,12 +430,13 @@ def export(run: Path, out: Path, half: bool = True) -> Path:
     return out
 
 
-def band_losses(log_path: Path, rows: int = 20) -> dict | None:
-    """The unweighted v-loss per band of timesteps, averaged over the last `rows` log rows (x 50 steps)."""
+def band_losses(log_path: Path, rows: int = 20, up_to: int | None = None) -> dict | None:
+    """The unweighted v-loss per band of timesteps, averaged over the last `rows` log rows (x 50 steps) at or
+    before step `up_to`."""
     if not log_path.exists():
         return None
     logged = [json.loads(line) for line in log_path.read_text().splitlines()]
-    logged = [row for row in logged if "band_loss" in row][-rows:]
+    logged = [row for row in logged if "band_loss" in row and (up_to is None or row["step"] <= up_to)][-rows:]
     if not logged:
         return None
     width = 1000 // LOSS_BANDS
@@ -556,7 +567,9 @@ def write_model_card(folder: str | Path, evaluation: dict | None = None, oracle:
         "per channel (exact reparametrisation), so scaling_factor = 1.0",
         f"- Text encoder + UNet, trained jointly: {card['unet_steps']} steps at batch {r['batch']}, AdamW lr "
         f"{r['lr']} ({r['warmup']} warm-up steps), {weighting_words(r)}, caption drop-out "
-        f"{r['caption_dropout']}, EMA {r['ema_decay']}, bf16 autocast; {r['latent_pool']} pre-encoded scenes "
+        f"{r['caption_dropout']}, "
+        + ("raw weights shipped (the EMA, decay " + str(r["ema_decay"]) + ", lagged behind)" if card.get("weights") == "raw"
+           else f"EMA {r['ema_decay']}") + f", bf16 autocast; {r['latent_pool']} pre-encoded scenes "
         f"({r.get('p_pair', 0.4):.0%} with two objects), captions re-phrased every draw"
         + (f"; TokenCompose token loss (shapes/grounding.py) weight {r['grounding_weight']} on the "
            f"{'/'.join(f'{x}x{x}' for x in r['grounding_resolutions'])} cross-attention maps"
