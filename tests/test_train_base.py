@@ -113,3 +113,6 @@ def test_the_pixel_loss_trains_and_is_logged(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "unet_log.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "pixel_loss" in r]
     assert logged and 0 < logged[-1]["pixel_loss"] < 10
+    with pytest.raises(UserError, match="grounding_weight > 0"):  # alone it would never run: refused, not ignored
+        train_base.train(tmp_path / "alone", Recipe(unet_steps=1, grounding_pixel_weight=0.1, **TINY))
+    assert not (tmp_path / "alone").exists()

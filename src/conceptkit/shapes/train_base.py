@@ -523,6 +523,9 @@ def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False, c
             saved.unet_steps = recipe.unet_steps
         recipe = dataclasses.replace(saved, **changes)
     recipe = recipe or Recipe()
+    if recipe.grounding_pixel_weight > 0 and recipe.grounding_weight <= 0:
+        # the pixel loss reads the maps and word owners the token loss captures; alone it would silently do nothing
+        raise UserError("--set grounding_pixel_weight needs --set grounding_weight > 0 (the token loss it builds on)")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "recipe.json", json.dumps(asdict(recipe), indent=2))
     torch.manual_seed(recipe.seed)
