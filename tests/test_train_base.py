@@ -116,3 +116,16 @@ def test_the_pixel_loss_trains_and_is_logged(tmp_path):
     with pytest.raises(UserError, match="grounding_weight > 0"):  # alone it would never run: refused, not ignored
         train_base.train(tmp_path / "alone", Recipe(unet_steps=1, grounding_pixel_weight=0.1, **TINY))
     assert not (tmp_path / "alone").exists()
+
+
+def test_the_lr_anneal_ends_a_run_at_zero_and_leaves_earlier_steps_alone():
+    r = Recipe(lr=1e-3, warmup=10, unet_steps=1000, lr_decay_steps=200)
+    assert train_base.unet_lr(r, 0) == pytest.approx(1e-4)  # warm-up still applies
+    assert train_base.unet_lr(r, 500) == pytest.approx(1e-3)  # constant before the anneal
+    assert train_base.unet_lr(r, 800) == pytest.approx(1e-3)
+    assert train_base.unet_lr(r, 900) == pytest.approx(5e-4)  # halfway down
+    assert train_base.unet_lr(r, 999) == pytest.approx(5e-6)
+    # a resumed run raised to more steps anneals over its new last steps (warm-up counted from its own start)
+    assert train_base.unet_lr(Recipe(lr=1e-3, warmup=10, unet_steps=1200, lr_decay_steps=200), 900, 0) == pytest.approx(1e-3)
+    assert train_base.unet_lr(Recipe(lr=1e-3, warmup=10, unet_steps=1000), 999) == pytest.approx(1e-3)  # off by default
+    assert "lr_decay_steps" in train_base.CHANGEABLE_ON_RESUME

@@ -38,7 +38,7 @@ def register(sub) -> None:
                                        "original run's checkpoints are gone")
     p.add_argument("--set", type=o.key_value, action="append", metavar="KEY=VALUE",
                    help="a recipe field of a new run (shapes/train_base.py Recipe), e.g. --set grounding_weight=0.1; with "
-                        "--resume only ema_decay and checkpoint_every")
+                        "--resume only ema_decay, checkpoint_every and lr_decay_steps")
     p.set_defaults(func=run_train_base, writes=train_base_writes)
 
 

@@ -49,6 +49,9 @@ class Recipe:
     batch: int = 64
     lr: float = 6e-4
     warmup: int = 500
+    # the last lr_decay_steps steps before unet_steps take the lr linearly down to 0 (0 = constant lr): an anneal to
+    # end a run with, instead of the EMA, whose window lags a model still improving (see CHANGEABLE_ON_RESUME)
+    lr_decay_steps: int = 0
     caption_dropout: float = 0.1
     p_pair: float = 0.4  # share of two-object scenes in the pool
     # Loss weighting over timesteps. "flat": every timestep's v-loss counts alike. "min_snr" (diffusers'
@@ -251,6 +254,14 @@ def encode_pool(run: Path, r: Recipe, vae) -> tuple[torch.Tensor, list[Scene]]:
 LOSS_BANDS = 8  # the per-timestep loss is logged in this many equal bands of timesteps
 
 
+def unet_lr(r: Recipe, step: int, warm_start: int = 0) -> float:
+    """Linear warm-up from warm_start, then constant, then (lr_decay_steps > 0) linearly down to 0 at unet_steps."""
+    factor = min(1.0, (step - warm_start + 1) / r.warmup)
+    if r.lr_decay_steps > 0:
+        factor *= min(1.0, max(0.0, (r.unet_steps - step) / r.lr_decay_steps))
+    return r.lr * factor
+
+
 def loss_weight(r: Recipe, snr: torch.Tensor) -> torch.Tensor:
     if r.loss_weighting == "flat":
         return torch.ones_like(snr)
@@ -320,7 +331,7 @@ def train_unet(run: Path, r: Recipe, latents: torch.Tensor, items: list[Scene]) 
             t = torch.randint(0, scheduler.config.num_train_timesteps, (r.batch,), generator=g)
             zt = scheduler.add_noise(z0, noise, t)
             for group in opt.param_groups:
-                group["lr"] = r.lr * min(1.0, (step - warm_start + 1) / r.warmup)
+                group["lr"] = unet_lr(r, step, warm_start)
             store.maps = []
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
                 cond = text_encoder(ids).last_hidden_state
@@ -500,10 +511,11 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-# Recipe fields a resumed run may change: they decide neither the data, the draws nor the loss. (The EMA's window:
+# Recipe fields a resumed run may change: they decide neither the data, the draws nor the loss (lr_decay_steps: how
+# a run ends, set when a run is to be finished). (The EMA's window:
 # 0.9995 averages ~2,000 steps, which lags a model still improving fast; measured on v4 at step 6,750: raw weights
 # 0.83 two-object shapes, EMA 0.64.)
-CHANGEABLE_ON_RESUME = ("ema_decay", "checkpoint_every")
+CHANGEABLE_ON_RESUME = ("ema_decay", "checkpoint_every", "lr_decay_steps")
 
 
 def train(run: str | Path, recipe: Recipe | None = None, resume: bool = False, changes: dict | None = None) -> None:
