@@ -36,6 +36,7 @@ from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, loa
 from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
+from ..profusion.state import load_strict
 from .images import image_files, load_reference_image, read_images, to_pil
 from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
                    trained_tensors, train_steps)
@@ -371,7 +372,8 @@ def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, d
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, config["projection_channels"]).float()
     tensors, step, losses = read_checkpoint(last)
-    promptnet.load_state_dict(trained_tensors(tensors))
+    load_strict(promptnet, trained_tensors(tensors), f"checkpoint {last}",
+                "it was written for another model or --image-encoder: pass the --model the run was started with")
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained",
             "pad_prompt": config["pad_prompt"], "latents": config.get("latents", "sample"), "prefix": config["prefix"],
             "placeholder": "S*", "steps": step, "loss_last_100": _mean(losses[-100:]), "config": config,
