@@ -2,6 +2,7 @@
 invariants on the tiny SD-1.x fixture (float64 where possible) and the bundled toy model."""
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,10 +89,12 @@ def encode(pipe, prompts):
     return pipe.text_encoder(ids)[0]
 
 
-def by_hand(pipe, saved, reference, prompt, cfg, seed):
+def by_hand(pipe, saved, reference, prompt, cfg, seed, extras=(), start=None):
     """ProFusion sampling of one image written out from §3.6 with the pipeline's parts, one UNet call per
     condition: fusion sub-steps (b) then the guided DDIM step (a); all noise from the image's generator in the
-    order x_ref draw, initial latent, fusion noises."""
+    order x_ref draw, initial latent, extra images' x_ref draws, fusion noises. extras: (image, weight) combined as
+    the official pipeline does (ε̃·w1/Σ + ε̃_k·w_k/Σ in sub-steps, + w_k (ε_k(c) − ε(∅)) in the main step);
+    start: the official `st` with the latents set to add_noise(x_ref, noise) at the first timestep kept."""
     g = torch.Generator().manual_seed(seed)
     unet, dtype = pipe.unet, pipe.unet.dtype
     dist = pipe.vae.encode(reference.to(dtype)).latent_dist
@@ -102,27 +105,43 @@ def by_hand(pipe, saved, reference, prompt, cfg, seed):
     sched.set_timesteps(cfg.steps)
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x = torch.randn(shape[1:], generator=g)[None].to(dtype) * sched.init_noise_sigma
+    more = []
+    for image, weight in extras:
+        d = pipe.vae.encode(image.to(dtype)).latent_dist
+        xr = (d.mean + d.std * torch.randn(d.mean.shape[1:], generator=g).to(dtype)) * pipe.vae.config.scaling_factor
+        more.append((xr, saved.image_encoder(image, xr), weight))
+    timesteps = sched.timesteps
+    if start is not None:
+        timesteps = timesteps[timesteps <= start]
+        x = sched.add_noise(x_ref, x, timesteps[:1])
     ids, slot = tokenize_with_slot(pipe.tokenizer, prompt)
     negative = encode(pipe, [cfg.negative_prompt])
     ref = encode(pipe, [prompt.replace("S*", cfg.class_word)])
     v_pred = sched.config.prediction_type == "v_prediction"
 
-    def with_word(x, t, scale):
-        words = saved.promptnet(x_ref, t, tokens, x)
+    def with_word(x, t, scale, image_latent=x_ref, image_tokens=tokens):
+        words = saved.promptnet(image_latent, t, image_tokens, x)
         return encode_with_word(pipe.text_encoder, ids[None], torch.tensor([slot]), words, scale)
 
     def eps(out, x, a):
         return math.sqrt(a) * out + math.sqrt(1 - a) * x if v_pred else out
 
     gap = sched.config.num_train_timesteps // cfg.steps
-    for t in sched.timesteps:
+    for t in timesteps:
         a = float(sched.alphas_cumprod[int(t)])
         a1 = float(sched.alphas_cumprod[int(t) - gap]) if int(t) >= gap else float(sched.final_alpha_cumprod)
         if cfg.refine_eta > 0:
             for _ in range(cfg.refine_steps):
                 u = unet(x, t, negative).sample
                 c = unet(x, t, with_word(x, t, cfg.refine_emb_scale)).sample
-                e = eps(u + cfg.refine_guidance_scale * (c - u), x, a)
+                e = u + cfg.refine_guidance_scale * (c - u)
+                if more:
+                    total = cfg.guidance_scale + sum(w for _, _, w in more)
+                    e = e * cfg.guidance_scale / total
+                    for xr, tk, w in more:
+                        c_k = unet(x, t, with_word(x, t, cfg.refine_emb_scale, xr, tk)).sample
+                        e = e + (u + cfg.refine_guidance_scale * (c_k - u)) * w / total
+                e = eps(e, x, a)
                 s2 = cfg.refine_eta ** 2 * (1 - a1) / (1 - a) * (1 - a / a1)
                 z = torch.randn(shape[1:], generator=g)[None].to(dtype)
                 x = x - e * s2 * math.sqrt(1 - a) / (1 - a1) \
@@ -132,6 +151,8 @@ def by_hand(pipe, saved, reference, prompt, cfg, seed):
         out = u + cfg.guidance_scale * (c - u)
         if cfg.ref_guidance_scale:
             out = out + cfg.ref_guidance_scale * (unet(x, t, ref).sample - u)
+        for xr, tk, w in more:
+            out = out + cfg.guidance_scale * w / cfg.guidance_scale * (unet(x, t, with_word(x, t, 1.0, xr, tk)).sample - u)
         x = sched.step(out, t, x, eta=0.0).prev_sample
     return x
 
@@ -584,6 +605,105 @@ def test_plain_sampling_takes_any_scheduler_and_fusion_refuses_all_but_ddim(sd64
     with pytest.raises(UserError, match=re.escape(f"--scheduler {scheduler}: ProFusion samples with DDIM")) as e:
         sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig(steps=3, scheduler=scheduler), gens(3))
     assert "\n" not in str(e.value) and "--no-fusion" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ extra images, start timestep
+
+@pytest.fixture(scope="module")
+def second_reference():
+    g = torch.Generator().manual_seed(8)
+    return torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("refine_steps", [0, 1])
+def test_extra_images_follow_the_official_weighting(sd64, saved64, reference, second_reference, refine_steps):
+    cfg = FusionConfig(steps=STEPS, refine_steps=refine_steps, **W)
+    extras = [(second_reference, 0.7), (reference.flip(-1), 1.3)]
+    got = sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3), extra_references=extras)
+    with torch.no_grad():
+        close(got, by_hand(sd64, saved64, reference, PROMPTS[0], cfg, 3, extras=extras), SAMPLE_TOL)
+    alone = sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3))
+    assert (got - alone).abs().max() > 1e-3
+
+
+def test_an_extra_image_equal_to_the_reference_adds_its_weight_to_w1(sd64, saved64, reference):
+    """With the reference as its own extra image at weight w, the fusion sub-step's weighted mean is ε̃ itself and
+    the main step gains w (ε(c) − ε(∅)): sampling at guidance w1 + w (posterior means: the same x_ref twice)."""
+    means = SavedPromptNet(saved64.promptnet, saved64.image_encoder, {"latents": "mean"})
+    for execution in ("batched", "reference"):
+        cfg = FusionConfig(steps=STEPS, execution=execution, **W)
+        torch.manual_seed(0)  # the reference execution's fusion noise
+        got = sample(sd64, means, reference, PROMPTS[:1], cfg, gens(4), extra_references=[(reference, 2.0)])
+        torch.manual_seed(0)
+        want = sample(sd64, means, reference, PROMPTS[:1], replace(cfg, guidance_scale=W["guidance_scale"] + 2.0),
+                      gens(4))
+        close(got, want, SAMPLE_TOL)
+
+
+def test_extra_images_batched_equals_the_reference_execution(sd64, saved64, reference, second_reference,
+                                                             monkeypatch):
+    monkeypatch.setattr(sampling, "fusion_noise", generator_noise)
+    extras = [(second_reference, 0.5)]
+    batched = sample(sd64, saved64, reference, PROMPTS, FusionConfig(steps=STEPS, **W), gens(1, 2),
+                     extra_references=extras)
+    official = sample(sd64, saved64, reference, PROMPTS, FusionConfig.reference(steps=STEPS, **W), gens(1, 2),
+                      extra_references=extras)
+    close(batched, official, SAMPLE_TOL)
+
+
+@pytest.mark.parametrize("execution, calls", [
+    ("batched", [3, 4]),  # sub-step [∅, c_λ, c_λ of the extra image], main step [∅, c, r, c of the extra image]
+    ("reference", [1] * 12),  # official: [∅, c, r] per image in the sub-step and in the main step, a call each
+])
+def test_unet_evaluations_per_step_with_an_extra_image(sd64, saved64, reference, second_reference, execution,
+                                                       calls):
+    seen, handle = count_unet_samples(sd64.unet)
+    try:
+        sample(sd64, saved64, reference, PROMPTS, FusionConfig(steps=STEPS, execution=execution), gens(1, 2),
+               extra_references=[(second_reference, 1.0)])
+    finally:
+        handle.remove()
+    assert [n // 2 for n in seen] == calls * STEPS
+
+
+def test_extra_image_weights_must_be_positive(sd64, saved64, reference):
+    for weight in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="--extra-image weight") as e:
+            sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig(steps=STEPS), gens(0),
+                   extra_references=[(reference, weight)])
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cfg", [FusionConfig(steps=4, **W), FusionConfig.plain(steps=4)], ids=["fusion", "plain"])
+def test_start_timestep_samples_t_up_to_it_from_the_noised_reference(sd64, saved64, reference, cfg):
+    start = 600
+    kept = [int(t) for t in sampling.sampler("ddim", sd64, 4).timesteps if t <= start]
+    assert 0 < len(kept) < 4
+    seen, handle = count_unet_samples(sd64.unet)
+    try:
+        got = sample(sd64, saved64, reference, PROMPTS[:1], replace(cfg, start_timestep=start), gens(3))
+    finally:
+        handle.remove()
+    assert len(seen) == len(kept) * (1 + cfg.refine_steps)  # batched: one call per stage, stages per kept step
+    with torch.no_grad():
+        close(got, by_hand(sd64, saved64, reference, PROMPTS[0], cfg, 3, start=start), SAMPLE_TOL)
+    assert (got - sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3))).abs().max() > 1e-3
+
+
+def test_start_timestep_is_refused_off_ddim_and_below_every_timestep(sd64, saved64, reference):
+    with pytest.raises(UserError, match="--start-timestep 500 with --scheduler euler: .*pass --scheduler ddim") as e:
+        sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig.plain(steps=3, scheduler="euler",
+                                                                         start_timestep=500), gens(0))
+    assert "\n" not in str(e.value)
+    trailing = DDIMScheduler.from_config(sd64.scheduler.config, timestep_spacing="trailing")
+    trailing.set_timesteps(3)  # 999, 666, 332
+    x = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(UserError, match="--start-timestep 300 is below every sampling timestep \\(the lowest is 332") \
+            as e:
+        sampling.start_from_reference(trailing, x, x, 300)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="FusionConfig.start_timestep = "):
+        FusionConfig(start_timestep=1000)
 
 
 def test_finetuned_attention_weights_are_used_while_sampling_and_put_back(sd64, saved64, reference):

@@ -238,6 +238,16 @@ ERRORS = {
                                   "holds no pre-training checkpoint"),
     "evaluate-bogus-method": (["evaluate", "profusion", "--methods", "fusion,bogus", "--out", "{out}"],
                               "unknown method 'bogus'"),
+    "extra-image-zero-weight": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{png}:0"],
+                                r"--extra-image .*000000\.png:0: the weight after ':' must be a number > 0"),
+    "extra-image-text-weight": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{png}:big"],
+                                "the weight after ':' must be a number > 0"),
+    "extra-image-missing": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{missing}"],
+                            r"missing\.png does not exist"),
+    "start-timestep-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--no-fusion", "--scheduler", "euler",
+                                    "--start-timestep", "500"], "--start-timestep 500 with --scheduler euler: .*ddim"),
+    "start-timestep-plain-generate": (GEN + ["--prompt", "a circle", "--start-timestep", "500"],
+                                      "are ProFusion options: pass --promptnet DIR or --image FILE"),
 }
 
 
@@ -324,6 +334,86 @@ def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, gen
     # and an explicit option still wins over the recommendation
     assert generate(copy, tmp_path / "explicit", "--refine-steps", "1") == 0
     assert pngs(tmp_path / "explicit")[0].read_bytes() != pngs(root / "plain")[0].read_bytes()
+
+
+# ------------------------------------------------------------------------------------ generate's fusion options
+
+FUSION_OPTIONS = {"guidance_scale": "guidance_scale", "ref_guidance_scale": "ref_guidance_scale",
+                  "refine_steps": "refine_steps", "refine_eta": "refine_eta", "refine_emb_scale": "refine_emb_scale",
+                  "refine_guidance_scale": "refine_guidance"}  # FusionConfig field: generate's option dest
+
+
+def generate_options():
+    from conceptkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["generate"]._actions}
+
+
+def stated_defaults(dest: str) -> dict:
+    """What `generate --help` says the option's default is: for the bundled PromptNet, for a folder that recommends
+    nothing (the notebook's fusion call), and with --no-fusion (when it says)."""
+    text = " ".join(generate_options()[dest].help.split())
+    no_fusion = re.search(r"--no-fusion: ([\d.]+)", text)
+    return {"bundled": float(re.search(r"([\d.]+) for the bundled PromptNet", text)[1]),
+            "notebook": float(re.search(r"else ([\d.]+) as in the notebook's fusion call", text)[1]),
+            "no_fusion": float(no_fusion[1]) if no_fusion else None}
+
+
+def test_generate_help_states_the_fusion_defaults_that_apply(toy):
+    from conceptkit.models.loading import BUNDLED_PROMPTNET
+    from conceptkit.profusion.sampling import FusionConfig, recommended_fusion
+
+    applied = recommended_fusion(load_promptnet(BUNDLED_PROMPTNET, toy))
+    for field, dest in FUSION_OPTIONS.items():
+        stated = stated_defaults(dest)
+        assert stated["bundled"] == getattr(applied, field), field
+        assert stated["notebook"] == getattr(FusionConfig(), field), field
+        plain = getattr(FusionConfig.plain(), field)
+        assert (stated["no_fusion"] if stated["no_fusion"] is not None else stated["notebook"]) == plain, field
+    # the bundled PromptNet recommends its own w_f and w2: the old help's "default 7" and "default 5" were wrong
+    assert (applied.refine_guidance_scale, applied.ref_guidance_scale) != (FusionConfig().refine_guidance_scale,
+                                                                           FusionConfig().ref_guidance_scale)
+
+
+@pytest.fixture(scope="module")
+def bundled_runs(images, tmp_path_factory):
+    """generate --image with the bundled PromptNet: defaults; the defaults --help states, given explicitly; an
+    extra image; a start from the reference noised to t = 300."""
+    root = tmp_path_factory.mktemp("bundled")
+    explicit = []
+    for field, dest in FUSION_OPTIONS.items():
+        explicit += [f"--{dest.replace('_', '-')}", f"{stated_defaults(dest)['bundled']:g}"]
+    base = ["generate", "--image", str(images / "000000.png"), "--prompt", PROMPT, "--steps", "4"]
+    runs = {"default": [], "explicit": explicit, "extra": ["--extra-image", f"{images / '000001.png'}:2"],
+            "start": ["--start-timestep", "300"]}
+    return {name: (main(base + extra + ["--out", str(root / name)]), root / name) for name, extra in runs.items()}
+
+
+def pixels(folder):
+    (path,) = pngs(folder)
+    return np.asarray(Image.open(path)).astype(np.float64)
+
+
+def test_generate_defaults_are_the_values_help_states(bundled_runs):
+    assert bundled_runs["default"][0] == bundled_runs["explicit"][0] == 0
+    assert np.array_equal(pixels(bundled_runs["default"][1]), pixels(bundled_runs["explicit"][1]))
+
+
+def test_an_extra_image_changes_the_images(bundled_runs):
+    assert bundled_runs["extra"][0] == 0
+    assert np.abs(pixels(bundled_runs["extra"][1]) - pixels(bundled_runs["default"][1])).max() > 10
+    info = Image.open(pngs(bundled_runs["extra"][1])[0]).text["parameters"]
+    assert "Extra image weights: 2" in info
+
+
+def test_a_start_from_the_noised_reference_stays_close_to_it(bundled_runs, images):
+    assert bundled_runs["start"][0] == 0
+    reference = np.asarray(Image.open(images / "000000.png").convert("RGB").resize((64, 64))).astype(np.float64)
+    started = np.abs(pixels(bundled_runs["start"][1]) - reference).mean()
+    from_noise = np.abs(pixels(bundled_runs["default"][1]) - reference).mean()
+    assert started < 0.5 * from_noise, (started, from_noise)
+    assert "Start timestep: 300" in Image.open(pngs(bundled_runs["start"][1])[0]).text["parameters"]
 
 
 def test_the_bundled_promptnet_loads_for_the_bundled_model_and_is_small(toy, tmp_path):

@@ -108,9 +108,10 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
 
-def add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float | None = 7.5) -> None:
+def add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float | None = 7.5,
+                 guidance_help: str | None = None) -> None:
     p.add_argument("--steps", type=count, default=steps)
-    p.add_argument("--guidance-scale", type=guidance_scale, default=guidance)
+    p.add_argument("--guidance-scale", type=guidance_scale, default=guidance, help=guidance_help)
     p.add_argument("--scheduler", default="ddim", type=scheduler, help="ddim, dpm++, euler, euler-a, pndm")
 
 
