@@ -1,5 +1,6 @@
 """ProFusion (ALGORITHMS.md §3): PromptNet, the S* injection, fusion sampling and the trainers, pinned to the §4
 invariants on the tiny SD-1.x fixture (float64 where possible) and the bundled toy model."""
+import json
 import math
 import re
 from dataclasses import replace
@@ -855,6 +856,131 @@ def test_pretraining_resumed_equals_uninterrupted(sd32, images_dir, pretrained, 
     # the weights after 2 steps differ from those after 4: the comparison above is not vacuous
     two = load_file(part / "checkpoints" / "step-000002.safetensors")
     assert (two["param/to_word.weight"] - a["to_word.weight"]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------ pre-training options
+
+def run_pretrain(pipe, images_dir, out, steps, resume=False, **settings):
+    return pretrain_promptnet(pipe, images_dir, out, PretrainConfig(steps=steps, **{**PRETRAIN, **settings}),
+                              resume=resume, progress=False)
+
+
+def test_ema_weights_are_what_is_saved_validated_and_exported(sd32, images_dir, tmp_path):
+    """The saved folder holds the EMA (diffusers' EMAModel fed the weights after each step, as train.py --use_ema),
+    each checkpoint holds it beside the raw weights, and --export-to writes it."""
+    from diffusers.training_utils import EMAModel
+
+    from conceptkit.learn.promptnet import export_pretrain_checkpoint
+
+    out = tmp_path / "ema"
+    run_pretrain(sd32, images_dir, out, 4, ema_decay=0.5, checkpoint_every=1, keep_checkpoints=10)
+    steps = [load_file(out / "checkpoints" / f"step-{i:06d}.safetensors") for i in range(1, 5)]
+    names = [k[len("param/"):] for k in steps[0] if k.startswith("param/")]
+    torch.manual_seed(PretrainConfig().seed)
+    start = dict(PromptNet.from_unet(sd32.unet, LatentPatchEncoder().embed_dim, 768).named_parameters())
+    want = EMAModel([start[n].detach().clone() for n in names], decay=0.5)
+    for tensors in steps:
+        want.step([torch.nn.Parameter(tensors[f"param/{n}"]) for n in names])
+    saved = load_file(out / "diffusion_pytorch_model.safetensors")
+    raw = steps[-1]
+    for n, average in zip(names, want.shadow_params):
+        torch.testing.assert_close(saved[n], average, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(raw[f"ema/{n}"], average, atol=1e-6, rtol=1e-6)
+    assert max((saved[n] - raw[f"param/{n}"]).abs().max().item() for n in names) > 1e-4  # not the raw weights
+    assert int(raw["ema_optimization_step"].item()) == 4
+    assert load_promptnet(out, sd32).meta["weights"] == {"ema_decay": 0.5, "ema_updates": 4}
+    exported = export_pretrain_checkpoint(sd32, out, tmp_path / "exported")
+    again = load_file(exported / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(again[n], raw[f"ema/{n}"]) for n in names)
+
+
+def test_ema_run_resumed_equals_uninterrupted(sd32, images_dir, tmp_path):
+    full = run_pretrain(sd32, images_dir, tmp_path / "full", 4, ema_decay=0.7)
+    part = tmp_path / "part"
+    run_pretrain(sd32, images_dir, part, 2, ema_decay=0.7)
+    resumed = run_pretrain(sd32, images_dir, part, 4, resume=True, ema_decay=0.7)
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6)
+    a = load_file(tmp_path / "full" / "diffusion_pytorch_model.safetensors")
+    b = load_file(part / "diffusion_pytorch_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6)
+
+
+def test_an_old_run_without_ema_resumes_with_or_without_it(sd32, images_dir, tmp_path, capsys):
+    """A run written before these options (its training.json names none of them, its checkpoints hold no EMA)
+    resumes as it was; given --ema-decay, its EMA starts from the weights at the resumed step."""
+    for name, ema in (("plain", None), ("ema", 0.5)):
+        out = tmp_path / name
+        run_pretrain(sd32, images_dir, out, 2)
+        info = json.loads((out / "training.json").read_text())
+        for key in ("mixed_precision", "gradient_checkpointing", "ema_decay"):
+            del info["config"][key]
+        (out / "training.json").write_text(json.dumps(info))
+        capsys.readouterr()
+        run_pretrain(sd32, images_dir, out, 4, resume=True, ema_decay=ema)
+        meta = load_promptnet(out, sd32).meta
+        if ema is None:
+            assert "weights" not in meta
+        else:
+            assert "the EMA of the weights (--ema-decay 0.5) starts at step 2" in capsys.readouterr().err
+            assert meta["weights"] == {"ema_decay": 0.5, "ema_updates": 2}
+    with pytest.raises(UserError, match=r"different settings \(ema_decay\)"):  # an EMA's decay cannot change
+        run_pretrain(sd32, images_dir, tmp_path / "ema", 5, resume=True, ema_decay=0.9)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(sd32, images_dir, tmp_path):
+    forwards = {"promptnet": 0, "unet": 0}
+
+    def counter(key):
+        def hook(module, args, output):
+            forwards[key] += 1
+        return hook
+
+    # (a conv inside a block: checkpointing stops recomputing once the saved tensors are back, before the block's
+    # own forward hook would run; in the UNet, after the first cross-attention, where the gradient to S* flows)
+    handle = sd32.unet.down_blocks[1].resnets[0].conv1.register_forward_hook(counter("unet"))
+    original = PromptNet.from_unet
+
+    def counted(*args, **kw):
+        net = original(*args, **kw)
+        net.down_blocks[0].resnets[0].conv1.register_forward_hook(counter("promptnet"))
+        return net
+
+    runs = {}
+    try:
+        for flag in (False, True):
+            forwards.update(promptnet=0, unet=0)
+            PromptNet.from_unet = counted
+            runs[flag] = run_pretrain(sd32, images_dir, tmp_path / str(flag), 2, gradient_checkpointing=flag)
+            runs[flag, "forwards"] = dict(forwards)
+    finally:
+        PromptNet.from_unet = original
+        handle.remove()
+    # one forward per step without it; with it, the forward again in the backward pass
+    assert runs[False, "forwards"] == {"promptnet": 2, "unet": 2}
+    assert runs[True, "forwards"] == {"promptnet": 4, "unet": 4}
+    np.testing.assert_allclose(runs[True].losses, runs[False].losses, rtol=1e-6)
+    a = load_file(tmp_path / "False" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "True" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not sd32.unet.is_gradient_checkpointing  # the pipeline is given back as it was
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_autocasts_the_loss_and_keeps_fp32_weights(sd32, images_dir, pretrained, tmp_path,
+                                                                   precision):
+    _, _, full = pretrained
+    out = tmp_path / precision
+    result = run_pretrain(sd32, images_dir, out, 4, mixed_precision=precision)
+    assert all(math.isfinite(x) for x in result.losses)
+    # the same batches as the fp32 run: close losses, but not the same arithmetic
+    np.testing.assert_allclose(result.losses, full.losses, rtol=0.05)
+    assert result.losses != full.losses
+    assert {v.dtype for v in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float32}
+    checkpoint = load_file(out / "checkpoints" / "step-000004.safetensors")
+    assert ("amp/scale" in checkpoint) == (precision == "fp16")  # the loss scaler's state, for a resume
+    if precision == "fp16":
+        assert checkpoint["amp/scale"].item() > 1
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(sd32, images_dir, pretrained):

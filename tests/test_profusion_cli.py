@@ -105,6 +105,18 @@ def test_pretrain_writes_a_promptnet_folder_with_the_settings_given(pretrained, 
     assert saved.unet_attention is None and saved.reference_path is None
 
 
+def test_pretrain_takes_the_official_commands_options(images, tmp_path):
+    out = tmp_path / "run"
+    assert main(["learn", "promptnet", "--pretrain", "--images", str(images), "--steps", "2", "--batch", "2",
+                 "--no-validation", "--mixed-precision", "bf16", "--gradient-checkpointing", "--ema-decay", "0.99",
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "training.json").read_text())["config"]
+    assert (config["mixed_precision"], config["gradient_checkpointing"], config["ema_decay"]) == ("bf16", True, 0.99)
+    assert json.loads((out / "promptnet.json").read_text())["weights"] == {"ema_decay": 0.99, "ema_updates": 2}
+    with safe_open(out / "checkpoints" / "step-000002.safetensors", "pt") as f:
+        assert any(k.startswith("ema/") for k in f.keys())
+
+
 def test_export_writes_an_fp16_promptnet_folder_of_the_latest_checkpoint(pretrained, exported, toy):
     run, _ = pretrained
     export, code = exported
@@ -246,6 +258,9 @@ ERRORS = {
                             r"missing\.png does not exist"),
     "start-timestep-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--no-fusion", "--scheduler", "euler",
                                     "--start-timestep", "500"], "--start-timestep 500 with --scheduler euler: .*ddim"),
+    "finetune-with-pretrain-options": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{png}",
+                                                "--ema-decay", "0.9", "--gradient-checkpointing", "--out", "{out}"],
+                                       "--gradient-checkpointing, --ema-decay: --pretrain options"),
     "start-timestep-plain-generate": (GEN + ["--prompt", "a circle", "--start-timestep", "500"],
                                       "are ProFusion options: pass --promptnet DIR or --image FILE"),
 }

@@ -27,6 +27,9 @@ ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_b
 
 class PromptNet(ModelMixin, ConfigMixin):
     config_name = "config.json"
+    # the copied down and mid blocks recompute their activations in backward when it is on (pre-training's
+    # --gradient-checkpointing)
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, unet_config: dict, image_embed_dim: int, text_embed_dim: int,
