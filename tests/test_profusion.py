@@ -3,6 +3,7 @@ invariants on the tiny SD-1.x fixture (float64 where possible) and the bundled t
 import json
 import math
 import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -913,7 +914,7 @@ def test_an_old_run_without_ema_resumes_with_or_without_it(sd32, images_dir, tmp
         out = tmp_path / name
         run_pretrain(sd32, images_dir, out, 2)
         info = json.loads((out / "training.json").read_text())
-        for key in ("mixed_precision", "gradient_checkpointing", "ema_decay"):
+        for key in ("mixed_precision", "gradient_checkpointing", "ema_decay", "crop"):
             del info["config"][key]
         (out / "training.json").write_text(json.dumps(info))
         capsys.readouterr()
@@ -981,6 +982,99 @@ def test_mixed_precision_autocasts_the_loss_and_keeps_fp32_weights(sd32, images_
     assert ("amp/scale" in checkpoint) == (precision == "fp16")  # the loss scaler's state, for a resume
     if precision == "fp16":
         assert checkpoint["amp/scale"].item() > 1
+
+
+@pytest.fixture(scope="module")
+def wide_images(tmp_path_factory):
+    """Two 96x64 images: a square crop of either depends on where it is taken."""
+    folder = tmp_path_factory.mktemp("wide") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def pretrain_targets(pipe, images, out, monkeypatch, steps=3, resume=False, **settings):
+    """The target latents of every training batch of a pre-training run (posterior means, no flips)."""
+    from conceptkit.learn import promptnet as trainer
+
+    seen = []
+    real = trainer.promptnet_loss
+
+    def spy(*args, **kw):
+        seen.append(kw["target"].clone())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "promptnet_loss", spy)
+    run_pretrain(pipe, images, out, steps, resume=resume, latents="mean", **settings)
+    monkeypatch.setattr(trainer, "promptnet_loss", real)
+    return seen
+
+
+def vae_mean(pipe, image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return pipe.vae.encode(pixels).latent_dist.mean[0] * pipe.vae.config.scaling_factor
+
+
+def crops_of(path, size=64):
+    """Every square window of the image resized to a shorter side of `size` (bicubic), left to right."""
+    image = Image.open(path).convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    return [image.crop((x, 0, x + size, size)) for x in range(image.width - size + 1)]
+
+
+@pytest.mark.parametrize("crop", ["squash", "center"])
+def test_squash_and_center_crop_train_on_the_whole_image_or_its_centre(sd32, wide_images, tmp_path, monkeypatch,
+                                                                       crop):
+    targets = pretrain_targets(sd32, wide_images, tmp_path / crop, monkeypatch, steps=2, crop=crop)
+    files = sorted(wide_images.iterdir())
+    squashed = [vae_mean(sd32, Image.open(f).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+                for f in files]
+    centred = [vae_mean(sd32, Image.open(f).convert("RGB").crop((16, 0, 80, 64))) for f in files]
+    want = squashed if crop == "squash" else centred
+    other = centred if crop == "squash" else squashed
+    for batch in targets:
+        for latent in batch:
+            assert min((latent - w).abs().max().item() for w in want) < 1e-4
+            assert min((latent - w).abs().max().item() for w in other) > 1e-2
+
+
+def test_random_crops_are_windows_of_the_resized_image_at_drawn_offsets(sd32, wide_images, tmp_path, monkeypatch):
+    targets = pretrain_targets(sd32, wide_images, tmp_path / "random", monkeypatch, steps=4, crop="random")
+    windows = {(f.name, x): vae_mean(sd32, c) for f in sorted(wide_images.iterdir()) for x, c in enumerate(crops_of(f))}
+    found = []
+    for batch in targets:
+        for latent in batch:
+            key, distance = min(((k, (latent - w).abs().max().item()) for k, w in windows.items()),
+                                key=lambda kv: kv[1])
+            assert distance < 1e-4  # exactly one of the windows
+            found.append(key)
+    assert len({x for _, x in found}) > 2  # at several offsets, not always the centre (16)
+    assert not (tmp_path / "random" / "latent_cache.safetensors").exists()  # encoded per step, never cached
+
+
+def test_random_crop_run_resumed_takes_the_same_crops(sd32, wide_images, tmp_path, monkeypatch):
+    full = pretrain_targets(sd32, wide_images, tmp_path / "full", monkeypatch, steps=4, crop="random")
+    pretrain_targets(sd32, wide_images, tmp_path / "part", monkeypatch, steps=2, crop="random")
+    rest = pretrain_targets(sd32, wide_images, tmp_path / "part", monkeypatch, steps=4, resume=True, crop="random")
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+
+
+def test_random_crop_refuses_an_unreadable_or_small_image_before_training(sd32, wide_images, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(wide_images, folder)
+    (folder / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"cannot read bad\.png") as e:
+        run_pretrain(sd32, folder, tmp_path / "out", 2, crop="random")
+    (folder / "bad.png").unlink()
+    Image.new("RGB", (80, 40)).save(folder / "small.png")
+    with pytest.raises(UserError, match=r"small\.png \(80x40\) smaller than the training resolution 64") as e:
+        run_pretrain(sd32, folder, tmp_path / "out", 2, crop="random")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(sd32, images_dir, pretrained):

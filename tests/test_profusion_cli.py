@@ -109,9 +109,10 @@ def test_pretrain_takes_the_official_commands_options(images, tmp_path):
     out = tmp_path / "run"
     assert main(["learn", "promptnet", "--pretrain", "--images", str(images), "--steps", "2", "--batch", "2",
                  "--no-validation", "--mixed-precision", "bf16", "--gradient-checkpointing", "--ema-decay", "0.99",
-                 "--out", str(out)]) == 0
+                 "--crop", "random", "--out", str(out)]) == 0
     config = json.loads((out / "training.json").read_text())["config"]
-    assert (config["mixed_precision"], config["gradient_checkpointing"], config["ema_decay"]) == ("bf16", True, 0.99)
+    assert (config["mixed_precision"], config["gradient_checkpointing"], config["ema_decay"], config["crop"]) == \
+        ("bf16", True, 0.99, "random")
     assert json.loads((out / "promptnet.json").read_text())["weights"] == {"ema_decay": 0.99, "ema_updates": 2}
     with safe_open(out / "checkpoints" / "step-000002.safetensors", "pt") as f:
         assert any(k.startswith("ema/") for k in f.keys())
@@ -259,8 +260,9 @@ ERRORS = {
     "start-timestep-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--no-fusion", "--scheduler", "euler",
                                     "--start-timestep", "500"], "--start-timestep 500 with --scheduler euler: .*ddim"),
     "finetune-with-pretrain-options": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{png}",
-                                                "--ema-decay", "0.9", "--gradient-checkpointing", "--out", "{out}"],
-                                       "--gradient-checkpointing, --ema-decay: --pretrain options"),
+                                                "--ema-decay", "0.9", "--gradient-checkpointing", "--crop", "center",
+                                                "--out", "{out}"],
+                                       "--crop, --gradient-checkpointing, --ema-decay: --pretrain options"),
     "start-timestep-plain-generate": (GEN + ["--prompt", "a circle", "--start-timestep", "500"],
                                       "are ProFusion options: pass --promptnet DIR or --image FILE"),
 }

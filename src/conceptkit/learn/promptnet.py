@@ -6,7 +6,9 @@ encoder and (in pre-training) UNet are frozen; fine-tuning also trains the UNet'
 pipeline's weights back when it returns (the tuned ones are written next to the PromptNet).
 
 - Pre-training: x_ref and the target are the same image (the official FFHQ/CC3M setting). Latents are encoded
-  once (mean and std of q(z|x), cached in the run folder) and sampled every step.
+  once (mean and std of q(z|x), cached in the run folder) and sampled every step; with random crops (`crop`
+  "random", the official default for non-square images) the drawn images are read, cropped and encoded at every
+  step instead, the crops drawn from the step's generator (so a resumed run takes the same crops).
 - Fine-tuning: a mini dataset of the image plus augmented copies (§3.5; for the shapes world an affine jitter with
   the border colour filled in, instead of the face-inpainting of the notebook), and two independent random batches
   per step: one gives the reference, the other the denoising target.
@@ -44,7 +46,7 @@ from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
 from ..profusion.state import load_strict
-from .images import image_files, load_reference_image, read_images, to_pil
+from .images import check_image_files, image_files, load_reference_image, random_crop, read_images, to_pil
 from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
                    trained_tensors, train_steps)
 from .promptnet_config import FinetuneConfig, PretrainConfig
@@ -278,17 +280,19 @@ def _mean(xs):
 
 
 def _latent_cache(pipe, files: list[Path], where: Path, out: Path, resolution: int,
-                  keep_pixels: bool) -> dict[str, torch.Tensor]:
-    """Latent mean/std of every image (and the images as uint8, when the encoder needs pixels), cached in out."""
+                  keep_pixels: bool, center_crop: bool = False) -> dict[str, torch.Tensor]:
+    """Latent mean/std of every image (and the images as uint8, when the encoder needs pixels), cached in out;
+    squashed to a square, or its centre square (`center_crop`)."""
     path = out / "latent_cache.safetensors"
-    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}:{int(keep_pixels)}"
+    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}:{int(keep_pixels)}" + \
+        (":center" if center_crop else "")  # (squash keeps the stamp caches were written with)
     if path.is_file():
         with safe_open(path, "pt") as f:
             if f.metadata().get("stamp") == stamp:
                 return load_file(path)
     means, stds, pixels = [], [], []
     for i in range(0, len(files), 512):
-        images = read_images(files[i : i + 512], resolution, where=where)
+        images = read_images(files[i : i + 512], resolution, center_crop, where=where)
         m, s = encode_images(pipe.vae, images)
         means.append(m)
         stds.append(s)
@@ -318,8 +322,14 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     encoder = image_encoder or default_image_encoder(pipe)
     needs_pixels = not isinstance(encoder, LatentPatchEncoder)
     files = image_files(images_dir)
-    cache = _latent_cache(pipe, files, Path(images_dir), out, resolution, keep_pixels=needs_pixels)
-    means, stds, pixels_u8 = cache["means"], cache["stds"], cache.get("pixels")
+    random_crops = cfg.crop == "random"
+    if random_crops:  # read at every step: checked now, so a bad file does not stop the run hours in
+        check_image_files(files, resolution, where=Path(images_dir))
+        means = stds = pixels_u8 = None
+    else:
+        cache = _latent_cache(pipe, files, Path(images_dir), out, resolution, keep_pixels=needs_pixels,
+                              center_crop=cfg.crop == "center")
+        means, stds, pixels_u8 = cache["means"], cache["stds"], cache.get("pixels")
     scaling = pipe.vae.config.scaling_factor
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
@@ -328,23 +338,29 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     T = pipe.scheduler.config.num_train_timesteps
 
     def draw(g):
-        index = torch.randint(0, len(means), (cfg.batch,), generator=g)
+        index = torch.randint(0, len(files), (cfg.batch,), generator=g)
         flip = torch.rand(cfg.batch, generator=g) < cfg.flip_p
-        latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
+        if random_crops:
+            crops = torch.stack([random_crop(files[i], resolution, g) for i in index.tolist()])
+            crop_means, crop_stds = encode_images(pipe.vae, crops)
+            latents = sample_latents(crop_means, crop_stds, torch.arange(cfg.batch), g, scaling, cfg.latents)
+        else:
+            latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, T, (cfg.batch,), generator=g)
         pixels = None
         if needs_pixels:
-            pixels = pixels_u8[index].float() / 127.5 - 1
+            pixels = crops if random_crops else pixels_u8[index].float() / 127.5 - 1
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
         return {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
                 "timesteps": t}
 
-    val = read_images(files[: cfg.validation_images], resolution, where=Path(images_dir))
+    # validation shows the centre squares of random-crop runs (the same images at every validation)
+    val = read_images(files[: cfg.validation_images], resolution, cfg.crop != "squash", where=Path(images_dir))
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
             "latents": cfg.latents,
-            "images": str(images_dir), "num_images": len(means)}
+            "images": str(images_dir), "num_images": len(files)}
     unet_checkpointing = pipe.unet.is_gradient_checkpointing
     if cfg.gradient_checkpointing:
         # the UNet's activations are the larger part of the graph (S* reaches the loss through its cross-attention)

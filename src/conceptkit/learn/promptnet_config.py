@@ -30,6 +30,10 @@ class PretrainConfig:
     projection_channels: int = 128
     flip_p: float = 0.0
     resolution: int | None = None
+    # how a non-square image becomes a square: squash (resized as it is; what conceptkit always did), center (the
+    # centre square; the official --center_crop), random (a square at a random offset at every step, after resizing
+    # the shorter side; the official default, Resize + RandomCrop)
+    crop: str = "squash"
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -53,6 +57,7 @@ class PretrainConfig:
                        optional=("resolution", "ema_decay"))
         v.check_choice(self, "latents", ("sample", "mean"))
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
+        v.check_choice(self, "crop", ("squash", "center", "random"))
 
 
 @dataclass
