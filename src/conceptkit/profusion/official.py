@@ -69,7 +69,12 @@ def _json(path: Path) -> dict:
 
 
 def _is_official_config(path: Path) -> bool:
-    return path.is_file() and _json(path).get("_class_name") == OFFICIAL_CLASS
+    """Whether `path` is an official PromptNetModel config.json (an unreadable one is not: the loader of the
+    folder it is in says what is wrong with it)."""
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("_class_name") == OFFICIAL_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _weights_in(folder: Path) -> Path | None:
