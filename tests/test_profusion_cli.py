@@ -314,10 +314,25 @@ def test_evaluate_profusion_writes_scores_timings_and_a_grid(evaluated, exported
     assert (root / "test" / "grid.png").is_file()
     (name,) = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert list(results["objects"]) == [name]
-    # the fine-tuned PromptNet and one image per prompt (5 compositional prompts, 1 seed) per method
+    # the fine-tuned PromptNet and one image per prompt (the default "moved" set: 5 compositional prompts and 4
+    # two-object ones, 1 seed) per method
     assert (root / "test" / name / "promptnet" / UNET_ATTENTION_FILE).is_file()
     for method in ("fusion", "plain", "pretrained"):
-        assert len(pngs(root / "test" / name / method)) == 5, method
+        assert len(pngs(root / "test" / name / method)) == 9, method
+    assert settings["prompt_set"] == "moved" and len(settings["prompts_per_object"][name]) == 9
+    assert sum(" and " in p for p in settings["prompts_per_object"][name]) == 4
+    # preservation + adherence with its standard errors (None: one object and one seed is one unit), and the paired
+    # differences of fusion and the other methods
+    for method in ("fusion", "plain", "pretrained"):
+        assert results[f"{method}.sum"] == pytest.approx(results[f"{method}.preservation"]
+                                                         + results[f"{method}.adherence"], abs=2e-4)
+        assert results[f"{method}.sum_se"] is None and results[f"{method}.sum_se_objects"] is None
+        assert 0 <= results[f"{method}.adherence_second"] <= 1
+    for other in ("plain", "pretrained"):
+        assert results[f"fusion-{other}.sum_diff"] == pytest.approx(results["fusion.sum"] - results[f"{other}.sum"],
+                                                                    abs=2e-4)
+    assert results["standard_errors"]["units"] == 1
+    assert set(results["prompts"]) == set(settings["prompts"])
 
 
 def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):

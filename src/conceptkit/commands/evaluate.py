@@ -53,8 +53,13 @@ def register(sub) -> None:
     p.add_argument("--methods", type=o.names, help="comma-separated (default: fusion,fusion_notebook,plain,pretrained,"
                                      "pretrained_plain,ti)")
     p.add_argument("--objects", type=o.objects, default=8, help="held-out test objects (at most 8)")
-    p.add_argument("--split", choices=["test", "tune"], default="test",
-                   help="tune: 4 objects seen in pre-training and seeds of their own, for choosing settings")
+    p.add_argument("--split", choices=["test", "tune"],
+                   help="test (the default): 8 held-out objects and seeds, report these; tune: 4 objects seen in "
+                        "pre-training and seeds of their own, for choosing settings")
+    p.add_argument("--prompts", choices=["moved", "compositional"], default="moved",
+                   help="moved (default): the 5 compositional prompts (size, position, background) and 4 two-object "
+                        "prompts (S* on one side, a second, different object on the other); compositional: the 5 "
+                        "compositional prompts only (the benchmark before)")
     p.add_argument("--seeds", type=o.count, default=4, help="held-out sampling seeds per prompt")
     p.add_argument("--steps", type=o.count, default=50, help="DDIM steps")
     p.add_argument("--finetune-steps", type=o.count)
@@ -70,7 +75,8 @@ def register(sub) -> None:
     g.add_argument("--class-word", type=o.name)
     p.add_argument("--threads", type=o.threads)
     p.add_argument("--out", type=o.path, default="outputs/evaluate-profusion", help="fine-tuned PromptNets, images, grid.png")
-    p.add_argument("--json", type=o.path, help="write the results (keys <method>.preservation/.adherence/.seconds)")
+    p.add_argument("--json", type=o.path, help="write the results (keys <method>.preservation/.adherence/.sum/.sum_se/"
+                                             ".seconds, fusion-<method>.sum_diff/.sum_diff_se)")
     p.set_defaults(func=run_profusion, writes=("out",))
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
@@ -252,10 +258,10 @@ def run_profusion(args) -> None:
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
              "class_word": args.class_word}
+    overrides = {k: v for k, v in given.items() if v is not None}
     result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
-                                finetune=finetune, fusion_overrides={k: v for k, v in given.items() if v is not None},
-                                objects=args.objects, split=args.split,
-                                out_dir=args.out)
+                                finetune=finetune, fusion_overrides=overrides, objects=args.objects,
+                                split=args.split or "test", prompts=args.prompts, out_dir=args.out)
     print(table(result))
     if args.json:
         write_json(result, args.json)
