@@ -1,11 +1,15 @@
 """`evaluate profusion`'s benchmark without a model: the prompts that move the object away from its reference, the
-oracle's scoring of them on rendered scenes whose answer is known, the standard errors and the table."""
+oracle's scoring of them on rendered scenes whose answer is known, the standard errors, the table, and the
+--sweep grid and its one-line refusals."""
 import math
 
 import pytest
 
+from conceptkit.cli import main
 from conceptkit.errors import UserError
 from conceptkit.evaluate import profusion as pf
+from conceptkit.evaluate.profusion_sweep import effective, grid, label, parse_sweep
+from conceptkit.profusion.fusion_config import FusionConfig
 from conceptkit.shapes import oracle
 from conceptkit.shapes.render import render
 from conceptkit.shapes.world import HELD_OUT_TRIPLES, Obj, Scene
@@ -160,3 +164,71 @@ def test_results_and_table_show_the_sum_its_standard_errors_and_the_paired_diffe
     # one unit: the SEs print as —
     one = {**pf.method_results("fusion", rows[:2]), "fusion.seconds": 1.0}
     assert "| — | — |" in pf.table(one)
+
+
+# ------------------------------------------------------------------------------------ sweep
+
+def test_sweep_parsing_names_aliases_values_and_the_grid():
+    parsed = parse_sweep(["lambda=0.4,0.6", "refine-guidance=5", "r=none,a photo of an object", "m=0,1"])
+    assert parsed == [("refine_emb_scale", [0.4, 0.6]), ("refine_guidance_scale", [5.0]),
+                      ("ref_prompt", [None, "a photo of an object"]), ("refine_steps", [0, 1])]
+    settings = grid(parsed)
+    assert len(settings) == 8 and settings[0] == {"refine_emb_scale": 0.4, "refine_guidance_scale": 5.0,
+                                                  "ref_prompt": None, "refine_steps": 0}
+    assert settings[1]["refine_steps"] == 1  # the last --sweep varies fastest
+    assert label(settings[3]) == 'λ=0.4 w_f=5 r="a photo of an object" m=1'
+    assert parse_sweep(["w2=0,5", "w_f=3"]) == [("ref_guidance_scale", [0, 5]), ("refine_guidance_scale", [3])]
+
+
+@pytest.mark.parametrize("texts,message", [
+    (["lambda"], r"--sweep lambda: pass KEY=V1,V2,\.\.\. \(KEY one of refine_emb_scale \(λ\)"),
+    (["=0.4"], "pass KEY=V1,V2"),
+    (["steps=10,20"], "steps is not a fusion setting: pass one of refine_emb_scale"),
+    (["lambda=0.4,"], "an empty value"),
+    (["lambda=0.4,big"], r"--sweep lambda=0.4,big: big: pass a number from 0 to 100"),
+    (["m=1.5"], "1.5: pass an integer from 0"),
+    (["eta=2"], "2: pass a number from 0 to 1.414"),
+    (["lambda=0.4,0.4"], "0.4 is given twice"),
+    (["lambda=0.4", "refine_emb_scale=0.6"], "refine_emb_scale is swept twice"),
+    (["lambda=" + ",".join(f"0.{k}" for k in range(1, 10)), "w_f=1,2,3,4,5,6,7,8"], "72 settings .* at most 64"),
+    (["r=a | b"], "holds '|'"),
+])
+def test_sweep_parsing_errors_are_one_line_user_errors(texts, message):
+    with pytest.raises(UserError, match=message) as e:
+        parse_sweep(texts)
+    assert "\n" not in str(e.value)
+
+
+def test_settings_that_sample_the_same_images_have_the_same_effective_key():
+    base = FusionConfig(ref_guidance_scale=0.0)
+    with_r = FusionConfig(ref_guidance_scale=0.0, ref_prompt="a photo of an object")
+    assert effective(base.__dict__) == effective(with_r.__dict__)  # w2 = 0: no reference branch
+    assert effective(FusionConfig(ref_guidance_scale=5.0).__dict__) != effective(
+        FusionConfig(ref_guidance_scale=5.0, ref_prompt="a photo of an object").__dict__)
+    assert effective(FusionConfig(refine_steps=0, refine_emb_scale=0.4).__dict__) == effective(
+        FusionConfig(refine_steps=0, refine_emb_scale=0.8).__dict__)
+    assert effective(FusionConfig(refine_emb_scale=0.4).__dict__) != effective(
+        FusionConfig(refine_emb_scale=0.8).__dict__)
+    assert effective(FusionConfig(ref_prompt="x", class_word="a").__dict__) == effective(
+        FusionConfig(ref_prompt="x", class_word="b").__dict__)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sweep", "lambda=0.4,0.6", "--split", "test"], "--sweep with --split test: settings are chosen on the tune "
+                                                       "split only"),
+    (["--sweep", "lambda=0.4", "--methods", "fusion"], "--sweep with --methods"),
+    (["--sweep", "lambda=oops"], "--sweep lambda=oops: oops: pass a number"),
+    (["--sweep", "bogus=1"], "bogus is not a fusion setting"),
+    (["--prompts", "bogus"], "--prompts: invalid choice: 'bogus'"),
+])
+def test_evaluate_profusion_refuses_in_one_line_before_anything_loads(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", "profusion", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_sweep_profusion_refuses_the_test_split():
+    with pytest.raises(UserError, match="tune split only"):
+        pf.sweep_profusion("toy", settings=[{"refine_emb_scale": 0.4}], split="test")

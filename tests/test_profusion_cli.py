@@ -351,6 +351,55 @@ def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
     assert "finetune_seconds" not in tune
 
 
+@pytest.fixture(scope="module")
+def swept(exported, tmp_path_factory):
+    """`evaluate profusion --sweep` over w2 x r (4 settings, one of them the same images as another), with each
+    fine-tune counted."""
+    import conceptkit.evaluate.profusion as module
+
+    export, code = exported
+    assert code == 0
+    root = tmp_path_factory.mktemp("sweep")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = module.finetune_promptnet
+        mp.setattr(module, "finetune_promptnet", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        code = main(["evaluate", "profusion", "--objects", "2", "--seeds", "1", "--steps", "2", "--promptnet",
+                     str(export), "--finetune-steps", "1", "--prompts", "compositional", "--sweep", "w2=0,3",
+                     "--sweep", "ref_prompt=none,a photo of an object", "--json", str(root / "sweep.json"),
+                     "--out", str(root / "out")])
+    return root, code, calls
+
+
+def test_evaluate_profusion_sweep_fine_tunes_once_per_object_and_samples_each_setting(swept):
+    root, code, calls = swept
+    assert code == 0
+    results = json.loads((root / "sweep.json").read_text())
+    assert results["settings"]["split"] == "tune"  # the default with --sweep
+    assert len(calls) == 2 == len(results["finetune_seconds_per_object"])  # one fine-tune per object, reused
+    assert results["finetune_seconds"] > 0
+    sweep = results["sweep"]
+    assert [s["setting"] for s in sweep] == [
+        {"ref_guidance_scale": 0.0, "ref_prompt": None}, {"ref_guidance_scale": 0.0, "ref_prompt": "a photo of an object"},
+        {"ref_guidance_scale": 3.0, "ref_prompt": None}, {"ref_guidance_scale": 3.0, "ref_prompt": "a photo of an object"}]
+    # w2 = 0 has no reference branch: the second setting is the first one's images, sampled once
+    assert [s["same_as"] for s in sweep] == [None, 1, None, None]
+    assert sweep[1]["sum"] == sweep[0]["sum"] and sweep[3]["fusion"]["ref_prompt"] == "a photo of an object"
+    for name in results["finetune_seconds_per_object"]:
+        folder = root / "out" / name
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["plain", "promptnet", "sweep-1", "sweep-3",
+                                                                          "sweep-4"]
+        assert len(pngs(folder / "sweep-4")) == 5
+    for s in sweep:
+        assert s["sum"] == pytest.approx(s["preservation"] + s["adherence"], abs=2e-4)
+        assert s["plain_sum_diff"] == pytest.approx(s["sum"] - results["plain.sum"], abs=2e-4)
+        assert s["sum_se"] is not None  # two objects x one seed: two units
+    from conceptkit.evaluate.profusion import table
+
+    text = table(results)
+    assert "#2 w2=0 r=\"a photo of an object\" (= #1)" in text and "plain sampling (fine-tuned), the baseline" in text
+
+
 def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, generated, tmp_path):
     """promptnet.json `fusion_settings` replace the notebook's fusion call as generate's defaults."""
     ft, _ = finetuned

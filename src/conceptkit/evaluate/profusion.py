@@ -26,6 +26,7 @@ Methods: `fusion` (fine-tuned PromptNet, fusion sampling with the PromptNet's re
 `profusion.sampling.recommended_fusion`), `fusion_notebook` (the same with the notebook's fusion call, §3.7), `plain`
 (fine-tuned, plain sampling), `pretrained` (the pre-trained PromptNet without fine-tuning, fusion sampling),
 `pretrained_plain`, and `ti` (Textual Inversion on the same single image, its default recipe, DDIM with CFG 7.5).
+`sweep_profusion` samples fusion (fine-tuned, once per object) at each setting of a grid, on the tune split only.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from ..profusion.saved import load_promptnet
 from ..shapes.captions import POSITION_PHRASES, object_phrase
 from ..shapes.render import render
 from ..shapes.world import COLORS, EVAL_SEED_BASE, HELD_OUT_TRIPLES, NAMED_SHAPES, PATTERNS, Obj, Scene
+from .profusion_sweep import effective, label
 from .similarity import mean_se
 from .ti import COMPOSITIONAL
 
@@ -408,6 +410,92 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
     return results
 
 
+def sweep_profusion(model: str = "toy", promptnet: str | Path | None = None, *, settings: list[dict],
+                    seeds: int = 4, steps: int = 50, finetune: FinetuneConfig | None = None,
+                    fusion_overrides: dict | None = None, objects: int = len(TUNE_TRIPLES), split: str = "tune",
+                    prompts: str = "moved", out_dir: str | Path = "outputs/evaluate-profusion-sweep",
+                    progress: bool = True) -> dict:
+    """Fusion sampling (fine-tuned PromptNet) at each of `settings` (FusionConfig fields over the PromptNet's
+    recommended settings and `fusion_overrides`), and plain sampling once as the baseline of the paired
+    differences. Each object is fine-tuned once; settings that sample the same images (see profusion_sweep.effective)
+    are sampled once. Tune split only: settings chosen on the test objects would not be held out."""
+    if split != "tune":
+        raise UserError(f"--sweep with --split {split}: settings are chosen on the tune split only (the test split "
+                        "stays held out): pass --split tune (the default with --sweep), then evaluate the chosen "
+                        "setting once with --split test")
+    if not settings:
+        raise UserError("--sweep: no setting to sample: pass --sweep KEY=V1,V2,...")
+    out_dir = Path(out_dir)
+    triples, seed0 = split_of(split)
+    bench_prompts(triples[0], prompts)
+    finetune = finetune or FinetuneConfig()
+    pipe = load_pipeline(model)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pretrained = load_promptnet(promptnet or bundled_promptnet_path(model), pipe)
+    base = replace(recommended_fusion(pretrained), **(fusion_overrides or {}), steps=steps)
+    try:
+        configs = [replace(base, **s) for s in settings]
+    except ValueError as e:
+        raise UserError(f"--sweep: {e}") from None
+    plain = FusionConfig.plain(steps=steps, class_word=base.class_word)
+    keys = [effective(c.__dict__) for c in configs]
+    first = {}
+    same_as = [first.setdefault(k, i) for i, k in enumerate(keys)]
+    labels = [label(s) or "(the base settings)" for s in settings]
+    rows = {"plain": [], **{i: [] for i in range(len(configs))}}
+    seconds = defaultdict(float)
+    finetune_seconds, per_object, cases = {}, {}, []
+    for triple in triples[:objects]:
+        case = prepare(triple, out_dir, size, prompts)
+        cases.append(case)
+        tuned, finetune_seconds[case.name] = finetuned(pipe, pretrained, case, finetune, model)
+        here = {}
+        for i, cfg in [("plain", plain)] + list(enumerate(configs)):
+            if i != "plain" and same_as[i] != i:
+                here[i] = here[same_as[i]]
+                continue
+            t0 = time.perf_counter()
+            images = sample(pipe, tuned, case, cfg, seeds, seed0,
+                            case.folder / ("plain" if i == "plain" else f"sweep-{i + 1}"))
+            seconds[i] += time.perf_counter() - t0
+            here[i] = rows_of(case, images, seeds, seed0)
+        for i in here:
+            rows[i] += here[i]
+        per_object[case.name] = {"plain": summarise(here["plain"]),
+                                 **{f"#{i + 1} {labels[i]}": summarise(here[i]) for i in range(len(configs))}}
+        if progress:
+            print(case.name + ": plain " + f"{summarise(here['plain'])['preservation']:.2f}/"
+                  f"{summarise(here['plain'])['adherence']:.2f} | " +
+                  " | ".join(f"#{i + 1} {summarise(here[i])['preservation']:.2f}/{summarise(here[i])['adherence']:.2f}"
+                             for i in range(len(configs))), flush=True)
+    n_images = len(cases[0].prompts) * seeds * len(cases)
+    results = method_results("plain", rows["plain"])
+    results["plain.seconds"] = round(seconds["plain"] / n_images, 3)
+    sweep = []
+    for i, (setting, cfg) in enumerate(zip(settings, configs)):
+        flat = {**method_results("s", rows[i]), **difference_results("d", rows[i], rows["plain"])}
+        entry = {"setting": setting, "label": labels[i], "fusion": cfg.__dict__,
+                 **{k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("s.")},
+                 **{"plain_" + k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("d.")},
+                 "seconds": round(seconds[same_as[i]] / n_images, 3),
+                 "same_as": None if same_as[i] == i else same_as[i] + 1}
+        sweep.append(entry)
+    results["sweep"] = sweep
+    results.update(finetune_summary(finetune_seconds))
+    results["objects"] = per_object
+    results["prompts"] = per_prompt(cases, {"plain": rows["plain"], **{f"#{i + 1}": rows[i]
+                                                                        for i in range(len(configs))}})
+    results["standard_errors"] = {"unit": "object x seed (the mean over its prompts)", "units": len(cases) * seeds,
+                                  "objects": len(cases), "also": "*_se_objects: clustered by object"}
+    results["settings"] = {"model": model, "promptnet": str(pretrained.folder), "steps": steps, "split": split,
+                           "seeds": [seed0 + k for k in range(seeds)], "prompt_set": prompts,
+                           "prompts": [p.template for p in cases[0].prompts],
+                           "prompts_per_object": {c.name: [p.text for p in c.prompts] for c in cases},
+                           "sweep_base": base.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
+                           "threads": torch.get_num_threads()}
+    return results
+
+
 def write_showcase(rows, methods: list[str], seeds: int, path: Path, settings: Settings | None = None,
                    scale: int = 2, prompts: int = len(COMPOSITIONAL)) -> Path:
     """One row per test object: the reference, then each prompt (first seed) for each of `methods`."""
@@ -467,7 +555,9 @@ def _finetune_line(results: dict) -> list[str]:
 
 def table(results: dict) -> str:
     """The methods (± standard errors of preservation + adherence), then the paired differences of fusion and
-    every other method."""
+    every other method; for a sweep (`results["sweep"]`), one row per setting."""
+    if "sweep" in results:
+        return sweep_table(results)
     lines = [HEADER.format(first="method", extra=""), "|---" * 12 + "|"]
     for m in METHODS:
         if f"{m}.preservation" not in results:
@@ -484,4 +574,18 @@ def table(results: dict) -> str:
                      f"{dash} {_f(d['adherence_diff'], sign=True)} |{dash * 4} "
                      f"{_f(d['sum_diff'], sign=True)}{_in_se(d['sum_diff'], d['sum_diff_se'])} | "
                      f"{_f(d['sum_diff_se'])} | {_f(d['sum_diff_se_objects'])} |{dash}")
+    return "\n".join(lines + _finetune_line(results))
+
+
+def sweep_table(results: dict) -> str:
+    lines = [HEADER.format(first="setting", extra=" − plain (paired) | ± SE |"), "|---" * 14 + "|"]
+    plain = {k.split(".", 1)[1]: v for k, v in results.items() if k.startswith("plain.")}
+    lines.append(_row("plain sampling (fine-tuned), the baseline", plain, " — | — |"))
+    for i, s in enumerate(results["sweep"]):
+        same = f" (= #{s['same_as']})" if s.get("same_as") else ""
+        lines.append(_row(f"#{i + 1} {s['label']}{same}", s,
+                          f" {_f(s['plain_sum_diff'], sign=True)}{_in_se(s['plain_sum_diff'], s['plain_sum_diff_se'])}"
+                          f" | {_f(s['plain_sum_diff_se'])} |"))
+    best = max(range(len(results["sweep"])), key=lambda i: results["sweep"][i]["sum"])
+    lines.append(f"highest preservation + adherence: #{best + 1} {results['sweep'][best]['label']}")
     return "\n".join(lines + _finetune_line(results))
