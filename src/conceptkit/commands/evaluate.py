@@ -74,7 +74,7 @@ def register(sub) -> None:
     g.add_argument("--refine-emb-scale", type=o.small_weight)
     g.add_argument("--refine-guidance", type=o.guidance_scale)
     g.add_argument("--class-word", type=o.name)
-    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+    p.add_argument("--sweep", action="append", type=o.sweep, metavar="KEY=V1,V2,...",
                    help="sample fusion (fine-tuned) at each value, on the tune split; repeat for a grid of every "
                         "combination. KEY: refine_emb_scale (lambda), refine_guidance_scale (w_f), "
                         "ref_guidance_scale (w2), guidance_scale (w1), refine_steps (m), refine_eta (eta), ref_prompt "

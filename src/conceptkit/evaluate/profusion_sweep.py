@@ -37,40 +37,47 @@ def _keys_text() -> str:
     return ", ".join(f"{k} ({SYMBOLS[k]})" for k in SWEEPABLE)
 
 
+def parse_one(text: str) -> tuple[str, list]:
+    """(field, [values]) of one --sweep text; ValueError(what to pass) for anything wrong in it."""
+    key, sep, rest = text.partition("=")
+    name = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+    if not sep or not key.strip():
+        raise ValueError(f"pass KEY=V1,V2,... (KEY one of {_keys_text()})")
+    if name not in SWEEPABLE:
+        raise ValueError(f"{key.strip()} is not a fusion setting: pass one of {_keys_text()}")
+    parts = [part.strip() for part in rest.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"an empty value: pass values separated by commas, e.g. {key.strip()}=0.4,0.6")
+    rule = SWEEPABLE[name]
+    values = []
+    for part in parts:
+        if rule is None:
+            if "|" in part:
+                raise ValueError(f"{part!r} holds '|': pass text without it")
+            value = None if name == "ref_prompt" and part.lower() == "none" else part
+        else:
+            try:
+                value = rule.parse(part)
+            except ValueError as e:
+                raise ValueError(f"{part}: {e}") from None
+        if value in values:
+            raise ValueError(f"{part} is given twice")
+        values.append(value)
+    return name, values
+
+
 def parse_sweep(texts: list[str]) -> list[tuple[str, list]]:
     """[(field, [values])] from the --sweep texts, in the order given; UserError (one line) for anything wrong."""
     parsed: list[tuple[str, list]] = []
     for text in texts:
-        key, sep, rest = text.partition("=")
-        name = key.strip().replace("-", "_")
-        name = ALIASES.get(name, name)
-        if not sep or not key.strip():
-            raise UserError(f"--sweep {text}: pass KEY=V1,V2,... (KEY one of {_keys_text()})")
-        if name not in SWEEPABLE:
-            raise UserError(f"--sweep {text}: {key.strip()} is not a fusion setting: pass one of {_keys_text()}")
+        try:
+            name, values = parse_one(text)
+        except ValueError as e:
+            raise UserError(f"--sweep {text}: {e}") from None
         if any(name == seen for seen, _ in parsed):
             raise UserError(f"--sweep {text}: {name} is swept twice: give all its values in one --sweep "
-                            f"{key.strip()}=V1,V2,...")
-        values = [part.strip() for part in rest.split(",")]
-        if any(not part for part in values):
-            raise UserError(f"--sweep {text}: an empty value: pass values separated by commas, e.g. "
-                            f"{key.strip()}=0.4,0.6")
-        rule = SWEEPABLE[name]
-        out = []
-        for part in values:
-            if rule is None:
-                value = None if name == "ref_prompt" and part.lower() == "none" else part
-                if "|" in part:
-                    raise UserError(f"--sweep {text}: {part!r} holds '|': pass text without it")
-            else:
-                try:
-                    value = rule.parse(part)
-                except ValueError as e:
-                    raise UserError(f"--sweep {text}: {part}: {e}") from None
-            if value in out:
-                raise UserError(f"--sweep {text}: {part} is given twice")
-            out.append(value)
-        parsed.append((name, out))
+                            f"{text.partition('=')[0].strip()}=V1,V2,...")
+        parsed.append((name, values))
     size = 1
     for _, values in parsed:
         size *= len(values)
