@@ -291,7 +291,8 @@ def evaluated(exported, tmp_path_factory):
     assert code == 0
     root = tmp_path_factory.mktemp("evaluate")
     test = main(EVALUATE + ["--promptnet", str(export), "--finetune-steps", "2",
-                            "--methods", "fusion,plain,pretrained", "--json", str(root / "out.json"),
+                            "--methods", "fusion,plain,pretrained", "--ref-prompt", "a photo of an object",
+                            "--json", str(root / "out.json"),
                             "--out", str(root / "test")])
     tune = main(EVALUATE + ["--promptnet", str(export), "--split", "tune", "--methods", "pretrained",
                             "--json", str(root / "tune.json"), "--out", str(root / "tune")])
@@ -311,6 +312,7 @@ def test_evaluate_profusion_writes_scores_timings_and_a_grid(evaluated, exported
     settings = results["settings"]
     assert settings["split"] == "test" and settings["steps"] == 3 and len(settings["seeds"]) == 1
     assert settings["promptnet"] == str(exported[0])
+    assert settings["fusion"]["ref_prompt"] == "a photo of an object" and settings["plain"]["ref_prompt"] is None
     assert (root / "test" / "grid.png").is_file()
     (name,) = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert list(results["objects"]) == [name]

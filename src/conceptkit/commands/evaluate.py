@@ -74,6 +74,8 @@ def register(sub) -> None:
     g.add_argument("--refine-emb-scale", type=o.small_weight)
     g.add_argument("--refine-guidance", type=o.guidance_scale)
     g.add_argument("--class-word", type=o.name)
+    g.add_argument("--ref-prompt", type=o.prompt, help="a fixed reference prompt r (e.g. 'a photo of an object'; "
+                                                       "default: the prompt with S* replaced by the class word)")
     p.add_argument("--sweep", action="append", type=o.sweep, metavar="KEY=V1,V2,...",
                    help="sample fusion (fine-tuned) at each value, on the tune split; repeat for a grid of every "
                         "combination. KEY: refine_emb_scale (lambda), refine_guidance_scale (w_f), "
@@ -276,7 +278,7 @@ def run_profusion(args) -> None:
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
-             "class_word": args.class_word}
+             "class_word": args.class_word, "ref_prompt": args.ref_prompt}
     overrides = {k: v for k, v in given.items() if v is not None}
     if sweep is not None:
         from ..evaluate.profusion import sweep_profusion
