@@ -291,7 +291,8 @@ def evaluated(exported, tmp_path_factory):
     assert code == 0
     root = tmp_path_factory.mktemp("evaluate")
     test = main(EVALUATE + ["--promptnet", str(export), "--finetune-steps", "2",
-                            "--methods", "fusion,plain,pretrained", "--json", str(root / "out.json"),
+                            "--methods", "fusion,plain,pretrained", "--ref-prompt", "a photo of an object",
+                            "--json", str(root / "out.json"),
                             "--out", str(root / "test")])
     tune = main(EVALUATE + ["--promptnet", str(export), "--split", "tune", "--methods", "pretrained",
                             "--json", str(root / "tune.json"), "--out", str(root / "tune")])
@@ -311,13 +312,29 @@ def test_evaluate_profusion_writes_scores_timings_and_a_grid(evaluated, exported
     settings = results["settings"]
     assert settings["split"] == "test" and settings["steps"] == 3 and len(settings["seeds"]) == 1
     assert settings["promptnet"] == str(exported[0])
+    assert settings["fusion"]["ref_prompt"] == "a photo of an object" and settings["plain"]["ref_prompt"] is None
     assert (root / "test" / "grid.png").is_file()
     (name,) = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert list(results["objects"]) == [name]
-    # the fine-tuned PromptNet and one image per prompt (5 compositional prompts, 1 seed) per method
+    # the fine-tuned PromptNet and one image per prompt (the default "moved" set: 5 compositional prompts and 4
+    # two-object ones, 1 seed) per method
     assert (root / "test" / name / "promptnet" / UNET_ATTENTION_FILE).is_file()
     for method in ("fusion", "plain", "pretrained"):
-        assert len(pngs(root / "test" / name / method)) == 5, method
+        assert len(pngs(root / "test" / name / method)) == 9, method
+    assert settings["prompt_set"] == "moved" and len(settings["prompts_per_object"][name]) == 9
+    assert sum(" and " in p for p in settings["prompts_per_object"][name]) == 4
+    # preservation + adherence with its standard errors (None: one object and one seed is one unit), and the paired
+    # differences of fusion and the other methods
+    for method in ("fusion", "plain", "pretrained"):
+        assert results[f"{method}.sum"] == pytest.approx(results[f"{method}.preservation"]
+                                                         + results[f"{method}.adherence"], abs=2e-4)
+        assert results[f"{method}.sum_se"] is None and results[f"{method}.sum_se_objects"] is None
+        assert 0 <= results[f"{method}.adherence_second"] <= 1
+    for other in ("plain", "pretrained"):
+        assert results[f"fusion-{other}.sum_diff"] == pytest.approx(results["fusion.sum"] - results[f"{other}.sum"],
+                                                                    abs=2e-4)
+    assert results["standard_errors"]["units"] == 1
+    assert set(results["prompts"]) == set(settings["prompts"])
 
 
 def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
@@ -334,6 +351,55 @@ def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
     # no fine-tuning for the pre-trained method alone
     assert not any((root / "tune" / name / "promptnet").exists() for name in tune_objects)
     assert "finetune_seconds" not in tune
+
+
+@pytest.fixture(scope="module")
+def swept(exported, tmp_path_factory):
+    """`evaluate profusion --sweep` over w2 x r (4 settings, one of them the same images as another), with each
+    fine-tune counted."""
+    import conceptkit.evaluate.profusion as module
+
+    export, code = exported
+    assert code == 0
+    root = tmp_path_factory.mktemp("sweep")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = module.finetune_promptnet
+        mp.setattr(module, "finetune_promptnet", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        code = main(["evaluate", "profusion", "--objects", "2", "--seeds", "1", "--steps", "2", "--promptnet",
+                     str(export), "--finetune-steps", "1", "--prompts", "compositional", "--sweep", "w2=0,3",
+                     "--sweep", "ref_prompt=none,a photo of an object", "--json", str(root / "sweep.json"),
+                     "--out", str(root / "out")])
+    return root, code, calls
+
+
+def test_evaluate_profusion_sweep_fine_tunes_once_per_object_and_samples_each_setting(swept):
+    root, code, calls = swept
+    assert code == 0
+    results = json.loads((root / "sweep.json").read_text())
+    assert results["settings"]["split"] == "tune"  # the default with --sweep
+    assert len(calls) == 2 == len(results["finetune_seconds_per_object"])  # one fine-tune per object, reused
+    assert results["finetune_seconds"] > 0
+    sweep = results["sweep"]
+    assert [s["setting"] for s in sweep] == [
+        {"ref_guidance_scale": 0.0, "ref_prompt": None}, {"ref_guidance_scale": 0.0, "ref_prompt": "a photo of an object"},
+        {"ref_guidance_scale": 3.0, "ref_prompt": None}, {"ref_guidance_scale": 3.0, "ref_prompt": "a photo of an object"}]
+    # w2 = 0 has no reference branch: the second setting is the first one's images, sampled once
+    assert [s["same_as"] for s in sweep] == [None, 1, None, None]
+    assert sweep[1]["sum"] == sweep[0]["sum"] and sweep[3]["fusion"]["ref_prompt"] == "a photo of an object"
+    for name in results["finetune_seconds_per_object"]:
+        folder = root / "out" / name
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["plain", "promptnet", "sweep-1", "sweep-3",
+                                                                          "sweep-4"]
+        assert len(pngs(folder / "sweep-4")) == 5
+    for s in sweep:
+        assert s["sum"] == pytest.approx(s["preservation"] + s["adherence"], abs=2e-4)
+        assert s["plain_sum_diff"] == pytest.approx(s["sum"] - results["plain.sum"], abs=2e-4)
+        assert s["sum_se"] is not None  # two objects x one seed: two units
+    from conceptkit.evaluate.profusion import table
+
+    text = table(results)
+    assert "#2 w2=0 r=\"a photo of an object\" (= #1)" in text and "plain sampling (fine-tuned), the baseline" in text
 
 
 def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, generated, tmp_path):

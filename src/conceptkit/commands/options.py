@@ -79,6 +79,18 @@ def key_value(value: str) -> str:
     return value
 
 
+def sweep(value: str) -> str:
+    """evaluate profusion --sweep KEY=V1,V2,...: the key and each value checked here (evaluate/profusion_sweep.py);
+    kept as text, the command builds the grid of every --sweep."""
+    from ..evaluate.profusion_sweep import parse_one
+
+    try:
+        parse_one(value)
+    except ValueError as e:
+        raise _refuse(value, str(e)) from None
+    return value
+
+
 def step_list(value: str) -> str:
     """Step numbers separated by commas ('' for none); kept as text (compose_config reads it)."""
     if not all(v.strip().isdigit() for v in value.split(",") if v.strip()) or len(value) > 10_000:
