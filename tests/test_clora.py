@@ -515,3 +515,94 @@ def test_sequential_text_encoding_turns_off_the_previous_branchs_text_encoder_lo
         pipe.enable_lora()
     torch.testing.assert_close(sequential[5], plain[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sequential, batched, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- text and regional (the benchmark's references)
+
+def test_region_masks_are_halves_with_the_base_branch_where_no_region_reaches():
+    from conceptkit.compose.masks import region_masks
+
+    m = region_masks(["right", "left"], 2, (8, 8), channels=4)
+    assert m.shape == (3, 1, 4, 8, 8) and torch.all(m == m[:, :, :1])
+    assert torch.all(m[1, 0, 0, :, 4:] == 1) and torch.all(m[1, 0, 0, :, :4] == 0)  # concept 1: the right half
+    assert torch.all(m[2, 0, 0, :, :4] == 1) and torch.all(m[2, 0, 0, :, 4:] == 0)  # concept 2: the left half
+    assert torch.all(m[0] == 0)  # the halves cover everything: the base prompt holds nowhere
+    top = region_masks(["top"], 1, (8, 8))
+    assert torch.all(top[1, 0, 0, :4] == 1) and torch.all(top[0, 0, 0, 4:] == 1) and torch.all(top[0, 0, 0, :4] == 0)
+    strips = region_masks(None, 3, (6, 6))  # default: equal vertical strips in slot order
+    assert [int(strips[i, 0, 0, 0].argmax()) for i in (1, 2, 3)] == [0, 2, 4]
+    with pytest.raises(ValueError, match="region 'middle'"):
+        region_masks(["left", "middle"], 2, (8, 8))
+    with pytest.raises(ValueError, match="one per concept"):
+        region_masks(["left"], 2, (8, 8))
+
+
+def test_regional_blend_takes_each_branch_on_its_own_half():
+    from conceptkit.compose.masks import region_masks
+    from conceptkit.compose.sampler import Composition
+    from conceptkit.generate.loop import Step, Trace
+
+    K = 3
+    eps_c = torch.stack([torch.full((4, 8, 8), float(p)) for p in range(K)])
+
+    class Stub:
+        work_dtype = torch.float32
+
+        def __call__(self, x, t, cond_only=False):
+            return eps_c - 5, eps_c, torch.rand(K, 8, 8, 77)  # attention maps that would give other masks
+
+    comp = Composition([Stub()], CLoRAConfig(guidance_scale=1.0), groups=None, mask_indices=[[], [1], [2]],
+                       latent_hw=(8, 8), fixed_masks=region_masks(["right", "left"], 2, (8, 8)))
+    out = comp(torch.zeros(1, 4, 8, 8), Step(0, torch.tensor(500), None, Trace()))
+    assert torch.all(out[0, :, :, 4:] == 1) and torch.all(out[0, :, :, :4] == 2)
+
+
+def test_text_and_regional_branches(toy_two):
+    pipe, _ = toy_two
+    slots = [ConceptSlot("a", "zwx", "circle", description="yellow checkered circle"),
+             ConceptSlot("b", "qrv", "square", description="blue plain square")]
+    bp = branch_prompts(pipe.tokenizer, "a {a} on the left and a {b} on the right, on a gray background", slots)
+    assert bp.text_prompt == "a yellow checkered circle on the left and a blue plain square on the right, on a gray background"
+    sets, updates, masks, switch = method_branches("text", bp, ["a", "b"], CLoRAConfig())
+    assert sets[0].prompts == [bp.text_prompt] and sets[0].adapters == [{}] and not updates and not masks
+    sets, updates, masks, switch = method_branches("regional", bp, ["a", "b"], CLoRAConfig())
+    assert sets[0].prompts == bp.prompts and sets[0].adapters == [{}, {"a": 1.0}, {"b": 1.0}]
+    assert not updates and not masks and switch is None
+    undescribed = branch_prompts(pipe.tokenizer, "a {a} and a {b}", [slots[0], ConceptSlot("b", "qrv", "square")])
+    assert undescribed.text_prompt is None
+    with pytest.raises(UserError, match="concept 'b' has no description"):
+        method_branches("text", undescribed, ["a", "b"], CLoRAConfig())
+
+
+def test_regional_sampling_differs_from_attention_masks_and_is_deterministic(toy_two):
+    pipe, bp = toy_two
+    cfg = CLoRAConfig(steps=4, latent_update=False)
+    sets, *_ = method_branches("regional", bp, ["a", "b"], cfg)
+
+    def regional(regions):
+        return sample(pipe, sets, cfg, groups=None, mask_indices=None, generator=torch.Generator().manual_seed(0),
+                      regions=regions, fixed_masks=True, record=True)
+
+    lr, again, rl = regional(["left", "right"]), regional(["left", "right"]), regional(["right", "left"])
+    assert torch.equal(lr.latents, again.latents)
+    assert (lr.latents - rl.latents).abs().max() > 1e-4  # the regions decide the picture
+    assert torch.all(lr.trace.masks[0][1, :, :8] == 1) and torch.all(lr.trace.masks[0][1, :, 8:] == 0)
+    attention = run(pipe, bp, "clora", cfg)
+    assert (lr.latents - attention.latents).abs().max() > 1e-4
+
+
+def test_compose_reads_the_description_from_the_lora_file_and_refuses_bad_regions(sd_tiny_dir, tmp_path):
+    from conceptkit.compose.run import LoraSpec, compose
+    from conceptkit.models.lora import save_lora
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    add_random_lora(pipe, "c", 20)
+    path = save_lora(tmp_path / "c.safetensors", pipe.unet, pipe.text_encoder, adapter_name="c",
+                     metadata={"trigger": "sks", "class_word": "cat", "description": "small grey cat"})
+    pipe = load_pipeline(str(sd_tiny_dir))
+    out = compose(pipe, "a {c} on the grass", [LoraSpec("c", str(path))], methods=["text"], seeds=[0],
+                  cfg=CLoRAConfig(steps=2))
+    assert out.prompts["text"] == ["a small grey cat on the grass"] and out.concepts[0]["description"] == "small grey cat"
+    with pytest.raises(UserError, match="regions"):
+        compose(pipe, "a {c} on the grass", [LoraSpec("c", str(path))], methods=["regional"], seeds=[0],
+                cfg=CLoRAConfig(steps=2), regions=["left", "right"])

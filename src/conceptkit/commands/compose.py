@@ -25,8 +25,10 @@ def register(sub) -> None:
                         "class word default 'object')")
     g.add_argument("--promptnet", type=o.path, help="the PromptNet for --image (default with the bundled model: the bundled one)")
     p.add_argument("--style-lora", type=o.path, metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
-    p.add_argument("--method", type=o.names, default="clora", help="clora, reference, merge, switch, composite, none; "
-                                                      "comma-separated for a side-by-side grid")
+    p.add_argument("--method", type=o.names, default="clora", help="clora, reference, merge, switch, composite, none, "
+                                                      "text, regional; comma-separated for a side-by-side grid")
+    p.add_argument("--regions", type=o.names, help="regional: each concept's region in slot order, left,right,top,bottom "
+                                                   "or all (default: equal vertical strips, left to right)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=o.seed, default=0)
     p.add_argument("--num-images", type=o.count, default=1, help="seeds seed, seed+1, ...")
@@ -38,12 +40,14 @@ def register(sub) -> None:
     p.set_defaults(func=run, several_processes=True, writes=("out",))
 
 
-def compose_config(args):
+def compose_config(args, defaults: dict | None = None):
+    """CLoRAConfig from the command line's settings; `defaults` (in command-line form) where it gives none."""
     from dataclasses import fields
 
     from ..compose.config import CLoRAConfig
 
-    values = {f.name: getattr(args, f.name) for f in fields(CLoRAConfig) if getattr(args, f.name, None) is not None}
+    values = dict(defaults or {})
+    values.update({f.name: getattr(args, f.name) for f in fields(CLoRAConfig) if getattr(args, f.name, None) is not None})
     if "iterative_steps" in values:
         try:
             values["iterative_steps"] = tuple(int(v) for v in values["iterative_steps"].split(",") if v.strip())
@@ -78,7 +82,8 @@ def run(args) -> None:
     result = compose(pipe, args.prompt, specs, methods=methods, seeds=[args.seed + i for i in range(args.num_images)],
                      cfg=compose_config(args), negative_prompt=args.negative_prompt, style_lora=args.style_lora,
                      promptnet=promptnet, height=args.height, width=args.width, out_dir=args.out,
-                     save_maps=args.save_maps, procs=processes())
+                     save_maps=args.save_maps, procs=processes(),
+                     regions=[r.strip() for r in args.regions.split(",")] if args.regions else None)
     if not processes().main:
         return
     for m in methods:
@@ -87,10 +92,14 @@ def run(args) -> None:
     print(f"wrote {Path(args.out).resolve()} (grid.png: rows seeds, columns methods; compose.json)")
 
 
-def add_compose_settings(p: argparse.ArgumentParser) -> None:
+def add_compose_settings(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The CLoRA settings; `defaults` (in command-line form) replace CLoRAConfig's in the help where given."""
     from ..compose.config import CLoRAConfig
 
-    d = CLoRAConfig()
+    given = dict(defaults or {})
+    if "iterative_steps" in given:
+        given["iterative_steps"] = tuple(int(s) for s in given["iterative_steps"].split(",") if s.strip())
+    d = CLoRAConfig(**given)
     g = p.add_argument_group("CLoRA (ALGORITHMS.md §2; defaults fix the official quirks, --method reference keeps them)")
     g.add_argument("--steps", type=o.count, help=f"denoising steps (default {d.steps})")
     g.add_argument("--guidance-scale", type=o.guidance_scale, help=f"default {d.guidance_scale}")

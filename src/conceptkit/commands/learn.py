@@ -57,6 +57,8 @@ def register(sub) -> None:
     p.add_argument("--trigger", type=o.name, default=LORA_DEFAULTS.trigger, help="the rare word the captions use for the concept")
     p.add_argument("--class-word", type=o.name, default=LORA_DEFAULTS.class_word, help="the concept's class, e.g. 'circle' "
                                                                           "(validation prompts say 'trigger class')")
+    p.add_argument("--description", type=o.prompt, help="the concept in plain words, e.g. 'yellow checkered circle' "
+                                                        "(recorded in the file; compose --method text uses it)")
     p.add_argument("--rank", type=o.rank, default=LORA_DEFAULTS.rank)
     p.add_argument("--alpha", type=o.positive, default=LORA_DEFAULTS.alpha, help="LoRA alpha (default: the rank)")
     p.add_argument("--steps", type=o.count, default=LORA_DEFAULTS.steps)
@@ -188,7 +190,8 @@ def run_lora(args) -> None:
 
     refuse_finished_run(args.out, args.resume, "pytorch_lora_weights.safetensors")
 
-    cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, prompt=args.prompt, rank=args.rank,
+    cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, description=args.description,
+                     prompt=args.prompt, rank=args.rank,
                      alpha=args.alpha, steps=args.steps, lr=args.lr, text_encoder=args.text_encoder,
                      text_encoder_lr=args.text_encoder_lr, batch=args.batch, grad_accum=args.grad_accum,
                      resolution=args.resolution, center_crop=args.center_crop, flip_p=args.flip_p, seed=args.seed,

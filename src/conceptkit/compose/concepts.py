@@ -41,11 +41,13 @@ def _parse(cls, spec: str, fields: int):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """`name=path[:trigger[:class word]]` from the command line."""
+    """`name=path[:trigger[:class word]]` from the command line. `description`: the concept in plain words, for
+    `--method text` (default: the LoRA file's `description` metadata)."""
     name: str
     path: str
     trigger: str | None = None
     class_word: str | None = None
+    description: str | None = None
     kind: ClassVar[str] = "lora"
     OPTION: ClassVar[str] = "--lora"
     FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]]"
@@ -103,7 +105,7 @@ class Concept:
 
     def describe(self) -> dict:
         return {"name": self.slot.name, "kind": self.slot.kind, "file": self.file, "token": self.token,
-                "class_word": self.slot.class_word}
+                "class_word": self.slot.class_word, "description": self.slot.description}
 
 
 def adapter_name(name: str) -> str:
@@ -141,7 +143,9 @@ def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
     if not class_word:
         raise UserError(f"LoRA '{spec.name}' ({spec.path}) has no class word in its metadata: pass "
                         f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
-    return Concept(ConceptSlot(spec.name, trigger, class_word, "lora"), spec.path, trigger, adapter=adapter)
+    description = spec.description or info.metadata.get("description") or None
+    return Concept(ConceptSlot(spec.name, trigger, class_word, "lora", None if description is None else str(description)),
+                   spec.path, trigger, adapter=adapter)
 
 
 def _embedding_class_word(path: Path) -> str | None:

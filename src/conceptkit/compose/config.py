@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from .. import values as v
 
-METHODS = ("clora", "merge", "switch", "composite", "none")
+METHODS = ("clora", "merge", "switch", "composite", "none", "text", "regional")
 
 
 @dataclass

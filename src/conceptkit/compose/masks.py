@@ -43,3 +43,28 @@ def blend(eps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """eps (K, C, h, w), masks (K, 1, C, h, w) -> the mask-weighted mean over branches (1, C, h, w)."""
     m = masks[:, 0]
     return (m * eps).sum(0, keepdim=True) / m.sum(0, keepdim=True)
+
+
+REGIONS = ("left", "right", "top", "bottom", "all")
+
+
+def region_masks(regions: list[str] | None, n: int, latent_hw: tuple[int, int], channels: int = 4) -> torch.Tensor:
+    """Fixed masks for regional composition: branch 0 (the base prompt) then one per concept, (n+1, 1, channels, h,
+    w). `regions[i]` is concept i's region (a half of the image, or all of it); None: n equal vertical strips, left
+    to right in slot order. Where no concept's region reaches, the base branch holds."""
+    h, w = latent_hw
+    masks = torch.zeros(n + 1, 1, h, w)
+    if regions is None:
+        for i in range(n):
+            masks[i + 1, 0, :, i * w // n : (i + 1) * w // n] = 1
+    else:
+        if len(regions) != n:
+            raise ValueError(f"{len(regions)} regions for {n} concepts: give one per concept")
+        for i, region in enumerate(regions):
+            if region not in REGIONS:
+                raise ValueError(f"region {region!r}: use one of {', '.join(REGIONS)}")
+            rows = slice(0, h // 2) if region == "top" else slice(h // 2, h) if region == "bottom" else slice(0, h)
+            cols = slice(0, w // 2) if region == "left" else slice(w // 2, w) if region == "right" else slice(0, w)
+            masks[i + 1, 0, rows, cols] = 1
+    masks[0] = (masks[1:].sum(0) == 0).float()
+    return masks[:, :, None].expand(n + 1, 1, channels, h, w).contiguous()

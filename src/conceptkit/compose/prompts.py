@@ -34,6 +34,7 @@ class ConceptSlot:
     trigger: str | None  # LoRA: its trigger word(s), e.g. "sks"; embedding: its token(s); image: the placeholder
     class_word: str  # the plain noun, e.g. "cat"
     kind: str = "lora"  # lora | embedding | image
+    description: str | None = None  # the concept in plain words ("yellow checkered circle"), for --method text
 
     def phrase(self, with_trigger: bool) -> str:
         if not (with_trigger and self.trigger):
@@ -57,6 +58,7 @@ class BranchPrompts:
     words: list[dict[str, int]] = None  # each prompt's word slots: {concept name: token position (BOS = 0)}
     merged_ids: list[int] = None
     merged_words: dict[str, int] = None
+    text_prompt: str | None = None  # every concept written out in words (None: some concept has no description)
 
 
 def template_slots(template: str) -> list[str]:
@@ -140,5 +142,8 @@ def branch_prompts(tokenizer, template: str, concepts: list[ConceptSlot]) -> Bra
     slots = frozenset(c.name for c in order if c.is_word_slot)
     merged, merged_span, merged_ids = token_ids(tokenizer, fill(template, {c.name: c.phrase(True) for c in order}),
                                                 slots)
+    text_prompt = None
+    if all(c.description for c in order):
+        text_prompt, _ = token_spans(tokenizer, fill(template, {c.name: c.description for c in order}))
     return BranchPrompts(prompts, groups, mask_indices, merged, [merged_span[c.name] for c in order], order, ids,
-                         words, merged_ids, {n: merged_span[n][0] for n in slots})
+                         words, merged_ids, {n: merged_span[n][0] for n in slots}, text_prompt)

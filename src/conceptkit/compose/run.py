@@ -54,9 +54,13 @@ def load_style(pipe, spec: str | None) -> tuple[str, float] | None:
 def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[str] = ("clora",),
             seeds: list[int] = (0,), cfg: CLoRAConfig | None = None, negative_prompt: str = "",
             style_lora: str | None = None, promptnet=None, height: int | None = None, width: int | None = None,
-            out_dir: str | Path | None = None, save_maps: bool = False, procs=None) -> Composed:
+            out_dir: str | Path | None = None, save_maps: bool = False, procs=None,
+            regions: list[str] | None = None) -> Composed:
     """Every method at every seed. `concepts`: one LoraSpec, EmbeddingSpec or ImageSpec per {slot} of the template,
     of any kinds; `promptnet` (a PromptNet folder or SavedPromptNet) turns the ImageSpecs into words.
+
+    regions: each concept's region for --method regional (compose/masks.py REGIONS, in slot order; None: equal
+    vertical strips left to right).
 
     procs (learn/distributed.Processes, several processes): each process samples its contiguous share of the
     seeds, every process gets all images back in order, only the main one writes files."""
@@ -67,6 +71,14 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
     for m in methods:
         if m not in METHODS + ("reference",):
             raise UserError(f"unknown method {m!r}: choose from {', '.join(METHODS + ('reference',))}")
+    if "regional" in methods and regions is not None:
+        from .masks import REGIONS
+
+        regions = list(regions)
+        bad = [r for r in regions if r not in REGIONS]
+        if bad or len(regions) != len(concepts):
+            raise UserError(f"regions {','.join(regions)}: give one of {', '.join(REGIONS)} per concept, in slot "
+                            f"order ({len(concepts)} concepts)")
     loaded = load_concepts(pipe, list(concepts), promptnet)
     style = load_style(pipe, style_lora)
     bp = branch_prompts(pipe.tokenizer, template, [c.slot for c in loaded])
@@ -86,11 +98,11 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
                        mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
                        height=height, width=width, switch_every=switch_every, record=save_maps, style=style_name,
-                       words=words)
+                       words=words, regions=regions, fixed_masks=method == "regional")
             images.append(decode(pipe, r.latents)[0])
             seconds += r.seconds
             calls = r.unet_calls
-            if save_maps and masks:
+            if save_maps and (masks or method == "regional"):
                 result.traces[(method, seed)] = r.trace
         if several:
             images = procs.gather(images)

@@ -7,7 +7,10 @@ loop takes the scheduler's step:
 - composite: K = N, every branch the full prompt with one LoRA, uniform average (LoRA Composite);
 - merge:     K = 1, the full prompt with every LoRA at once (weighted adapters);
 - switch:    K = 1, the full prompt, the active LoRA changes every `switch_every` steps (LoRA Switch);
-- none:      K = 1, the plain prompt without LoRAs.
+- none:      K = 1, the plain prompt without LoRAs;
+- text:      K = 1, every concept written out in words (its description), no LoRA: the base model's own binding;
+- regional:  clora's branches without latent updates, each concept's branch confined to a fixed region (a half of
+             the image: regional prompting with the layout given, an upper reference for attention masks).
 
 The latent update touches the scheduler only through the latent: the loss's gradient is taken with respect to the
 model's input (the scheduler's `scale_model_input` of its latent) and the latent the scheduler holds moves by the
@@ -28,7 +31,7 @@ from .attention import AttentionStore, capturing, default_attn_res
 from .branches import BranchModel, Branches, WordRows, encode_branches
 from .config import CLoRAConfig, METHODS
 from .contrastive import clora_loss
-from .masks import attention_masks, blend
+from .masks import attention_masks, blend, region_masks
 from .prompts import BranchPrompts
 
 
@@ -45,8 +48,10 @@ class Composition:
     the branches' guided predictions (what the model is), and both record into the step's trace."""
 
     def __init__(self, models: list[BranchModel], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
-                 mask_indices: list[list[int]] | None, latent_hw: tuple[int, int], switch_every: int | None = None):
+                 mask_indices: list[list[int]] | None, latent_hw: tuple[int, int], switch_every: int | None = None,
+                 fixed_masks: torch.Tensor | None = None):
         self.models, self.cfg, self.groups, self.mask_indices = models, cfg, groups, mask_indices
+        self.fixed_masks = fixed_masks  # (K, 1, C, h, w): regional composition's masks, used at every step
         self.latent_hw, self.switch_every = latent_hw, switch_every
         self.update_until = cfg.alter_until() if (cfg.latent_update and groups is not None) else 0
         # With maps from the conditional half and ε recomputed after the update, the update's forward needs only
@@ -102,7 +107,9 @@ class Composition:
                 eps_u, eps_c, maps = model(x.detach().requires_grad_(graphs), step.t)
             eps_u, eps_c, maps = eps_u.detach(), eps_c.detach(), maps.detach()
         K, channels = eps_u.shape[:2]
-        if self.mask_indices is not None and step.index >= cfg.apply_mask_after:
+        if self.fixed_masks is not None:
+            masks = self.fixed_masks.to(eps_u.device)
+        elif self.mask_indices is not None and step.index >= cfg.apply_mask_after:
             masks = attention_masks(maps, self.mask_indices, self.latent_hw, cfg.mask_threshold, channels,
                                     dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing)
         else:
@@ -115,12 +122,14 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
            mask_indices: list[list[int]] | None, generator: torch.Generator, style: str | None = None,
            height: int | None = None, width: int | None = None, switch_every: int | None = None,
            record: bool = False, embeddings: list[torch.Tensor] | None = None,
-           words: dict | None = None) -> SampleResult:
+           words: dict | None = None, regions: list[str] | None = None, fixed_masks: bool = False) -> SampleResult:
     """Denoise one latent. `branch_sets` has one entry, or (switch) one per adapter, used in turn.
 
     groups=None turns latent updates off; mask_indices=None blends the branches uniformly. `embeddings`: the
     branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts. `words`:
     {concept name: its word source (profusion/image_word.py's ImageWord)} for branches with word slots.
+    fixed_masks=True (regional): branch 0 is the base prompt and branch i its concept i's, blended with the fixed
+    region masks of masks.region_masks(regions) instead of attention masks.
     """
     began = time.perf_counter()
     latent_hw = latent_size(pipe, height, width)
@@ -132,8 +141,11 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
         embeddings = [encode_branches(pipe, b, cfg, style) for b in branch_sets]
     models = [BranchModel(pipe, b, e, cfg, store, WordRows(pipe, b, cfg, style, words or {}) if b.words else None)
               for b, e in zip(branch_sets, embeddings)]
+    fixed = None
+    if fixed_masks:
+        fixed = region_masks(regions, len(branch_sets[0]) - 1, latent_hw, z.shape[1])
     composition = Composition(models, cfg, groups=groups, mask_indices=mask_indices, latent_hw=latent_hw,
-                              switch_every=switch_every)
+                              switch_every=switch_every, fixed_masks=fixed)
     trace = Trace(keep_maps=record)
     with capturing(pipe.unet, store, explicit_everywhere=cfg.explicit_attention):
         z = denoise(composition, z, schedule, before_step=composition.before_step, generators=[generator],
@@ -156,10 +168,11 @@ def method_branches(method: str, bp: BranchPrompts, adapters: list[str | None], 
     def merged(n: int) -> dict:  # n branches of the prompt with every concept in it
         return {"words": [bp.merged_words] * n, "ids": [bp.merged_ids] * n} if bp.merged_words else {}
 
-    if method == "clora":
+    if method in ("clora", "regional"):  # regional: the same branches, fixed region masks (sample(fixed_masks=True))
         per = [dict(extra)] + [own(a) for a in adapters]
         words = {"words": bp.words, "ids": bp.ids} if any(bp.words) else {}
-        return [Branches(bp.prompts, [negative] * (N + 1), per, **words)], True, True, None
+        clora = method == "clora"
+        return [Branches(bp.prompts, [negative] * (N + 1), per, **words)], clora, clora, None
     if method == "composite":
         per = [own(a) for a in adapters]
         return [Branches([bp.merged_prompt] * N, [negative] * N, per, **merged(N))], False, False, None
@@ -169,4 +182,11 @@ def method_branches(method: str, bp: BranchPrompts, adapters: list[str | None], 
     if method == "switch":
         sets = [Branches([bp.merged_prompt], [negative], [own(a)], **merged(1)) for a in adapters]
         return sets, False, False, cfg.switch_every
+    if method == "text":
+        if bp.text_prompt is None:
+            missing = [c.name for c in bp.concepts if not c.description]
+            raise UserError(f"--method text writes every concept out in words, and concept '{missing[0]}' has no "
+                            "description: give it one (LoraSpec(description=...), or a LoRA file whose metadata has "
+                            "one: learn lora --description)")
+        return [Branches([bp.text_prompt], [negative], [dict(extra)])], False, False, None
     return [Branches([bp.prompts[0]], [negative], [dict(extra)])], False, False, None

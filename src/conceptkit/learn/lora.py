@@ -168,7 +168,8 @@ def validate(pipe, cfg: LoRAConfig, out_dir: Path, step: int, resolution: int, p
 
 def file_metadata(cfg: LoRAConfig, model_name: str, seconds: float, losses: list[float]) -> dict:
     """What the LoRA file's header says about it (conceptkit.* entries)."""
-    return {"trigger": cfg.trigger, "class_word": cfg.class_word, "base_model": model_name or None,
+    return {"trigger": cfg.trigger, "class_word": cfg.class_word, "description": cfg.description,
+            "base_model": model_name or None,
             "rank": cfg.rank, "alpha": cfg.effective_alpha, "prompt": cfg.prompt, "text_encoder": cfg.text_encoder,
             "steps": cfg.steps, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
             "version": __version__}

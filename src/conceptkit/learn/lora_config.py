@@ -35,6 +35,7 @@ TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 class LoRAConfig:
     trigger: str = "sks"  # the rare word the images are captioned with
     class_word: str | None = None  # the coarse class ("circle", "dog"); validation prompts say "trigger class_word"
+    description: str | None = None  # the concept in plain words ("yellow checkered circle"): compose --method text
     prompt: str | None = None  # the instance prompt for every image; None: per-image captions <image stem>.txt
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank (LoRA scale alpha / rank = 1)
@@ -63,7 +64,8 @@ class LoRAConfig:
                               "checkpoint_every": v.COUNT, "validate_every": v.COUNT_OR_ZERO,
                               "validation_seeds": v.COUNT, "weight_decay": v.WEIGHT},
                        optional=("alpha", "text_encoder_lr", "resolution"))
-        v.check_text(self, ("trigger", "class_word", "prompt"), optional=("class_word", "prompt"))
+        v.check_text(self, ("trigger", "class_word", "prompt", "description"),
+                     optional=("class_word", "prompt", "description"))
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
 
     @property
