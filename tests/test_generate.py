@@ -7,7 +7,8 @@ from PIL import Image
 
 from conceptkit.cli import main
 from conceptkit.errors import UserError
-from conceptkit.generate.images import generate, read_prompt_file
+from conceptkit.generate.images import generate
+from conceptkit.generate.prompts import read_prompt_file
 from conceptkit.models.loading import load_pipeline
 
 

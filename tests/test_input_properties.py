@@ -16,7 +16,7 @@ from conceptkit.generate.loading import split_lora_spec
 from conceptkit.compose.prompts import ConceptSlot, branch_prompts, fill, template_slots, token_spans
 from conceptkit.compose.run import LoraSpec
 from conceptkit.errors import UserError
-from conceptkit.generate.images import read_prompt_file
+from conceptkit.generate.prompts import read_prompt_file
 from conceptkit.learn.templates import load_templates
 from conceptkit.learn.textual_inversion import placeholder_tokens, training_tokenizer
 from conceptkit.learn.ti_config import TIConfig

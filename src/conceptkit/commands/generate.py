@@ -69,30 +69,33 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from ..generate.images import generate, read_prompt_file
-    from ..generate.loading import load_embeddings, load_loras
-    from ..models.loading import load_pipeline
+    from ..generate.prompts import read_prompt_file
+    from ..learn.distributed import launched_processes, process_device, processes
+    from ..models.loading import load_pipeline, resolve_model
 
+    # the option checks come before torch and diffusers load (seconds): a mistake is told at once
     prompts = list(args.prompt or [])
-    extra_images = [extra_image_spec(spec) for spec in args.extra_image or []]  # refused before the model loads
+    extra_images = [extra_image_spec(spec) for spec in args.extra_image or []]
     if (extra_images or args.start_timestep is not None) and not (args.promptnet or args.image):
         raise UserError("--extra-image and --start-timestep are ProFusion options: pass --promptnet DIR or "
                         "--image FILE with them")
+    if (args.promptnet or args.image) and (args.bf16 or args.compile):
+        raise UserError("--bf16 and --compile apply to plain sampling: leave them out with --promptnet/--image")
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    from ..learn.distributed import launched_processes, process_device, processes
-
     if (args.promptnet or args.image) and launched_processes() > 1:
         raise UserError("ProFusion generation (--promptnet/--image) runs in one process: launch it without "
                         "accelerate/torchrun")
+    resolve_model(args.model, args.config)
+    from ..generate.images import generate
+    from ..generate.loading import load_embeddings, load_loras
+
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     load_embeddings(pipe, args.embedding)
     load_loras(pipe, args.lora)
     if args.promptnet or args.image:
-        if args.bf16 or args.compile:
-            raise UserError("--bf16 and --compile apply to plain sampling: leave them out with --promptnet/--image")
         return generate_with_promptnet(pipe, prompts, args, extra_images)
     out = generate(pipe, prompts, negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num_images,
                    steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,

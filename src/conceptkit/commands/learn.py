@@ -159,11 +159,18 @@ def announce_validation(images: int, resolution: int | None, validate_every: int
           file=sys.stderr, flush=True)
 
 
-def run_ti(args) -> None:
-    from ..learn.textual_inversion import learn_textual_inversion
-    from ..models.loading import load_pipeline
+def check_before_loading(args) -> None:
+    """What a training command can refuse before torch and diffusers load (seconds): the model and image folder."""
+    from ..learn.images import image_files
+    from ..models.loading import resolve_model
 
+    resolve_model(args.model, args.config)
+    image_files(args.images)
+
+
+def run_ti(args) -> None:
     refuse_finished_run(args.out, args.resume, "learned_embeds.safetensors")
+    check_before_loading(args)
 
     cfg = TIConfig(token=args.token, init_word=args.init_word or None, vectors=args.vectors, template=args.template,
                    steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch=args.batch, grad_accum=args.grad_accum,
@@ -174,6 +181,8 @@ def run_ti(args) -> None:
     if cfg.validation_prompts:
         announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
+    from ..learn.textual_inversion import learn_textual_inversion
+    from ..models.loading import load_pipeline
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     result = learn_textual_inversion(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
@@ -185,10 +194,8 @@ def run_ti(args) -> None:
 
 
 def run_lora(args) -> None:
-    from ..learn.lora import learn_lora
-    from ..models.loading import load_pipeline
-
     refuse_finished_run(args.out, args.resume, "pytorch_lora_weights.safetensors")
+    check_before_loading(args)
 
     cfg = LoRAConfig(trigger=args.trigger, class_word=args.class_word or None, description=args.description,
                      prompt=args.prompt, rank=args.rank,
@@ -202,6 +209,8 @@ def run_lora(args) -> None:
     if cfg.validation_prompts:
         announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes
+    from ..learn.lora import learn_lora
+    from ..models.loading import load_pipeline
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
     result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,

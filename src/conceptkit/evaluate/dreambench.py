@@ -81,7 +81,7 @@ def read_dreambench(data: str | Path) -> Bench:
         object_prompts, live_prompts = _templates(text[head:live_at]), _templates(text[live_at:])
         live_prompts = live_prompts or object_prompts
     elif (root / "prompts.txt").is_file():
-        from ..generate.images import read_prompt_file
+        from ..generate.prompts import read_prompt_file
 
         object_prompts = live_prompts = read_prompt_file(root / "prompts.txt")
         if (root / "classes.txt").is_file():

@@ -1,10 +1,10 @@
-"""A concept's training images: read a folder, check it, and turn it into [-1, 1] tensors (ALGORITHMS.md §1.4)."""
+"""A concept's training images: read a folder, check it, and turn it into [-1, 1] tensors (ALGORITHMS.md §1.4).
+torch is imported where tensors are made, so that `learn` checks --images before it spends seconds loading torch."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
@@ -67,6 +67,8 @@ def _center_square(image: Image.Image) -> Image.Image:
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
@@ -92,6 +94,8 @@ def read_images(files: list[Path], resolution: int, center_crop: bool = False, *
     if small:
         raise UserError(f"{where}: {', '.join(small)} smaller than the training resolution {resolution}: pass "
                         f"--resolution {min(min(im.size) for im in images)} or larger images")
+    import torch
+
     return torch.stack([_to_tensor((_center_square(im) if center_crop else im).resize(
         (resolution, resolution), Image.Resampling.BICUBIC)) for im in images])
 
@@ -125,6 +129,8 @@ def check_image_files(files: list[Path], resolution: int, *, where: Path) -> Non
 def random_crop(path: Path, resolution: int, g: torch.Generator) -> torch.Tensor:
     """(3, R, R) in [-1, 1]: the image resized so that its shorter side is R (bicubic, as read_images), then an R x R
     window at an offset drawn from `g` (the official pre-training's Resize + RandomCrop; a square image has one)."""
+    import torch
+
     image = _open_rgb(path)
     if image is None:
         raise UserError(f"cannot read {path} as an image (corrupt or not an image): remove or replace it")
@@ -151,5 +157,7 @@ def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] → a PIL image."""
+    import torch
+
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
     return Image.fromarray(array.numpy())

@@ -23,8 +23,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import conceptkit
 from conceptkit.errors import UserError
 
@@ -156,6 +154,8 @@ def resolve_path_or_hub_id(model: str, config: str | None) -> ModelSource:
 
 def ensure_ckpt_holds_only_weights(path: Path) -> None:
     """Refuse `.ckpt` pickles that need anything beyond tensors and plain containers to unpickle."""
+    import torch
+
     mmap = zipfile.is_zipfile(path)  # torch can only memory-map the zip format; mapping avoids reading it twice
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -239,6 +239,8 @@ def load_from_source(source: ModelSource, dtype: torch.dtype):
 def ensure_every_weight_was_read(pipe, checkpoint: Path) -> None:
     """from_single_file leaves a weight the checkpoint lacks as an empty (meta) tensor, which fails later with a
     PyTorch traceback; say which, in one line (ValueError: load_pipeline makes it a UserError)."""
+    import torch
+
     missing = [f"{name}.{key}" for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
                for key, parameter in module.named_parameters() if parameter.is_meta]
     if missing:
@@ -246,13 +248,17 @@ def ensure_every_weight_was_read(pipe, checkpoint: Path) -> None:
                          f"{missing[0]}): pass the --config of the model the file was made from")
 
 
-def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dtype: torch.dtype = torch.float32,
+def load_pipeline(model: str = TOY_MODEL_NAME, *, config: str | None = None, dtype: torch.dtype | None = None,
                   device: str = "auto"):
     """Load a StableDiffusionPipeline or StableDiffusionXLPipeline (whichever the model's model_index.json names)
-    from `model` (see the module docstring), on `device` ("auto": CUDA when there is one) in `dtype`."""
+    from `model` (see the module docstring), on `device` ("auto": CUDA when there is one) in `dtype` (default
+    float32)."""
+    source = resolve_model(str(model), None if config is None else str(config))  # a wrong --model: no torch wait
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = resolve_model(str(model), None if config is None else str(config))
     silence_empty_keep_in_float32_warning()
     try:
         with quiet_loading_bars():
