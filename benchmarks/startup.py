@@ -1,7 +1,8 @@
 """Start-up and one-image wall time of the CLI (issue 21): `conceptkit --help`, `conceptkit info`, `conceptkit
-shapes read IMAGE` and a one-image `conceptkit generate --model toy` (30 DDIM steps, 64 px), each in a fresh
-process, the commands interleaved, `--repeats` rounds. Prints the median wall time and the median CPU time of the
-child (user + system, from its rusage), with the spread (min-max) of the wall times.
+shapes read IMAGE`, a one-image `conceptkit generate --model toy` (30 DDIM steps, 64 px) and a mistake (`generate`
+without a prompt, refused before torch loads), each in a fresh process, the commands interleaved, `--repeats`
+rounds. Prints the median wall time and the median CPU time of the child (user + system, from its rusage), with the
+spread (min-max) of the wall times.
 
     python benchmarks/startup.py --repeats 5
 
@@ -23,11 +24,12 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict, code: int = 0) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - began
+    assert done.returncode == code, f"{cmd}: exit code {done.returncode}, not {code}"
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
@@ -51,12 +53,14 @@ def main() -> None:
         "conceptkit generate --model toy (1 image, 30 steps)": ck + [
             "generate", "--model", "toy", "--prompt", "a large red striped circle in the center, on a navy background",
             "--num-images", "1", "--steps", "30", "--out", str(tmp / "gen")],
+        "conceptkit generate (no prompt: a one-line error)": ck + ["generate", "--out", str(tmp / "refused")],
     }
+    codes = {"conceptkit generate (no prompt: a one-line error)": 2}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     timed(ck + ["--help"], env)  # warm the file cache
     for _ in range(args.repeats):
         for name, cmd in commands.items():  # interleaved
-            results[name].append(timed(cmd, env))
+            results[name].append(timed(cmd, env, codes.get(name, 0)))
     print(f"| command | median wall s | wall min-max s | median CPU s | rounds |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
