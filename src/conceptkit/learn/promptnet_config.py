@@ -66,6 +66,7 @@ class PretrainConfig:
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
         v.check_choice(self, "crop", ("squash", "center", "random"))
         v.check_choice(self, "captions", ("none", "scene"))
+        v.check_text(self, ("init_from",), optional=("init_from",))
 
 
 @dataclass
