@@ -196,3 +196,21 @@ def test_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(sd32,
     with pytest.raises(UserError, match="not a PromptNet folder"):
         pretrain_promptnet(sd32, scene_dir, tmp_path / "bad", PretrainConfig(steps=1, init_from=str(noise_dir),
                                                                               **PRETRAIN), progress=False)
+
+
+def test_cli_captioned_pretraining_from_an_exported_promptnet(scene_dir, tmp_path, capsys):
+    from conceptkit.cli import main
+
+    common = ["learn", "promptnet", "--pretrain", "--images", str(scene_dir), "--steps", "1", "--batch", "2",
+              "--no-validation", "--latents", "mean"]
+    assert main([*common, "--out", str(tmp_path / "first")]) == 0
+    assert main(["learn", "promptnet", "--export-to", str(tmp_path / "exported"), "--out",
+                 str(tmp_path / "first")]) == 0
+    out = tmp_path / "captioned"
+    assert main([*common, "--captions", "scene", "--init-from", str(tmp_path / "exported"), "--out", str(out)]) == 0
+    config = json.loads((out / "training.json").read_text())["config"]
+    assert (config["captions"], config["init_from"]) == ("scene", str(tmp_path / "exported"))
+    capsys.readouterr()
+    assert main(["learn", "promptnet", "--finetune", "--image", str(scene_dir / "000000.png"), "--captions", "scene",
+                 "--out", str(tmp_path / "ft")]) == 2
+    assert "--captions" in capsys.readouterr().err
