@@ -9,6 +9,10 @@ pipeline's weights back when it returns (the tuned ones are written next to the 
   once (mean and std of q(z|x), cached in the run folder) and sampled every step; with random crops (`crop`
   "random", the official default for non-square images) the drawn images are read, cropped and encoded at every
   step instead, the crops drawn from the step's generator (so a resumed run takes the same crops).
+  With captions "scene" each row's prompt is its image's scene caption with the object as S* (a mirrored
+  image's caption says left for right), from the folder's metadata.jsonl; init_from starts from an exported
+  PromptNet's weights with a fresh optimizer. Fine-tuning keeps the fixed prefix prompt (its augmented copies move,
+  scale and mirror the object, so one caption would misdescribe most of them).
 - Fine-tuning: a mini dataset of the image plus augmented copies (§3.5; for the shapes world an affine jitter with
   the border colour filled in, instead of the face-inpainting of the notebook), and two independent random batches
   per step: one gives the reference, the other the denoising target.
