@@ -119,6 +119,13 @@ def register(sub) -> None:
     p.add_argument("--ema-decay", type=o.number(EMA_DECAY),
                    help="--pretrain: keep an EMA of PromptNet's weights with this decay (train.py --use_ema: 0.9999); "
                         "validation, the saved folder and --export-to use it (default: none)")
+    p.add_argument("--captions", choices=["none", "scene"],
+                   help="--pretrain: the training prompt: none, --prefix S* for every image (default, official); "
+                        "scene, each image's own scene caption with its object as S* ('a large S* on the left, on a "
+                        "brown background'), from the folder's metadata.jsonl (`conceptkit shapes sample --p-pair 0`)")
+    p.add_argument("--init-from", type=o.path,
+                   help="--pretrain: start from the weights (and image encoder) of an exported pre-trained PromptNet "
+                        "folder, with a fresh optimizer (e.g. one written by --export-to); pass it again with --resume")
     p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
                    help="--finetune: the mini dataset's augmentation")
     p.add_argument("--copies", type=o.count, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
@@ -244,7 +251,9 @@ def run_promptnet(args) -> None:
     pretrain_only = [name for name, given in (("--crop", args.crop is not None),
                                               ("--mixed-precision", args.mixed_precision is not None),
                                               ("--gradient-checkpointing", args.gradient_checkpointing),
-                                              ("--ema-decay", args.ema_decay is not None)) if given]
+                                              ("--ema-decay", args.ema_decay is not None),
+                                              ("--captions", args.captions is not None),
+                                              ("--init-from", args.init_from is not None)) if given]
     if args.finetune and pretrain_only:
         raise UserError(f"{', '.join(pretrain_only)}: --pretrain options (fine-tuning is 100 short steps): leave "
                         "them out with --finetune")
@@ -265,6 +274,8 @@ def run_promptnet(args) -> None:
                              validate_every=d.validate_every if args.validate_every is None else args.validate_every,
                              mixed_precision=args.mixed_precision or d.mixed_precision, crop=args.crop or d.crop,
                              gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
+                             captions=args.captions or d.captions,
+                             init_from=str(args.init_from) if args.init_from else None,
                              **({"validation_prompts": ()} if args.no_validation else {}))
         if cfg.validation_prompts and cfg.validation_images:
             announce_validation(cfg.validation_images * len(cfg.validation_prompts), cfg.resolution,

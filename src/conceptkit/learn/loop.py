@@ -63,7 +63,8 @@ def trained_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "keep_checkpoints", "conceptkit",
                      "gradient_checkpointing")
 # what a setting missing from an older run's config.json was
-SETTING_DEFAULTS = {"processes": 1, "mixed_precision": "no", "ema_decay": None, "crop": "squash"}
+SETTING_DEFAULTS = {"processes": 1, "mixed_precision": "no", "ema_decay": None, "crop": "squash", "captions": "none",
+                    "init_from": None}
 
 
 def check_same_settings(out: Path, config: dict, saved: dict) -> None:

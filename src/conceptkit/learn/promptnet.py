@@ -9,6 +9,10 @@ pipeline's weights back when it returns (the tuned ones are written next to the 
   once (mean and std of q(z|x), cached in the run folder) and sampled every step; with random crops (`crop`
   "random", the official default for non-square images) the drawn images are read, cropped and encoded at every
   step instead, the crops drawn from the step's generator (so a resumed run takes the same crops).
+  With captions "scene" each row's prompt is its image's scene caption with the object as S* (a mirrored
+  image's caption says left for right), from the folder's metadata.jsonl; init_from starts from an exported
+  PromptNet's weights with a fresh optimizer. Fine-tuning keeps the fixed prefix prompt (its augmented copies move,
+  scale and mirror the object, so one caption would misdescribe most of them).
 - Fine-tuning: a mini dataset of the image plus augmented copies (§3.5; for the shapes world an affine jitter with
   the border colour filled in, instead of the face-inpainting of the notebook), and two independent random batches
   per step: one gives the reference, the other the denoising target.
@@ -43,7 +47,7 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_text, remove_interrupted_writes
 from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, load_image_encoder, read_description
 from ..profusion.promptnet import PromptNet
-from ..profusion.prompts import encode_with_word, training_ids
+from ..profusion.prompts import encode_with_word, prompt_batch_ids, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
 from ..profusion.state import load_strict
 from .images import check_image_files, image_files, load_reference_image, random_crop, read_images, to_pil
@@ -86,12 +90,16 @@ def sample_latents(means, stds, index, g, scaling, how: str = "sample") -> torch
 
 def promptnet_loss(pipe, scheduler, promptnet, *, reference, tokens, target, noise, timesteps, ids, slot,
                    l2_reg: float) -> torch.Tensor:
+    """The diffusion loss with S* at `slot` of `ids`: one training prompt for the batch (ids (L,), slot an int), or
+    one per row (ids (B, L) and slot (B,), e.g. prompt_batch_ids of the rows' scene captions)."""
     device = pipe.unet.device
     target, noise, t = target.to(device), noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(target, noise, t)
     words = promptnet(reference.to(device), t, tokens.to(device), noisy)
     b = target.shape[0]
-    cond = encode_with_word(pipe.text_encoder, ids.expand(b, -1), torch.full((b,), slot), words)
+    # one prompt for the batch (ids (L,), slot an int), or one per row (ids (B, L), slot (B,))
+    slots = torch.full((b,), slot) if isinstance(slot, int) else torch.as_tensor(slot)
+    cond = encode_with_word(pipe.text_encoder, ids.expand(b, -1), slots, words)
     pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample.float()
     goal = scheduler.get_velocity(target, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     loss = F.mse_loss(pred, goal.float())
@@ -211,8 +219,10 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
 
     def batch_loss(g):
         b = draw(g)
+        prompts = b.pop("prompts", None)  # one prompt per row (captions "scene"), else the fixed one
+        rows = (ids, slot) if prompts is None else prompt_batch_ids(pipe.tokenizer, prompts, pad=meta["pad_prompt"])
         with autocast(pipe, mixed_precision):
-            return promptnet_loss(pipe, scheduler, promptnet, ids=ids, slot=slot, l2_reg=cfg.l2_reg, **b)
+            return promptnet_loss(pipe, scheduler, promptnet, ids=rows[0], slot=rows[1], l2_reg=cfg.l2_reg, **b)
 
     def current() -> SavedPromptNet:
         return SavedPromptNet(promptnet, encoder, meta, None, out)
@@ -304,6 +314,77 @@ def _latent_cache(pipe, files: list[Path], where: Path, out: Path, resolution: i
     return cache
 
 
+METADATA_FILE = "metadata.jsonl"  # an image folder's captions: {"file_name", "text", "scene"} a line
+FLIPPED = {"left": "right", "right": "left"}  # a mirrored image's object positions
+
+
+def read_scenes(folder: Path, files: list[Path]) -> list:
+    """Each file's scene (shapes.world.Scene), from the folder's metadata.jsonl; a one-line UserError when a file
+    has none, or more than one object (S* stands for a scene's one object)."""
+    from ..shapes.world import Scene
+
+    fix = ("pass a folder made by `conceptkit shapes sample --p-pair 0 --out DIR` (its metadata.jsonl gives each "
+           "image's scene), or --captions none")
+    path = folder / METADATA_FILE
+    entries = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("scene"), dict) and "file_name" in row:
+                entries[row["file_name"]] = row["scene"]
+    missing = [f.name for f in files if f.name not in entries]
+    if missing:
+        where = f"{path} gives no scene" if path.is_file() else f"there is no {path}"
+        raise UserError(f"--captions scene: {where} for {len(missing)} of the {len(files)} images in {folder} "
+                        f"(e.g. {missing[0]}): {fix}")
+    scenes = []
+    for f in files:
+        try:
+            scene = Scene.from_dict(entries[f.name])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"--captions scene: {path} has an unreadable scene for {f.name} ({e}): {fix}") from None
+        if len(scene.objects) != 1:
+            raise UserError(f"--captions scene: {f.name} in {folder} shows {len(scene.objects)} objects, and S* stands "
+                            f"for one: {fix}")
+        scenes.append(scene)
+    return scenes
+
+
+def scene_caption(scene, flipped: bool = False, placeholder: str = "S*") -> str:
+    """The scene's caption with its object as S*; of the mirrored image when `flipped` (left and right swap)."""
+    from dataclasses import replace
+
+    from ..shapes.captions import placeholder_caption
+
+    if flipped:
+        scene = replace(scene, objects=tuple(replace(o, position=FLIPPED.get(o.position, o.position))
+                                             for o in scene.objects))
+    return placeholder_caption(scene, placeholder)
+
+
+def init_promptnet(pipe, folder: str | Path, image_encoder, projection_channels: int):
+    """(PromptNet, image encoder) with the weights of an exported pre-trained PromptNet folder (--init-from): its
+    image encoder unless one is given, which must then be the one it was trained with."""
+    from ..profusion.saved import load_promptnet
+
+    saved = load_promptnet(folder, pipe)
+    if saved.unet_attention:
+        raise UserError(f"--init-from {folder} is fine-tuned on one image: pass a pre-trained PromptNet folder")
+    encoder = image_encoder or saved.image_encoder
+    if encoder.describe() != saved.image_encoder.describe():
+        raise UserError(f"--init-from {folder} was trained with the image encoder {saved.image_encoder.describe()}, "
+                        f"not {encoder.describe()}: leave --image-encoder out (the folder's is used)")
+    text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, projection_channels).float()
+    load_strict(promptnet, saved.promptnet.state_dict(), f"--init-from {folder}",
+                f"it was built with projection_channels={saved.promptnet.config.projection_channels} or for another "
+                "model: pass a PromptNet pre-trained for this --model with the default projection channels")
+    return promptnet, encoder
+
+
 def default_image_encoder(pipe):
     return LatentPatchEncoder(pipe.vae.config.latent_channels, patch=2)
 
@@ -319,9 +400,13 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     out = Path(out_dir)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     freeze(pipe)
-    encoder = image_encoder or default_image_encoder(pipe)
+    if cfg.init_from:
+        promptnet, encoder = init_promptnet(pipe, cfg.init_from, image_encoder, cfg.projection_channels)
+    else:
+        encoder = image_encoder or default_image_encoder(pipe)
     needs_pixels = not isinstance(encoder, LatentPatchEncoder)
     files = image_files(images_dir)
+    scenes = read_scenes(Path(images_dir), files) if cfg.captions == "scene" else None
     random_crops = cfg.crop == "random"
     if random_crops:  # read at every step: checked now, so a bad file does not stop the run hours in
         check_image_files(files, resolution, where=Path(images_dir))
@@ -333,7 +418,8 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     scaling = pipe.vae.config.scaling_factor
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
-    promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, cfg.projection_channels).float()
+    if not cfg.init_from:
+        promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, cfg.projection_channels).float()
     params = dict(promptnet.named_parameters())
     T = pipe.scheduler.config.num_train_timesteps
 
@@ -353,14 +439,18 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
         if needs_pixels:
             pixels = crops if random_crops else pixels_u8[index].float() / 127.5 - 1
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        return {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
-                "timesteps": t}
+        batch = {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
+                 "timesteps": t}
+        if scenes is not None:  # each row's own prompt (no random draws: the batch is the one captions=none draws)
+            batch["prompts"] = [scene_caption(scenes[i], f) for i, f in zip(index.tolist(), flip.tolist())]
+        return batch
 
     # validation shows the centre squares of random-crop runs (the same images at every validation)
     val = read_images(files[: cfg.validation_images], resolution, cfg.crop != "squash", where=Path(images_dir))
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
-            "latents": cfg.latents,
-            "images": str(images_dir), "num_images": len(files)}
+            "latents": cfg.latents, "captions": cfg.captions,
+            "images": str(images_dir), "num_images": len(files),
+            **({"init_from": str(cfg.init_from)} if cfg.init_from else {})}
     unet_checkpointing = pipe.unet.is_gradient_checkpointing
     if cfg.gradient_checkpointing:
         # the UNet's activations are the larger part of the graph (S* reaches the loss through its cross-attention)
@@ -479,6 +569,7 @@ def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, d
                 "it was written for another model or --image-encoder: pass the --model the run was started with")
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained",
             "pad_prompt": config["pad_prompt"], "latents": config.get("latents", "sample"), "prefix": config["prefix"],
+            "captions": config.get("captions", "none"),
             "placeholder": "S*", "steps": step, "loss_last_100": _mean(losses[-100:]), "config": config,
             "exported_from": str(last), "conceptkit": __version__}
     if weights is ema:

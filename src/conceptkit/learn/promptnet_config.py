@@ -45,6 +45,13 @@ class PretrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the loss's forward; weights and Adam stay fp32
     gradient_checkpointing: bool = False  # PromptNet's and the UNet's blocks recompute activations in backward
     ema_decay: float | None = None  # an EMA of PromptNet's weights (diffusers EMAModel); what is saved when set
+    # the training prompt: none, `prefix` S* for every image (official); scene, each image's own scene caption
+    # with its object replaced by S* ("a large S* on the left, on a brown background", the form the evaluation's
+    # prompts take), read from the folder's metadata.jsonl (`conceptkit shapes sample --p-pair 0`), so S* need not
+    # carry the background, position and size
+    captions: str = "none"
+    # an exported PromptNet folder whose weights (and image encoder) start the run, with a fresh optimizer
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         """A bad setting fails here, naming the field (tests/test_config_checks.py)."""
@@ -58,6 +65,8 @@ class PretrainConfig:
         v.check_choice(self, "latents", ("sample", "mean"))
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
         v.check_choice(self, "crop", ("squash", "center", "random"))
+        v.check_choice(self, "captions", ("none", "scene"))
+        v.check_text(self, ("init_from",), optional=("init_from",))
 
 
 @dataclass

@@ -103,6 +103,19 @@ def training_ids(tokenizer, prefix: str = "a photo of", pad: bool = False) -> tu
     return tokenize_with_slot(tokenizer, f"{prefix} {DEFAULT_PLACEHOLDER}", DEFAULT_PLACEHOLDER, pad=pad)
 
 
+def prompt_batch_ids(tokenizer, prompts: list[str], placeholder: str = DEFAULT_PLACEHOLDER,
+                     pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, L), slots (B,)): each prompt as `tokenize_with_slot` gives it (unpadded, or padded to the
+    tokenizer's length with `pad`), the shorter rows then padded with the pad id to the batch's longest row (as
+    inference pads; rows of one length, such as one-object scene captions, are left exactly as they are)."""
+    rows = [tokenize_with_slot(tokenizer, p, placeholder, pad=pad) for p in prompts]
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    for k, (row, _) in enumerate(rows):
+        ids[k, : len(row)] = row
+    return ids, torch.tensor([slot for _, slot in rows])
+
+
 def encode_plain(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -83,6 +83,17 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     return f"{body}, on a {scene.background} background"
 
 
+def placeholder_caption(scene: Scene, placeholder: str = "S*") -> str:
+    """The scene's caption with its one object replaced by the placeholder, in the form the evaluation's prompts use
+    (evaluate/ti.py COMPOSITIONAL, evaluate/profusion.py bench_prompts): 'a large S* on the left, on a brown
+    background' (the size word only for the sizes captions name; one-object scenes only)."""
+    if len(scene.objects) != 1:
+        raise ValueError(f"a scene with {len(scene.objects)} objects: the placeholder stands for a scene's one object")
+    obj = scene.objects[0]
+    size = f"{obj.size} " if obj.size in SIZES else ""
+    return f"a {size}{placeholder} {POSITION_PHRASES[obj.position]}, on a {scene.background} background"
+
+
 def vocabulary() -> list[str]:
     """Every word the caption grammar (and the TI templates it borrows) can produce."""
     words = set()
