@@ -1,7 +1,10 @@
 """ProFusion (ALGORITHMS.md §3): PromptNet, the S* injection, fusion sampling and the trainers, pinned to the §4
 invariants on the tiny SD-1.x fixture (float64 where possible) and the bundled toy model."""
+import json
 import math
 import re
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,10 +91,12 @@ def encode(pipe, prompts):
     return pipe.text_encoder(ids)[0]
 
 
-def by_hand(pipe, saved, reference, prompt, cfg, seed):
+def by_hand(pipe, saved, reference, prompt, cfg, seed, extras=(), start=None):
     """ProFusion sampling of one image written out from §3.6 with the pipeline's parts, one UNet call per
     condition: fusion sub-steps (b) then the guided DDIM step (a); all noise from the image's generator in the
-    order x_ref draw, initial latent, fusion noises."""
+    order x_ref draw, initial latent, extra images' x_ref draws, fusion noises. extras: (image, weight) combined as
+    the official pipeline does (ε̃·w1/Σ + ε̃_k·w_k/Σ in sub-steps, + w_k (ε_k(c) − ε(∅)) in the main step);
+    start: the official `st` with the latents set to add_noise(x_ref, noise) at the first timestep kept."""
     g = torch.Generator().manual_seed(seed)
     unet, dtype = pipe.unet, pipe.unet.dtype
     dist = pipe.vae.encode(reference.to(dtype)).latent_dist
@@ -102,27 +107,43 @@ def by_hand(pipe, saved, reference, prompt, cfg, seed):
     sched.set_timesteps(cfg.steps)
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x = torch.randn(shape[1:], generator=g)[None].to(dtype) * sched.init_noise_sigma
+    more = []
+    for image, weight in extras:
+        d = pipe.vae.encode(image.to(dtype)).latent_dist
+        xr = (d.mean + d.std * torch.randn(d.mean.shape[1:], generator=g).to(dtype)) * pipe.vae.config.scaling_factor
+        more.append((xr, saved.image_encoder(image, xr), weight))
+    timesteps = sched.timesteps
+    if start is not None:
+        timesteps = timesteps[timesteps <= start]
+        x = sched.add_noise(x_ref, x, timesteps[:1])
     ids, slot = tokenize_with_slot(pipe.tokenizer, prompt)
     negative = encode(pipe, [cfg.negative_prompt])
     ref = encode(pipe, [prompt.replace("S*", cfg.class_word)])
     v_pred = sched.config.prediction_type == "v_prediction"
 
-    def with_word(x, t, scale):
-        words = saved.promptnet(x_ref, t, tokens, x)
+    def with_word(x, t, scale, image_latent=x_ref, image_tokens=tokens):
+        words = saved.promptnet(image_latent, t, image_tokens, x)
         return encode_with_word(pipe.text_encoder, ids[None], torch.tensor([slot]), words, scale)
 
     def eps(out, x, a):
         return math.sqrt(a) * out + math.sqrt(1 - a) * x if v_pred else out
 
     gap = sched.config.num_train_timesteps // cfg.steps
-    for t in sched.timesteps:
+    for t in timesteps:
         a = float(sched.alphas_cumprod[int(t)])
         a1 = float(sched.alphas_cumprod[int(t) - gap]) if int(t) >= gap else float(sched.final_alpha_cumprod)
         if cfg.refine_eta > 0:
             for _ in range(cfg.refine_steps):
                 u = unet(x, t, negative).sample
                 c = unet(x, t, with_word(x, t, cfg.refine_emb_scale)).sample
-                e = eps(u + cfg.refine_guidance_scale * (c - u), x, a)
+                e = u + cfg.refine_guidance_scale * (c - u)
+                if more:
+                    total = cfg.guidance_scale + sum(w for _, _, w in more)
+                    e = e * cfg.guidance_scale / total
+                    for xr, tk, w in more:
+                        c_k = unet(x, t, with_word(x, t, cfg.refine_emb_scale, xr, tk)).sample
+                        e = e + (u + cfg.refine_guidance_scale * (c_k - u)) * w / total
+                e = eps(e, x, a)
                 s2 = cfg.refine_eta ** 2 * (1 - a1) / (1 - a) * (1 - a / a1)
                 z = torch.randn(shape[1:], generator=g)[None].to(dtype)
                 x = x - e * s2 * math.sqrt(1 - a) / (1 - a1) \
@@ -132,6 +153,8 @@ def by_hand(pipe, saved, reference, prompt, cfg, seed):
         out = u + cfg.guidance_scale * (c - u)
         if cfg.ref_guidance_scale:
             out = out + cfg.ref_guidance_scale * (unet(x, t, ref).sample - u)
+        for xr, tk, w in more:
+            out = out + cfg.guidance_scale * w / cfg.guidance_scale * (unet(x, t, with_word(x, t, 1.0, xr, tk)).sample - u)
         x = sched.step(out, t, x, eta=0.0).prev_sample
     return x
 
@@ -586,6 +609,105 @@ def test_plain_sampling_takes_any_scheduler_and_fusion_refuses_all_but_ddim(sd64
     assert "\n" not in str(e.value) and "--no-fusion" in str(e.value)
 
 
+# ------------------------------------------------------------------------------------ extra images, start timestep
+
+@pytest.fixture(scope="module")
+def second_reference():
+    g = torch.Generator().manual_seed(8)
+    return torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("refine_steps", [0, 1])
+def test_extra_images_follow_the_official_weighting(sd64, saved64, reference, second_reference, refine_steps):
+    cfg = FusionConfig(steps=STEPS, refine_steps=refine_steps, **W)
+    extras = [(second_reference, 0.7), (reference.flip(-1), 1.3)]
+    got = sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3), extra_references=extras)
+    with torch.no_grad():
+        close(got, by_hand(sd64, saved64, reference, PROMPTS[0], cfg, 3, extras=extras), SAMPLE_TOL)
+    alone = sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3))
+    assert (got - alone).abs().max() > 1e-3
+
+
+def test_an_extra_image_equal_to_the_reference_adds_its_weight_to_w1(sd64, saved64, reference):
+    """With the reference as its own extra image at weight w, the fusion sub-step's weighted mean is ε̃ itself and
+    the main step gains w (ε(c) − ε(∅)): sampling at guidance w1 + w (posterior means: the same x_ref twice)."""
+    means = SavedPromptNet(saved64.promptnet, saved64.image_encoder, {"latents": "mean"})
+    for execution in ("batched", "reference"):
+        cfg = FusionConfig(steps=STEPS, execution=execution, **W)
+        torch.manual_seed(0)  # the reference execution's fusion noise
+        got = sample(sd64, means, reference, PROMPTS[:1], cfg, gens(4), extra_references=[(reference, 2.0)])
+        torch.manual_seed(0)
+        want = sample(sd64, means, reference, PROMPTS[:1], replace(cfg, guidance_scale=W["guidance_scale"] + 2.0),
+                      gens(4))
+        close(got, want, SAMPLE_TOL)
+
+
+def test_extra_images_batched_equals_the_reference_execution(sd64, saved64, reference, second_reference,
+                                                             monkeypatch):
+    monkeypatch.setattr(sampling, "fusion_noise", generator_noise)
+    extras = [(second_reference, 0.5)]
+    batched = sample(sd64, saved64, reference, PROMPTS, FusionConfig(steps=STEPS, **W), gens(1, 2),
+                     extra_references=extras)
+    official = sample(sd64, saved64, reference, PROMPTS, FusionConfig.reference(steps=STEPS, **W), gens(1, 2),
+                      extra_references=extras)
+    close(batched, official, SAMPLE_TOL)
+
+
+@pytest.mark.parametrize("execution, calls", [
+    ("batched", [3, 4]),  # sub-step [∅, c_λ, c_λ of the extra image], main step [∅, c, r, c of the extra image]
+    ("reference", [1] * 12),  # official: [∅, c, r] per image in the sub-step and in the main step, a call each
+])
+def test_unet_evaluations_per_step_with_an_extra_image(sd64, saved64, reference, second_reference, execution,
+                                                       calls):
+    seen, handle = count_unet_samples(sd64.unet)
+    try:
+        sample(sd64, saved64, reference, PROMPTS, FusionConfig(steps=STEPS, execution=execution), gens(1, 2),
+               extra_references=[(second_reference, 1.0)])
+    finally:
+        handle.remove()
+    assert [n // 2 for n in seen] == calls * STEPS
+
+
+def test_extra_image_weights_must_be_positive(sd64, saved64, reference):
+    for weight in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="--extra-image weight") as e:
+            sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig(steps=STEPS), gens(0),
+                   extra_references=[(reference, weight)])
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cfg", [FusionConfig(steps=4, **W), FusionConfig.plain(steps=4)], ids=["fusion", "plain"])
+def test_start_timestep_samples_t_up_to_it_from_the_noised_reference(sd64, saved64, reference, cfg):
+    start = 600
+    kept = [int(t) for t in sampling.sampler("ddim", sd64, 4).timesteps if t <= start]
+    assert 0 < len(kept) < 4
+    seen, handle = count_unet_samples(sd64.unet)
+    try:
+        got = sample(sd64, saved64, reference, PROMPTS[:1], replace(cfg, start_timestep=start), gens(3))
+    finally:
+        handle.remove()
+    assert len(seen) == len(kept) * (1 + cfg.refine_steps)  # batched: one call per stage, stages per kept step
+    with torch.no_grad():
+        close(got, by_hand(sd64, saved64, reference, PROMPTS[0], cfg, 3, start=start), SAMPLE_TOL)
+    assert (got - sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3))).abs().max() > 1e-3
+
+
+def test_start_timestep_is_refused_off_ddim_and_below_every_timestep(sd64, saved64, reference):
+    with pytest.raises(UserError, match="--start-timestep 500 with --scheduler euler: .*pass --scheduler ddim") as e:
+        sample(sd64, saved64, reference, PROMPTS[:1], FusionConfig.plain(steps=3, scheduler="euler",
+                                                                         start_timestep=500), gens(0))
+    assert "\n" not in str(e.value)
+    trailing = DDIMScheduler.from_config(sd64.scheduler.config, timestep_spacing="trailing")
+    trailing.set_timesteps(3)  # 999, 666, 332
+    x = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(UserError, match="--start-timestep 300 is below every sampling timestep \\(the lowest is 332") \
+            as e:
+        sampling.start_from_reference(trailing, x, x, 300)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="FusionConfig.start_timestep = "):
+        FusionConfig(start_timestep=1000)
+
+
 def test_finetuned_attention_weights_are_used_while_sampling_and_put_back(sd64, saved64, reference):
     names = attention_weight_names(sd64.unet)
     params = dict(sd64.unet.named_parameters())
@@ -735,6 +857,224 @@ def test_pretraining_resumed_equals_uninterrupted(sd32, images_dir, pretrained, 
     # the weights after 2 steps differ from those after 4: the comparison above is not vacuous
     two = load_file(part / "checkpoints" / "step-000002.safetensors")
     assert (two["param/to_word.weight"] - a["to_word.weight"]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------ pre-training options
+
+def run_pretrain(pipe, images_dir, out, steps, resume=False, **settings):
+    return pretrain_promptnet(pipe, images_dir, out, PretrainConfig(steps=steps, **{**PRETRAIN, **settings}),
+                              resume=resume, progress=False)
+
+
+def test_ema_weights_are_what_is_saved_validated_and_exported(sd32, images_dir, tmp_path):
+    """The saved folder holds the EMA (diffusers' EMAModel fed the weights after each step, as train.py --use_ema),
+    each checkpoint holds it beside the raw weights, and --export-to writes it."""
+    from diffusers.training_utils import EMAModel
+
+    from conceptkit.learn.promptnet import export_pretrain_checkpoint
+
+    out = tmp_path / "ema"
+    run_pretrain(sd32, images_dir, out, 4, ema_decay=0.5, checkpoint_every=1, keep_checkpoints=10)
+    steps = [load_file(out / "checkpoints" / f"step-{i:06d}.safetensors") for i in range(1, 5)]
+    names = [k[len("param/"):] for k in steps[0] if k.startswith("param/")]
+    torch.manual_seed(PretrainConfig().seed)
+    start = dict(PromptNet.from_unet(sd32.unet, LatentPatchEncoder().embed_dim, 768).named_parameters())
+    want = EMAModel([start[n].detach().clone() for n in names], decay=0.5)
+    for tensors in steps:
+        want.step([torch.nn.Parameter(tensors[f"param/{n}"]) for n in names])
+    saved = load_file(out / "diffusion_pytorch_model.safetensors")
+    raw = steps[-1]
+    for n, average in zip(names, want.shadow_params):
+        torch.testing.assert_close(saved[n], average, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(raw[f"ema/{n}"], average, atol=1e-6, rtol=1e-6)
+    assert max((saved[n] - raw[f"param/{n}"]).abs().max().item() for n in names) > 1e-4  # not the raw weights
+    assert int(raw["ema_optimization_step"].item()) == 4
+    assert load_promptnet(out, sd32).meta["weights"] == {"ema_decay": 0.5, "ema_updates": 4}
+    exported = export_pretrain_checkpoint(sd32, out, tmp_path / "exported")
+    again = load_file(exported / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(again[n], raw[f"ema/{n}"]) for n in names)
+
+
+def test_ema_run_resumed_equals_uninterrupted(sd32, images_dir, tmp_path):
+    full = run_pretrain(sd32, images_dir, tmp_path / "full", 4, ema_decay=0.7)
+    part = tmp_path / "part"
+    run_pretrain(sd32, images_dir, part, 2, ema_decay=0.7)
+    resumed = run_pretrain(sd32, images_dir, part, 4, resume=True, ema_decay=0.7)
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6)
+    a = load_file(tmp_path / "full" / "diffusion_pytorch_model.safetensors")
+    b = load_file(part / "diffusion_pytorch_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6)
+
+
+def test_an_old_run_without_ema_resumes_with_or_without_it(sd32, images_dir, tmp_path, capsys):
+    """A run written before these options (its training.json names none of them, its checkpoints hold no EMA)
+    resumes as it was; given --ema-decay, its EMA starts from the weights at the resumed step."""
+    for name, ema in (("plain", None), ("ema", 0.5)):
+        out = tmp_path / name
+        run_pretrain(sd32, images_dir, out, 2)
+        info = json.loads((out / "training.json").read_text())
+        for key in ("mixed_precision", "gradient_checkpointing", "ema_decay", "crop"):
+            del info["config"][key]
+        (out / "training.json").write_text(json.dumps(info))
+        capsys.readouterr()
+        run_pretrain(sd32, images_dir, out, 4, resume=True, ema_decay=ema)
+        meta = load_promptnet(out, sd32).meta
+        if ema is None:
+            assert "weights" not in meta
+        else:
+            assert "the EMA of the weights (--ema-decay 0.5) starts at step 2" in capsys.readouterr().err
+            assert meta["weights"] == {"ema_decay": 0.5, "ema_updates": 2}
+    with pytest.raises(UserError, match=r"different settings \(ema_decay\)"):  # an EMA's decay cannot change
+        run_pretrain(sd32, images_dir, tmp_path / "ema", 5, resume=True, ema_decay=0.9)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(sd32, images_dir, tmp_path):
+    forwards = {"promptnet": 0, "unet": 0}
+
+    def counter(key):
+        def hook(module, args, output):
+            forwards[key] += 1
+        return hook
+
+    # (a conv inside a block: checkpointing stops recomputing once the saved tensors are back, before the block's
+    # own forward hook would run; in the UNet, after the first cross-attention, where the gradient to S* flows)
+    handle = sd32.unet.down_blocks[1].resnets[0].conv1.register_forward_hook(counter("unet"))
+    original = PromptNet.from_unet
+
+    def counted(*args, **kw):
+        net = original(*args, **kw)
+        net.down_blocks[0].resnets[0].conv1.register_forward_hook(counter("promptnet"))
+        return net
+
+    runs = {}
+    try:
+        for flag in (False, True):
+            forwards.update(promptnet=0, unet=0)
+            PromptNet.from_unet = counted
+            runs[flag] = run_pretrain(sd32, images_dir, tmp_path / str(flag), 2, gradient_checkpointing=flag)
+            runs[flag, "forwards"] = dict(forwards)
+    finally:
+        PromptNet.from_unet = original
+        handle.remove()
+    # one forward per step without it; with it, the forward again in the backward pass
+    assert runs[False, "forwards"] == {"promptnet": 2, "unet": 2}
+    assert runs[True, "forwards"] == {"promptnet": 4, "unet": 4}
+    np.testing.assert_allclose(runs[True].losses, runs[False].losses, rtol=1e-6)
+    a = load_file(tmp_path / "False" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "True" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not sd32.unet.is_gradient_checkpointing  # the pipeline is given back as it was
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_autocasts_the_loss_and_keeps_fp32_weights(sd32, images_dir, pretrained, tmp_path,
+                                                                   precision):
+    _, _, full = pretrained
+    out = tmp_path / precision
+    result = run_pretrain(sd32, images_dir, out, 4, mixed_precision=precision)
+    assert all(math.isfinite(x) for x in result.losses)
+    # the same batches as the fp32 run: close losses, but not the same arithmetic
+    np.testing.assert_allclose(result.losses, full.losses, rtol=0.05)
+    assert result.losses != full.losses
+    assert {v.dtype for v in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float32}
+    checkpoint = load_file(out / "checkpoints" / "step-000004.safetensors")
+    assert ("amp/scale" in checkpoint) == (precision == "fp16")  # the loss scaler's state, for a resume
+    if precision == "fp16":
+        assert checkpoint["amp/scale"].item() > 1
+
+
+@pytest.fixture(scope="module")
+def wide_images(tmp_path_factory):
+    """Two 96x64 images: a square crop of either depends on where it is taken."""
+    folder = tmp_path_factory.mktemp("wide") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def pretrain_targets(pipe, images, out, monkeypatch, steps=3, resume=False, **settings):
+    """The target latents of every training batch of a pre-training run (posterior means, no flips)."""
+    from conceptkit.learn import promptnet as trainer
+
+    seen = []
+    real = trainer.promptnet_loss
+
+    def spy(*args, **kw):
+        seen.append(kw["target"].clone())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "promptnet_loss", spy)
+    run_pretrain(pipe, images, out, steps, resume=resume, latents="mean", **settings)
+    monkeypatch.setattr(trainer, "promptnet_loss", real)
+    return seen
+
+
+def vae_mean(pipe, image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return pipe.vae.encode(pixels).latent_dist.mean[0] * pipe.vae.config.scaling_factor
+
+
+def crops_of(path, size=64):
+    """Every square window of the image resized to a shorter side of `size` (bicubic), left to right."""
+    image = Image.open(path).convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    return [image.crop((x, 0, x + size, size)) for x in range(image.width - size + 1)]
+
+
+@pytest.mark.parametrize("crop", ["squash", "center"])
+def test_squash_and_center_crop_train_on_the_whole_image_or_its_centre(sd32, wide_images, tmp_path, monkeypatch,
+                                                                       crop):
+    targets = pretrain_targets(sd32, wide_images, tmp_path / crop, monkeypatch, steps=2, crop=crop)
+    files = sorted(wide_images.iterdir())
+    squashed = [vae_mean(sd32, Image.open(f).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+                for f in files]
+    centred = [vae_mean(sd32, Image.open(f).convert("RGB").crop((16, 0, 80, 64))) for f in files]
+    want = squashed if crop == "squash" else centred
+    other = centred if crop == "squash" else squashed
+    for batch in targets:
+        for latent in batch:
+            assert min((latent - w).abs().max().item() for w in want) < 1e-4
+            assert min((latent - w).abs().max().item() for w in other) > 1e-2
+
+
+def test_random_crops_are_windows_of_the_resized_image_at_drawn_offsets(sd32, wide_images, tmp_path, monkeypatch):
+    targets = pretrain_targets(sd32, wide_images, tmp_path / "random", monkeypatch, steps=4, crop="random")
+    windows = {(f.name, x): vae_mean(sd32, c) for f in sorted(wide_images.iterdir()) for x, c in enumerate(crops_of(f))}
+    found = []
+    for batch in targets:
+        for latent in batch:
+            key, distance = min(((k, (latent - w).abs().max().item()) for k, w in windows.items()),
+                                key=lambda kv: kv[1])
+            assert distance < 1e-4  # exactly one of the windows
+            found.append(key)
+    assert len({x for _, x in found}) > 2  # at several offsets, not always the centre (16)
+    assert not (tmp_path / "random" / "latent_cache.safetensors").exists()  # encoded per step, never cached
+
+
+def test_random_crop_run_resumed_takes_the_same_crops(sd32, wide_images, tmp_path, monkeypatch):
+    full = pretrain_targets(sd32, wide_images, tmp_path / "full", monkeypatch, steps=4, crop="random")
+    pretrain_targets(sd32, wide_images, tmp_path / "part", monkeypatch, steps=2, crop="random")
+    rest = pretrain_targets(sd32, wide_images, tmp_path / "part", monkeypatch, steps=4, resume=True, crop="random")
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+
+
+def test_random_crop_refuses_an_unreadable_or_small_image_before_training(sd32, wide_images, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(wide_images, folder)
+    (folder / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"cannot read bad\.png") as e:
+        run_pretrain(sd32, folder, tmp_path / "out", 2, crop="random")
+    (folder / "bad.png").unlink()
+    Image.new("RGB", (80, 40)).save(folder / "small.png")
+    with pytest.raises(UserError, match=r"small\.png \(80x40\) smaller than the training resolution 64") as e:
+        run_pretrain(sd32, folder, tmp_path / "out", 2, crop="random")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(sd32, images_dir, pretrained):

@@ -105,6 +105,19 @@ def test_pretrain_writes_a_promptnet_folder_with_the_settings_given(pretrained, 
     assert saved.unet_attention is None and saved.reference_path is None
 
 
+def test_pretrain_takes_the_official_commands_options(images, tmp_path):
+    out = tmp_path / "run"
+    assert main(["learn", "promptnet", "--pretrain", "--images", str(images), "--steps", "2", "--batch", "2",
+                 "--no-validation", "--mixed-precision", "bf16", "--gradient-checkpointing", "--ema-decay", "0.99",
+                 "--crop", "random", "--out", str(out)]) == 0
+    config = json.loads((out / "training.json").read_text())["config"]
+    assert (config["mixed_precision"], config["gradient_checkpointing"], config["ema_decay"], config["crop"]) == \
+        ("bf16", True, 0.99, "random")
+    assert json.loads((out / "promptnet.json").read_text())["weights"] == {"ema_decay": 0.99, "ema_updates": 2}
+    with safe_open(out / "checkpoints" / "step-000002.safetensors", "pt") as f:
+        assert any(k.startswith("ema/") for k in f.keys())
+
+
 def test_export_writes_an_fp16_promptnet_folder_of_the_latest_checkpoint(pretrained, exported, toy):
     run, _ = pretrained
     export, code = exported
@@ -238,6 +251,20 @@ ERRORS = {
                                   "holds no pre-training checkpoint"),
     "evaluate-bogus-method": (["evaluate", "profusion", "--methods", "fusion,bogus", "--out", "{out}"],
                               "unknown method 'bogus'"),
+    "extra-image-zero-weight": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{png}:0"],
+                                r"--extra-image .*000000\.png:0: the weight after ':' must be a number > 0"),
+    "extra-image-text-weight": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{png}:big"],
+                                "the weight after ':' must be a number > 0"),
+    "extra-image-missing": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--extra-image", "{missing}"],
+                            r"missing\.png does not exist"),
+    "start-timestep-euler": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--no-fusion", "--scheduler", "euler",
+                                    "--start-timestep", "500"], "--start-timestep 500 with --scheduler euler: .*ddim"),
+    "finetune-with-pretrain-options": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{png}",
+                                                "--ema-decay", "0.9", "--gradient-checkpointing", "--crop", "center",
+                                                "--out", "{out}"],
+                                       "--crop, --gradient-checkpointing, --ema-decay: --pretrain options"),
+    "start-timestep-plain-generate": (GEN + ["--prompt", "a circle", "--start-timestep", "500"],
+                                      "are ProFusion options: pass --promptnet DIR or --image FILE"),
 }
 
 
@@ -264,7 +291,8 @@ def evaluated(exported, tmp_path_factory):
     assert code == 0
     root = tmp_path_factory.mktemp("evaluate")
     test = main(EVALUATE + ["--promptnet", str(export), "--finetune-steps", "2",
-                            "--methods", "fusion,plain,pretrained", "--json", str(root / "out.json"),
+                            "--methods", "fusion,plain,pretrained", "--ref-prompt", "a photo of an object",
+                            "--json", str(root / "out.json"),
                             "--out", str(root / "test")])
     tune = main(EVALUATE + ["--promptnet", str(export), "--split", "tune", "--methods", "pretrained",
                             "--json", str(root / "tune.json"), "--out", str(root / "tune")])
@@ -284,13 +312,29 @@ def test_evaluate_profusion_writes_scores_timings_and_a_grid(evaluated, exported
     settings = results["settings"]
     assert settings["split"] == "test" and settings["steps"] == 3 and len(settings["seeds"]) == 1
     assert settings["promptnet"] == str(exported[0])
+    assert settings["fusion"]["ref_prompt"] == "a photo of an object" and settings["plain"]["ref_prompt"] is None
     assert (root / "test" / "grid.png").is_file()
     (name,) = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert list(results["objects"]) == [name]
-    # the fine-tuned PromptNet and one image per prompt (5 compositional prompts, 1 seed) per method
+    # the fine-tuned PromptNet and one image per prompt (the default "moved" set: 5 compositional prompts and 4
+    # two-object ones, 1 seed) per method
     assert (root / "test" / name / "promptnet" / UNET_ATTENTION_FILE).is_file()
     for method in ("fusion", "plain", "pretrained"):
-        assert len(pngs(root / "test" / name / method)) == 5, method
+        assert len(pngs(root / "test" / name / method)) == 9, method
+    assert settings["prompt_set"] == "moved" and len(settings["prompts_per_object"][name]) == 9
+    assert sum(" and " in p for p in settings["prompts_per_object"][name]) == 4
+    # preservation + adherence with its standard errors (None: one object and one seed is one unit), and the paired
+    # differences of fusion and the other methods
+    for method in ("fusion", "plain", "pretrained"):
+        assert results[f"{method}.sum"] == pytest.approx(results[f"{method}.preservation"]
+                                                         + results[f"{method}.adherence"], abs=2e-4)
+        assert results[f"{method}.sum_se"] is None and results[f"{method}.sum_se_objects"] is None
+        assert 0 <= results[f"{method}.adherence_second"] <= 1
+    for other in ("plain", "pretrained"):
+        assert results[f"fusion-{other}.sum_diff"] == pytest.approx(results["fusion.sum"] - results[f"{other}.sum"],
+                                                                    abs=2e-4)
+    assert results["standard_errors"]["units"] == 1
+    assert set(results["prompts"]) == set(settings["prompts"])
 
 
 def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
@@ -309,6 +353,55 @@ def test_evaluate_profusion_tune_split_uses_other_objects_and_seeds(evaluated):
     assert "finetune_seconds" not in tune
 
 
+@pytest.fixture(scope="module")
+def swept(exported, tmp_path_factory):
+    """`evaluate profusion --sweep` over w2 x r (4 settings, one of them the same images as another), with each
+    fine-tune counted."""
+    import conceptkit.evaluate.profusion as module
+
+    export, code = exported
+    assert code == 0
+    root = tmp_path_factory.mktemp("sweep")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = module.finetune_promptnet
+        mp.setattr(module, "finetune_promptnet", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        code = main(["evaluate", "profusion", "--objects", "2", "--seeds", "1", "--steps", "2", "--promptnet",
+                     str(export), "--finetune-steps", "1", "--prompts", "compositional", "--sweep", "w2=0,3",
+                     "--sweep", "ref_prompt=none,a photo of an object", "--json", str(root / "sweep.json"),
+                     "--out", str(root / "out")])
+    return root, code, calls
+
+
+def test_evaluate_profusion_sweep_fine_tunes_once_per_object_and_samples_each_setting(swept):
+    root, code, calls = swept
+    assert code == 0
+    results = json.loads((root / "sweep.json").read_text())
+    assert results["settings"]["split"] == "tune"  # the default with --sweep
+    assert len(calls) == 2 == len(results["finetune_seconds_per_object"])  # one fine-tune per object, reused
+    assert results["finetune_seconds"] > 0
+    sweep = results["sweep"]
+    assert [s["setting"] for s in sweep] == [
+        {"ref_guidance_scale": 0.0, "ref_prompt": None}, {"ref_guidance_scale": 0.0, "ref_prompt": "a photo of an object"},
+        {"ref_guidance_scale": 3.0, "ref_prompt": None}, {"ref_guidance_scale": 3.0, "ref_prompt": "a photo of an object"}]
+    # w2 = 0 has no reference branch: the second setting is the first one's images, sampled once
+    assert [s["same_as"] for s in sweep] == [None, 1, None, None]
+    assert sweep[1]["sum"] == sweep[0]["sum"] and sweep[3]["fusion"]["ref_prompt"] == "a photo of an object"
+    for name in results["finetune_seconds_per_object"]:
+        folder = root / "out" / name
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["plain", "promptnet", "sweep-1", "sweep-3",
+                                                                          "sweep-4"]
+        assert len(pngs(folder / "sweep-4")) == 5
+    for s in sweep:
+        assert s["sum"] == pytest.approx(s["preservation"] + s["adherence"], abs=2e-4)
+        assert s["plain_sum_diff"] == pytest.approx(s["sum"] - results["plain.sum"], abs=2e-4)
+        assert s["sum_se"] is not None  # two objects x one seed: two units
+    from conceptkit.evaluate.profusion import table
+
+    text = table(results)
+    assert "#2 w2=0 r=\"a photo of an object\" (= #1)" in text and "plain sampling (fine-tuned), the baseline" in text
+
+
 def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, generated, tmp_path):
     """promptnet.json `fusion_settings` replace the notebook's fusion call as generate's defaults."""
     ft, _ = finetuned
@@ -324,6 +417,86 @@ def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, gen
     # and an explicit option still wins over the recommendation
     assert generate(copy, tmp_path / "explicit", "--refine-steps", "1") == 0
     assert pngs(tmp_path / "explicit")[0].read_bytes() != pngs(root / "plain")[0].read_bytes()
+
+
+# ------------------------------------------------------------------------------------ generate's fusion options
+
+FUSION_OPTIONS = {"guidance_scale": "guidance_scale", "ref_guidance_scale": "ref_guidance_scale",
+                  "refine_steps": "refine_steps", "refine_eta": "refine_eta", "refine_emb_scale": "refine_emb_scale",
+                  "refine_guidance_scale": "refine_guidance"}  # FusionConfig field: generate's option dest
+
+
+def generate_options():
+    from conceptkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["generate"]._actions}
+
+
+def stated_defaults(dest: str) -> dict:
+    """What `generate --help` says the option's default is: for the bundled PromptNet, for a folder that recommends
+    nothing (the notebook's fusion call), and with --no-fusion (when it says)."""
+    text = " ".join(generate_options()[dest].help.split())
+    no_fusion = re.search(r"--no-fusion: ([\d.]+)", text)
+    return {"bundled": float(re.search(r"([\d.]+) for the bundled PromptNet", text)[1]),
+            "notebook": float(re.search(r"else ([\d.]+) as in the notebook's fusion call", text)[1]),
+            "no_fusion": float(no_fusion[1]) if no_fusion else None}
+
+
+def test_generate_help_states_the_fusion_defaults_that_apply(toy):
+    from conceptkit.models.loading import BUNDLED_PROMPTNET
+    from conceptkit.profusion.sampling import FusionConfig, recommended_fusion
+
+    applied = recommended_fusion(load_promptnet(BUNDLED_PROMPTNET, toy))
+    for field, dest in FUSION_OPTIONS.items():
+        stated = stated_defaults(dest)
+        assert stated["bundled"] == getattr(applied, field), field
+        assert stated["notebook"] == getattr(FusionConfig(), field), field
+        plain = getattr(FusionConfig.plain(), field)
+        assert (stated["no_fusion"] if stated["no_fusion"] is not None else stated["notebook"]) == plain, field
+    # the bundled PromptNet recommends its own w_f and w2: the old help's "default 7" and "default 5" were wrong
+    assert (applied.refine_guidance_scale, applied.ref_guidance_scale) != (FusionConfig().refine_guidance_scale,
+                                                                           FusionConfig().ref_guidance_scale)
+
+
+@pytest.fixture(scope="module")
+def bundled_runs(images, tmp_path_factory):
+    """generate --image with the bundled PromptNet: defaults; the defaults --help states, given explicitly; an
+    extra image; a start from the reference noised to t = 300."""
+    root = tmp_path_factory.mktemp("bundled")
+    explicit = []
+    for field, dest in FUSION_OPTIONS.items():
+        explicit += [f"--{dest.replace('_', '-')}", f"{stated_defaults(dest)['bundled']:g}"]
+    base = ["generate", "--image", str(images / "000000.png"), "--prompt", PROMPT, "--steps", "4"]
+    runs = {"default": [], "explicit": explicit, "extra": ["--extra-image", f"{images / '000001.png'}:2"],
+            "start": ["--start-timestep", "300"]}
+    return {name: (main(base + extra + ["--out", str(root / name)]), root / name) for name, extra in runs.items()}
+
+
+def pixels(folder):
+    (path,) = pngs(folder)
+    return np.asarray(Image.open(path)).astype(np.float64)
+
+
+def test_generate_defaults_are_the_values_help_states(bundled_runs):
+    assert bundled_runs["default"][0] == bundled_runs["explicit"][0] == 0
+    assert np.array_equal(pixels(bundled_runs["default"][1]), pixels(bundled_runs["explicit"][1]))
+
+
+def test_an_extra_image_changes_the_images(bundled_runs):
+    assert bundled_runs["extra"][0] == 0
+    assert np.abs(pixels(bundled_runs["extra"][1]) - pixels(bundled_runs["default"][1])).max() > 10
+    info = Image.open(pngs(bundled_runs["extra"][1])[0]).text["parameters"]
+    assert "Extra image weights: 2" in info
+
+
+def test_a_start_from_the_noised_reference_stays_close_to_it(bundled_runs, images):
+    assert bundled_runs["start"][0] == 0
+    reference = np.asarray(Image.open(images / "000000.png").convert("RGB").resize((64, 64))).astype(np.float64)
+    started = np.abs(pixels(bundled_runs["start"][1]) - reference).mean()
+    from_noise = np.abs(pixels(bundled_runs["default"][1]) - reference).mean()
+    assert started < 0.5 * from_noise, (started, from_noise)
+    assert "Start timestep: 300" in Image.open(pngs(bundled_runs["start"][1])[0]).text["parameters"]
 
 
 def test_the_bundled_promptnet_loads_for_the_bundled_model_and_is_small(toy, tmp_path):

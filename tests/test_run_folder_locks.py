@@ -55,6 +55,7 @@ WRITERS = {
     "shapes sample": ["shapes", "sample", "--out"],
     "shapes train-base": ["shapes", "train-base", "--run"],
     "ui": ["ui", "--work"],
+    "convert promptnet": ["convert", "promptnet", "--from-official", "x", "--out"],
 }
 
 

@@ -161,3 +161,32 @@ def test_generate_calls_the_python_api_and_shows_the_command(tmp_path, monkeypat
     assert "--scheduler euler" in message
     images, message = ui.generate("toy", "a red star", "", 0, 2, 7.5, "nope", 1, [], [], "")
     assert images == [] and "unknown scheduler" in message
+
+
+def test_profusion_tab_passes_extra_images_and_the_start_timestep(tmp_path):
+    """More images of the object become generate --extra-image FILE:WEIGHT (copied into the job), a start timestep
+    generate --start-timestep; bad values are refused before anything is queued."""
+    from conceptkit.ui.app import UI
+    from conceptkit.ui.jobs import JobQueue
+
+    images = sorted((REPO / "src/conceptkit/bundled/concepts/red-striped-star").glob("*.png"))
+    queue = JobQueue(tmp_path / "jobs", program=("true",))  # records the commands, runs nothing
+    ui = UI(queue, tmp_path, ["toy"])
+    for weight, start in ((0.0, 0), (float("nan"), 0), (1.0, 1000)):
+        _, message = ui.start_profusion("toy", str(images[0]), "a S* on a navy background", 2, 2, 0,
+                                        [str(images[1])], weight, start)
+        assert "ck-error" in message, (weight, start)
+    assert queue.list() == []
+    ui.start_profusion("toy", str(images[0]), "a S* on a navy background", 2, 2, 0,
+                       [str(images[1]), str(images[2])], 0.5, 300)
+    (job,) = queue.list()
+    for command in job.commands[1:]:  # the fusion and the plain generate
+        extras = [command[i + 1] for i, a in enumerate(command) if a == "--extra-image"]
+        assert extras == [f"{job.folder}/images/extra-0.png:0.5", f"{job.folder}/images/extra-1.png:0.5"]
+        assert command[command.index("--start-timestep") + 1] == "300"
+    copied = sorted(p.name for p in (Path(job.folder) / "images").iterdir())
+    assert copied == ["extra-0.png", "extra-1.png", "reference.png"]
+    assert (Path(job.folder) / "images" / "extra-1.png").read_bytes() == images[2].read_bytes()
+    ui.start_profusion("toy", str(images[0]), "a S* on a navy background", 2, 2, 0)  # the defaults: neither option
+    (plain,) = [j for j in queue.list() if j.id != job.id]
+    assert not any(a in ("--extra-image", "--start-timestep") for c in plain.commands for a in c)

@@ -10,11 +10,11 @@ import contextlib
 import re
 import sys
 
-from .commands import compose, demo, evaluate, generate, info, learn, report, shapes, ui
+from .commands import compose, convert, demo, evaluate, generate, info, learn, report, shapes, ui
 from . import locks
 from .errors import UserError, one_line
 
-COMMANDS = (generate, learn, compose, ui, demo, report, info, shapes, evaluate)  # in `conceptkit --help` order
+COMMANDS = (generate, learn, compose, ui, demo, report, info, shapes, evaluate, convert)  # in `conceptkit --help` order
 
 
 class Parser(argparse.ArgumentParser):

@@ -67,8 +67,14 @@ def register(sub) -> None:
     p.add_argument("--methods", type=o.names, help="comma-separated (default: fusion,fusion_notebook,plain,pretrained,"
                                      "pretrained_plain,ti)")
     p.add_argument("--objects", type=o.objects, default=8, help="held-out test objects (at most 8)")
-    p.add_argument("--split", choices=["test", "tune"], default="test",
-                   help="tune: 4 objects seen in pre-training and seeds of their own, for choosing settings")
+    p.add_argument("--split", choices=["test", "tune"],
+                   help="test (the default): 8 held-out objects and seeds, report these; tune: 4 objects seen in "
+                        "pre-training and seeds of their own, for choosing settings (the default with --sweep, which "
+                        "refuses test)")
+    p.add_argument("--prompts", choices=["moved", "compositional"], default="moved",
+                   help="moved (default): the 5 compositional prompts (size, position, background) and 4 two-object "
+                        "prompts (S* on one side, a second, different object on the other); compositional: the 5 "
+                        "compositional prompts only (the benchmark before)")
     p.add_argument("--seeds", type=o.count, default=4, help="held-out sampling seeds per prompt")
     p.add_argument("--steps", type=o.count, default=50, help="DDIM steps")
     p.add_argument("--finetune-steps", type=o.count)
@@ -82,9 +88,20 @@ def register(sub) -> None:
     g.add_argument("--refine-emb-scale", type=o.small_weight)
     g.add_argument("--refine-guidance", type=o.guidance_scale)
     g.add_argument("--class-word", type=o.name)
+    g.add_argument("--ref-prompt", type=o.prompt, help="a fixed reference prompt r (e.g. 'a photo of an object'; "
+                                                       "default: the prompt with S* replaced by the class word)")
+    p.add_argument("--sweep", action="append", type=o.sweep, metavar="KEY=V1,V2,...",
+                   help="sample fusion (fine-tuned) at each value, on the tune split; repeat for a grid of every "
+                        "combination. KEY: refine_emb_scale (lambda), refine_guidance_scale (w_f), "
+                        "ref_guidance_scale (w2), guidance_scale (w1), refine_steps (m), refine_eta (eta), ref_prompt "
+                        "(r: a fixed reference prompt, e.g. 'a photo of an object'; none = S* replaced by the class "
+                        "word; only used when w2 > 0), class_word. Each object is fine-tuned once; plain sampling "
+                        "is the baseline of the paired differences")
     p.add_argument("--threads", type=o.threads)
     p.add_argument("--out", type=o.path, default="outputs/evaluate-profusion", help="fine-tuned PromptNets, images, grid.png")
-    p.add_argument("--json", type=o.path, help="write the results (keys <method>.preservation/.adherence/.seconds)")
+    p.add_argument("--json", type=o.path, help="write the results (keys <method>.preservation/.adherence/.sum/.sum_se/"
+                                             ".seconds, fusion-<method>.sum_diff/.sum_diff_se; with --sweep a "
+                                             "sweep list, one entry per setting)")
     p.set_defaults(func=run_profusion, writes=("out",))
     p = evaluate.add_parser("oracle", help="oracle accuracy on clean renders and a model's VAE reconstructions")
     p.add_argument("--model", default="toy", help="whose VAE to test; '' for clean renders only")
@@ -272,21 +289,38 @@ def run_profusion(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    from ..evaluate.profusion_sweep import grid, parse_sweep
+
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r}: pass some of {', '.join(METHODS)}")
+    sweep = grid(parse_sweep(args.sweep)) if args.sweep else None
+    if sweep is not None and args.split == "test":
+        raise UserError("--sweep with --split test: settings are chosen on the tune split only (the test split stays "
+                        "held out): pass --split tune (the default with --sweep), then evaluate the chosen setting "
+                        "once with --split test")
+    if sweep is not None and args.methods:
+        raise UserError("--sweep with --methods: a sweep samples fusion (fine-tuned) at each setting and plain "
+                        "sampling once as its baseline: leave --methods out")
     d = FINETUNE_DEFAULTS
     finetune = FinetuneConfig(steps=args.finetune_steps or d.steps, lr=args.finetune_lr or d.lr,
                               augment=args.augment or d.augment)
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
-             "class_word": args.class_word}
-    result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
-                                finetune=finetune, fusion_overrides={k: v for k, v in given.items() if v is not None},
-                                objects=args.objects, split=args.split,
-                                out_dir=args.out)
+             "class_word": args.class_word, "ref_prompt": args.ref_prompt}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if sweep is not None:
+        from ..evaluate.profusion import sweep_profusion
+
+        result = sweep_profusion(args.model, args.promptnet, settings=sweep, seeds=args.seeds, steps=args.steps,
+                                 finetune=finetune, fusion_overrides=overrides, objects=args.objects, split="tune",
+                                 prompts=args.prompts, out_dir=args.out)
+    else:
+        result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
+                                    finetune=finetune, fusion_overrides=overrides, objects=args.objects,
+                                    split=args.split or "test", prompts=args.prompts, out_dir=args.out)
     print(table(result))
     if args.json:
         write_json(result, args.json)

@@ -5,7 +5,7 @@ import argparse
 
 from ..errors import UserError
 from ..learn.lora_config import LoRAConfig
-from ..learn.promptnet_config import FinetuneConfig, PretrainConfig
+from ..learn.promptnet_config import EMA_DECAY, FinetuneConfig, PretrainConfig
 from ..learn.ti_config import TIConfig
 from . import options as o
 from .options import add_model, add_progress_log, progress_log, refuse_finished_run
@@ -109,6 +109,19 @@ def register(sub) -> None:
                    help="z ~ q(z|x) (default, official) or its mean (for a UNet trained on means, like the bundled "
                         "one); --finetune default: as pre-trained")
     p.add_argument("--flip-p", type=o.probability, default=0.0, help="--pretrain: probability of a mirrored image")
+    p.add_argument("--crop", choices=["squash", "center", "random"],
+                   help="--pretrain: how a non-square image becomes square: squash it (default), its centre square "
+                        "(the official --center_crop), or a random square at every step after resizing its shorter "
+                        "side (the official default)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help="--pretrain: autocast the loss's forward in bf16 (GPUs, and CPUs) or fp16 (with a loss scaler, "
+                        "as the official command's Accelerate); PromptNet's weights and Adam stay fp32 (default no)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="--pretrain: PromptNet's and the UNet's blocks recompute their activations in backward: "
+                        "less memory, more compute (the official command uses it)")
+    p.add_argument("--ema-decay", type=o.number(EMA_DECAY),
+                   help="--pretrain: keep an EMA of PromptNet's weights with this decay (train.py --use_ema: 0.9999); "
+                        "validation, the saved folder and --export-to use it (default: none)")
     p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
                    help="--finetune: the mini dataset's augmentation")
     p.add_argument("--copies", type=o.count, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
@@ -222,6 +235,13 @@ def run_promptnet(args) -> None:
         raise UserError("--pretrain needs --images DIR, a folder of images of the domain")
     if args.finetune and not args.image:
         raise UserError("--finetune needs --image FILE, the one image of the concept")
+    pretrain_only = [name for name, given in (("--crop", args.crop is not None),
+                                              ("--mixed-precision", args.mixed_precision is not None),
+                                              ("--gradient-checkpointing", args.gradient_checkpointing),
+                                              ("--ema-decay", args.ema_decay is not None)) if given]
+    if args.finetune and pretrain_only:
+        raise UserError(f"{', '.join(pretrain_only)}: --pretrain options (fine-tuning is 100 short steps): leave "
+                        "them out with --finetune")
     import torch
 
     if args.threads:
@@ -237,6 +257,8 @@ def run_promptnet(args) -> None:
                              seed=args.seed,
                              checkpoint_every=args.checkpoint_every or d.checkpoint_every,
                              validate_every=d.validate_every if args.validate_every is None else args.validate_every,
+                             mixed_precision=args.mixed_precision or d.mixed_precision, crop=args.crop or d.crop,
+                             gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
                              **({"validation_prompts": ()} if args.no_validation else {}))
         if cfg.validation_prompts and cfg.validation_images:
             announce_validation(cfg.validation_images * len(cfg.validation_prompts), cfg.resolution,

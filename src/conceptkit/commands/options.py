@@ -79,6 +79,18 @@ def key_value(value: str) -> str:
     return value
 
 
+def sweep(value: str) -> str:
+    """evaluate profusion --sweep KEY=V1,V2,...: the key and each value checked here (evaluate/profusion_sweep.py);
+    kept as text, the command builds the grid of every --sweep."""
+    from ..evaluate.profusion_sweep import parse_one
+
+    try:
+        parse_one(value)
+    except ValueError as e:
+        raise _refuse(value, str(e)) from None
+    return value
+
+
 def step_list(value: str) -> str:
     """Step numbers separated by commas ('' for none); kept as text (compose_config reads it)."""
     if not all(v.strip().isdigit() for v in value.split(",") if v.strip()) or len(value) > 10_000:
@@ -108,9 +120,10 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
 
-def add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float | None = 7.5) -> None:
+def add_sampling(p: argparse.ArgumentParser, steps: int = 30, guidance: float | None = 7.5,
+                 guidance_help: str | None = None) -> None:
     p.add_argument("--steps", type=count, default=steps)
-    p.add_argument("--guidance-scale", type=guidance_scale, default=guidance)
+    p.add_argument("--guidance-scale", type=guidance_scale, default=guidance, help=guidance_help)
     p.add_argument("--scheduler", default="ddim", type=scheduler, help="ddim, dpm++, euler, euler-a, pndm")
 
 

@@ -96,6 +96,46 @@ def read_images(files: list[Path], resolution: int, center_crop: bool = False, *
         (resolution, resolution), Image.Resampling.BICUBIC)) for im in images])
 
 
+def check_image_files(files: list[Path], resolution: int, *, where: Path) -> None:
+    """What read_images refuses (unreadable files, a side below `resolution`), from the files' headers only: for
+    training that reads its images at every step (random crops) instead of once."""
+    unreadable, small = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn it by 90° (_as_rgb)
+                    width, height = height, width
+        except Image.DecompressionBombError:
+            raise UserError(f"{path}: too large to open safely (Pillow's decompression-bomb limit): downscale it "
+                            "first") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            unreadable.append(path.name)
+            continue
+        if min(width, height) < resolution:
+            small.append(f"{path.name} ({width}x{height})")
+    if unreadable:
+        raise UserError(f"{where}: cannot read {', '.join(unreadable)} as images (corrupt or not an image): "
+                        "remove or replace them")
+    if small:
+        raise UserError(f"{where}: {', '.join(small)} smaller than the training resolution {resolution}: pass a "
+                        "smaller --resolution or larger images")
+
+
+def random_crop(path: Path, resolution: int, g: torch.Generator) -> torch.Tensor:
+    """(3, R, R) in [-1, 1]: the image resized so that its shorter side is R (bicubic, as read_images), then an R x R
+    window at an offset drawn from `g` (the official pre-training's Resize + RandomCrop; a square image has one)."""
+    image = _open_rgb(path)
+    if image is None:
+        raise UserError(f"cannot read {path} as an image (corrupt or not an image): remove or replace it")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    left = int(torch.randint(0, size[0] - resolution + 1, (), generator=g))
+    top = int(torch.randint(0, size[1] - resolution + 1, (), generator=g))
+    return _to_tensor(resized.crop((left, top, left + resolution, top + resolution)))
+
+
 def load_reference_image(path: str | Path, resolution: int) -> torch.Tensor:
     """(1, 3, R, R) in [-1, 1]: one image, center-cropped to a square and resized with LANCZOS (ProFusion, §3.1)."""
     path = Path(path)

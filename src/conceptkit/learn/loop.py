@@ -27,8 +27,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    losses: list[float]) -> Path:
-    tensors = {}
+                    losses: list[float], extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """`extra`: more state of the run by name (an EMA of the weights, a loss scaler's), saved as it is."""
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in (extra or {}).items()}
     for name, p in params.items():
         tensors[f"param/{name}"] = p.detach().cpu().clone().contiguous()
         state = optimizer.state.get(p, {})
@@ -57,10 +58,12 @@ def trained_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")}
 
 
-# settings a run may change when it is resumed
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "keep_checkpoints", "conceptkit")
+# settings a run may change when it is resumed (gradient checkpointing recomputes the same activations: the steps
+# do not change)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "keep_checkpoints", "conceptkit",
+                     "gradient_checkpointing")
 # what a setting missing from an older run's config.json was
-SETTING_DEFAULTS = {"processes": 1}
+SETTING_DEFAULTS = {"processes": 1, "mixed_precision": "no", "ema_decay": None, "crop": "squash"}
 
 
 def check_same_settings(out: Path, config: dict, saved: dict) -> None:
@@ -119,11 +122,15 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
                 batch_loss: Callable[[torch.Generator], torch.Tensor], checkpoint: Callable[[int], None],
                 validate: Callable[[int], None], desc: str, progress: bool,
                 before_update: Callable[[], None] | None = None,
-                on_step: Callable[[int, float], None] | None = None, procs: Processes = Processes()) -> float:
+                on_step: Callable[[int, float], None] | None = None, procs: Processes = Processes(),
+                after_update: Callable[[], None] | None = None, scaler=None) -> float:
     """Steps start..cfg.steps (gradient accumulation, checkpoints, validation between checkpoints); the seconds
     they took. `batch_loss(g)` draws one batch from g and returns its loss; `before_update` runs between the
-    backward passes and the optimiser step (gradient clipping); `on_step(steps_done, loss)` after each step, once
+    backward passes and the optimiser step (gradient clipping); `after_update` right after the optimiser step,
+    before the step's checkpoint (an EMA of the weights); `on_step(steps_done, loss)` after each step, once
     its checkpoint and validation are written (progress reports: the CLI's --progress-log, the web UI).
+    `scaler`: a torch.amp.GradScaler (fp16 autocast), which scales the losses' backward passes, unscales the
+    gradients before `before_update` and skips an optimiser step whose gradients overflowed.
 
     With several processes (`procs`, learn/distributed.py) `batch_loss` returns the loss of this process's share
     of the global batch; the gradients and the loss are averaged over the processes before the optimiser step,
@@ -141,14 +148,22 @@ def train_steps(cfg, *, start: int, losses: list[float], optimizer: torch.optim.
             total = 0.0
             for _ in range(cfg.grad_accum):
                 loss = batch_loss(g) / cfg.grad_accum
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += loss.item()
             if procs.several:
                 total = average_gradients(procs, optimizer, total)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clipping sees the true gradients
             if before_update is not None:
                 before_update()
             updating = True  # an interruption from here to `done` would leave a half-updated step: no checkpoint
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if after_update is not None:
+                after_update()
             losses.append(total)
             done = step + 1
             updating = False

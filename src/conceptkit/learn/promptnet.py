@@ -6,12 +6,20 @@ encoder and (in pre-training) UNet are frozen; fine-tuning also trains the UNet'
 pipeline's weights back when it returns (the tuned ones are written next to the PromptNet).
 
 - Pre-training: x_ref and the target are the same image (the official FFHQ/CC3M setting). Latents are encoded
-  once (mean and std of q(z|x), cached in the run folder) and sampled every step.
+  once (mean and std of q(z|x), cached in the run folder) and sampled every step; with random crops (`crop`
+  "random", the official default for non-square images) the drawn images are read, cropped and encoded at every
+  step instead, the crops drawn from the step's generator (so a resumed run takes the same crops).
 - Fine-tuning: a mini dataset of the image plus augmented copies (§3.5; for the shapes world an affine jitter with
   the border colour filled in, instead of the face-inpainting of the notebook), and two independent random batches
   per step: one gives the reference, the other the denoising target.
 
 Like the other trainers: per-step generators (resume == uninterrupted run), atomic checkpoints, validation grids.
+Pre-training also takes the official training command's options: mixed precision (autocast of the loss's forward,
+fp32 weights and Adam; fp16 with a loss scaler, as Accelerate does), gradient checkpointing (PromptNet's and the
+UNet's blocks) and an EMA of PromptNet's weights (diffusers' EMAModel, as train.py --use_ema): the EMA and the
+scaler are part of the checkpoints, and the EMA weights are what validation shows and what is saved and exported.
+A run whose checkpoints have no EMA (older runs) resumes as it was; given --ema-decay, its EMA starts from the
+weights at the resumed step.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +45,16 @@ from ..profusion.image_encoders import DESCRIPTION_FILE, LatentPatchEncoder, loa
 from ..profusion.promptnet import PromptNet
 from ..profusion.prompts import encode_with_word, training_ids
 from ..profusion.saved import SavedPromptNet, attention_weight_names, save_promptnet
-from .images import image_files, load_reference_image, read_images, to_pil
+from ..profusion.state import load_strict
+from .images import check_image_files, image_files, load_reference_image, random_crop, read_images, to_pil
 from .loop import (check_same_settings, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
                    trained_tensors, train_steps)
 from .promptnet_config import FinetuneConfig, PretrainConfig
-from .textual_inversion import freeze
+from .textual_inversion import autocast, freeze
+
+EMA_PREFIX = "ema/"  # checkpoint tensors: the EMA of each trained tensor, by its name
+EMA_STEP = "ema_optimization_step"  # EMAModel.optimization_step: the updates the average has seen
+SCALER_STATE = ("amp/scale", "amp/growth_tracker")  # the fp16 loss scaler's dynamic state
 
 
 @dataclass
@@ -93,7 +107,44 @@ def check_resume(out: Path, config: dict, resume: bool, checkpoints: Path) -> No
         return
     path = out / "training.json"
     if path.exists():
-        check_same_settings(out, config, json.loads(path.read_text()).get("config", {}))
+        saved = json.loads(path.read_text()).get("config", {})
+        if saved.get("ema_decay") is None and config.get("ema_decay") is not None:
+            saved = {**saved, "ema_decay": config["ema_decay"]}  # an EMA may join a run that had none
+        check_same_settings(out, config, saved)
+
+
+def checkpoint_tensors(path: Path, names: tuple[str, ...] | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Some tensors of a checkpoint (those named, or those under `prefix`, without it), read alone."""
+    with safe_open(path, "pt") as f:
+        keys = [k for k in f.keys() if (k in names if names is not None else k.startswith(prefix))]
+        return {k[len(prefix):]: f.get_tensor(k) for k in keys}
+
+
+def start_ema(params: dict, decay: float, last: Path | None, step: int):
+    """diffusers' EMAModel over the trained tensors: from the checkpoint's EMA, or from the weights now (a new run,
+    or a resumed run whose checkpoints have none)."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(list(params.values()), decay=decay)
+    saved = checkpoint_tensors(last, prefix=EMA_PREFIX) if last is not None else {}
+    if saved:
+        if set(saved) != set(params):
+            raise UserError(f"checkpoint {last} holds an EMA of other tensors than this run trains: pass the run's "
+                            "settings, or a new --out folder")
+        count = int(checkpoint_tensors(last, (EMA_STEP,))[EMA_STEP].item())
+        ema.load_state_dict({"optimization_step": count,
+                             "shadow_params": [saved[n].to(p.device, p.dtype) for n, p in params.items()]})
+    elif last is not None:
+        print(f"the EMA of the weights (--ema-decay {decay:g}) starts at step {step}: the run's checkpoints have none",
+              file=sys.stderr)
+    return ema
+
+
+def restore_scaler(scaler, last: Path | None) -> None:
+    saved = checkpoint_tensors(last, SCALER_STATE) if last is not None else {}
+    if len(saved) == len(SCALER_STATE):
+        scaler.load_state_dict({**scaler.state_dict(), "scale": float(saved["amp/scale"].item()),
+                                "_growth_tracker": int(saved["amp/growth_tracker"].item())})
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
@@ -144,6 +195,11 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     last = latest_checkpoint(checkpoints) if resume else None
     if last is not None:
         start, losses = load_checkpoint(last, params, optimizer)
+    mixed_precision = getattr(cfg, "mixed_precision", "no")
+    scaler = torch.amp.GradScaler(pipe.unet.device.type) if mixed_precision == "fp16" else None
+    if scaler is not None:
+        restore_scaler(scaler, last)
+    ema = start_ema(params, cfg.ema_decay, last, start) if getattr(cfg, "ema_decay", None) else None
     if resume:
         remove_interrupted_writes(out)  # temporary files of writes a kill cut short
     out.mkdir(parents=True, exist_ok=True)
@@ -155,22 +211,41 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
 
     def batch_loss(g):
         b = draw(g)
-        return promptnet_loss(pipe, scheduler, promptnet, ids=ids, slot=slot, l2_reg=cfg.l2_reg, **b)
+        with autocast(pipe, mixed_precision):
+            return promptnet_loss(pipe, scheduler, promptnet, ids=ids, slot=slot, l2_reg=cfg.l2_reg, **b)
 
     def current() -> SavedPromptNet:
         return SavedPromptNet(promptnet, encoder, meta, None, out)
 
+    def run_state() -> dict[str, torch.Tensor]:
+        state = {}
+        if ema is not None:
+            state.update({EMA_PREFIX + n: t for n, t in zip(params, ema.shadow_params)})
+            state[EMA_STEP] = torch.tensor([ema.optimization_step])
+        if scaler is not None:
+            scaler_state = scaler.state_dict()
+            state.update({"amp/scale": torch.tensor([float(scaler_state["scale"])]),
+                          "amp/growth_tracker": torch.tensor([int(scaler_state["_growth_tracker"])])})
+        return state
+
     def checkpoint(done):
-        save_checkpoint(checkpoints, done, params, optimizer, losses)
+        save_checkpoint(checkpoints, done, params, optimizer, losses, run_state())
         prune_checkpoints(checkpoints, getattr(cfg, "keep_checkpoints", 2))
         atomic_write_text(out / "training.json", json.dumps({"config": config, "steps_done": done,
                                                               "loss_last_100": _mean(losses[-100:])}, indent=2) + "\n")
 
     def validate(done):
         promptnet.eval()
-        validation_grid(pipe, current(), val_pixels, cfg.validation_prompts, out / "validation", done, cfg.seed,
-                        progress)
-        promptnet.train()
+        if ema is not None:  # the grid shows the weights that will be saved
+            ema.store(params.values())
+            ema.copy_to(params.values())
+        try:
+            validation_grid(pipe, current(), val_pixels, cfg.validation_prompts, out / "validation", done, cfg.seed,
+                            progress)
+        finally:
+            if ema is not None:
+                ema.restore(params.values())
+            promptnet.train()
 
     clip = None
     if cfg.max_grad_norm:
@@ -179,8 +254,12 @@ def _run(pipe, promptnet, encoder, cfg, *, out: Path, kind: str, meta: dict, par
     promptnet.train()
     seconds = train_steps(cfg, start=start, losses=losses, optimizer=optimizer, batch_loss=batch_loss,
                           checkpoint=checkpoint, validate=validate, desc=f"promptnet {kind}", progress=progress,
-                          before_update=clip, on_step=on_step)
+                          before_update=clip, on_step=on_step, scaler=scaler,
+                          after_update=(lambda: ema.step(params.values())) if ema is not None else None)
     promptnet.eval()
+    if ema is not None:  # what is saved (and validated at the end) is the average, as train.py --use_ema
+        ema.copy_to(params.values())
+        meta["weights"] = {"ema_decay": cfg.ema_decay, "ema_updates": ema.optimization_step}
     previous = json.loads((out / "training.json").read_text()).get("seconds_total", 0.0) \
         if resume and (out / "training.json").exists() else 0.0
     meta.update({"steps": cfg.steps, "seconds_this_run": round(seconds, 1),
@@ -201,17 +280,19 @@ def _mean(xs):
 
 
 def _latent_cache(pipe, files: list[Path], where: Path, out: Path, resolution: int,
-                  keep_pixels: bool) -> dict[str, torch.Tensor]:
-    """Latent mean/std of every image (and the images as uint8, when the encoder needs pixels), cached in out."""
+                  keep_pixels: bool, center_crop: bool = False) -> dict[str, torch.Tensor]:
+    """Latent mean/std of every image (and the images as uint8, when the encoder needs pixels), cached in out;
+    squashed to a square, or its centre square (`center_crop`)."""
     path = out / "latent_cache.safetensors"
-    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}:{int(keep_pixels)}"
+    stamp = f"{len(files)}:{files[0].name}:{files[-1].name}:{resolution}:{int(keep_pixels)}" + \
+        (":center" if center_crop else "")  # (squash keeps the stamp caches were written with)
     if path.is_file():
         with safe_open(path, "pt") as f:
             if f.metadata().get("stamp") == stamp:
                 return load_file(path)
     means, stds, pixels = [], [], []
     for i in range(0, len(files), 512):
-        images = read_images(files[i : i + 512], resolution, where=where)
+        images = read_images(files[i : i + 512], resolution, center_crop, where=where)
         m, s = encode_images(pipe.vae, images)
         means.append(m)
         stds.append(s)
@@ -241,8 +322,14 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     encoder = image_encoder or default_image_encoder(pipe)
     needs_pixels = not isinstance(encoder, LatentPatchEncoder)
     files = image_files(images_dir)
-    cache = _latent_cache(pipe, files, Path(images_dir), out, resolution, keep_pixels=needs_pixels)
-    means, stds, pixels_u8 = cache["means"], cache["stds"], cache.get("pixels")
+    random_crops = cfg.crop == "random"
+    if random_crops:  # read at every step: checked now, so a bad file does not stop the run hours in
+        check_image_files(files, resolution, where=Path(images_dir))
+        means = stds = pixels_u8 = None
+    else:
+        cache = _latent_cache(pipe, files, Path(images_dir), out, resolution, keep_pixels=needs_pixels,
+                              center_crop=cfg.crop == "center")
+        means, stds, pixels_u8 = cache["means"], cache["stds"], cache.get("pixels")
     scaling = pipe.vae.config.scaling_factor
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
@@ -251,25 +338,40 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     T = pipe.scheduler.config.num_train_timesteps
 
     def draw(g):
-        index = torch.randint(0, len(means), (cfg.batch,), generator=g)
+        index = torch.randint(0, len(files), (cfg.batch,), generator=g)
         flip = torch.rand(cfg.batch, generator=g) < cfg.flip_p
-        latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
+        if random_crops:
+            crops = torch.stack([random_crop(files[i], resolution, g) for i in index.tolist()])
+            crop_means, crop_stds = encode_images(pipe.vae, crops)
+            latents = sample_latents(crop_means, crop_stds, torch.arange(cfg.batch), g, scaling, cfg.latents)
+        else:
+            latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, T, (cfg.batch,), generator=g)
         pixels = None
         if needs_pixels:
-            pixels = pixels_u8[index].float() / 127.5 - 1
+            pixels = crops if random_crops else pixels_u8[index].float() / 127.5 - 1
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
         return {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
                 "timesteps": t}
 
-    val = read_images(files[: cfg.validation_images], resolution, where=Path(images_dir))
+    # validation shows the centre squares of random-crop runs (the same images at every validation)
+    val = read_images(files[: cfg.validation_images], resolution, cfg.crop != "squash", where=Path(images_dir))
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
             "latents": cfg.latents,
-            "images": str(images_dir), "num_images": len(means)}
-    return _run(pipe, promptnet, encoder, cfg, out=out, kind="pretrain", meta=meta, params=params, draw=draw,
-                val_pixels=val, resume=resume, progress=progress, on_step=on_step)
+            "images": str(images_dir), "num_images": len(files)}
+    unet_checkpointing = pipe.unet.is_gradient_checkpointing
+    if cfg.gradient_checkpointing:
+        # the UNet's activations are the larger part of the graph (S* reaches the loss through its cross-attention)
+        promptnet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()
+    try:
+        return _run(pipe, promptnet, encoder, cfg, out=out, kind="pretrain", meta=meta, params=params, draw=draw,
+                    val_pixels=val, resume=resume, progress=progress, on_step=on_step)
+    finally:
+        if not unet_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()  # the pipeline as it was given
 
 
 def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch.Tensor:
@@ -371,10 +473,15 @@ def export_pretrain_checkpoint(pipe, run_dir: str | Path, out_dir: str | Path, d
     text_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     promptnet = PromptNet.from_unet(pipe.unet, encoder.embed_dim, text_dim, config["projection_channels"]).float()
     tensors, step, losses = read_checkpoint(last)
-    promptnet.load_state_dict(trained_tensors(tensors))
+    ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+    weights = ema if config.get("ema_decay") and ema else trained_tensors(tensors)  # the EMA when the run has one
+    load_strict(promptnet, weights, f"checkpoint {last}",
+                "it was written for another model or --image-encoder: pass the --model the run was started with")
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained",
             "pad_prompt": config["pad_prompt"], "latents": config.get("latents", "sample"), "prefix": config["prefix"],
             "placeholder": "S*", "steps": step, "loss_last_100": _mean(losses[-100:]), "config": config,
             "exported_from": str(last), "conceptkit": __version__}
+    if weights is ema:
+        meta["weights"] = {"ema_decay": config["ema_decay"], "ema_updates": int(tensors[EMA_STEP].item())}
     promptnet = promptnet.to(dtype)
     return save_promptnet(Path(out_dir), promptnet, encoder, meta)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from .. import values as v
 
+EMA_DECAY = v.Number(float, 0, 0.999999, lo_open=True)  # 1 would freeze the average at the initial weights
+
 
 @dataclass
 class PretrainConfig:
@@ -28,12 +30,21 @@ class PretrainConfig:
     projection_channels: int = 128
     flip_p: float = 0.0
     resolution: int | None = None
+    # how a non-square image becomes a square: squash (resized as it is; what conceptkit always did), center (the
+    # centre square; the official --center_crop), random (a square at a random offset at every step, after resizing
+    # the shorter side; the official default, Resize + RandomCrop)
+    crop: str = "squash"
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     validate_every: int = 1000
     validation_images: int = 4  # the first N training images, reconstructed with "a photo of S*"
     validation_prompts: tuple[str, ...] = ("a photo of S*",)
+    # the official training command's: `accelerate launch --mixed_precision fp16 ... --gradient_checkpointing`,
+    # train.py --use_ema (decay 0.9999)
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the loss's forward; weights and Adam stay fp32
+    gradient_checkpointing: bool = False  # PromptNet's and the UNet's blocks recompute activations in backward
+    ema_decay: float | None = None  # an EMA of PromptNet's weights (diffusers EMAModel); what is saved when set
 
     def __post_init__(self) -> None:
         """A bad setting fails here, naming the field (tests/test_config_checks.py)."""
@@ -41,9 +52,12 @@ class PretrainConfig:
                               "max_grad_norm": v.POSITIVE, "weight_decay": v.WEIGHT, "l2_reg": v.WEIGHT,
                               "projection_channels": v.COUNT, "flip_p": v.PROBABILITY, "resolution": v.SIZE,
                               "seed": v.SEED, "checkpoint_every": v.COUNT, "keep_checkpoints": v.COUNT,
-                              "validate_every": v.COUNT_OR_ZERO, "validation_images": v.COUNT_OR_ZERO},
-                       optional=("resolution",))
+                              "validate_every": v.COUNT_OR_ZERO, "validation_images": v.COUNT_OR_ZERO,
+                              "ema_decay": EMA_DECAY},
+                       optional=("resolution", "ema_decay"))
         v.check_choice(self, "latents", ("sample", "mean"))
+        v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
+        v.check_choice(self, "crop", ("squash", "center", "random"))
 
 
 @dataclass

@@ -57,13 +57,20 @@ class ClipVisionEncoder:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import CLIPVisionModel
+        from transformers.utils import logging as transformers_logging
 
         self.path = str(path)
+        verbosity = transformers_logging.get_verbosity()
+        # a whole CLIPModel folder (an official ProFusion pipeline's openclip/) loads its vision tower only:
+        # transformers would list every text-tower tensor it skips, which is expected here
+        transformers_logging.set_verbosity_error()
         try:
             self.model = CLIPVisionModel.from_pretrained(self.path, local_files_only=True).to(device, dtype).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a CLIP vision model from {self.path} ({str(e).splitlines()[0][:120]}): "
                             "pass --image-encoder FOLDER holding a transformers CLIPVisionModel") from None
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         self.model.requires_grad_(False)
 
     @property

@@ -8,10 +8,12 @@ the UNet's weights, plus new layers with PyTorch's default init:
 - one strided projection per feature map (after conv_in, after each down block, after the mid block) down to a
   common `g x g` grid, concatenated, and a last conv with kernel = stride = g to 1 x 1 → S* (B, 1, d_text).
 
-The grid g is the mid block's resolution and each projection's kernel is (its resolution) / g. For SD 2 at 64x64
-latents this gives exactly the official kernels (8, 4, 2, 1, 1, 1) and an 8x8 grid; for the bundled 16x16 model,
-(4, 2, 1, 1, 1) and a 4x4 grid. The official residual heads are computed and multiplied by 0 there; they are
-omitted here (so official checkpoints load with strict=False).
+The grid g is the mid block's resolution (or `projection_grid`) and each projection's kernel is (its resolution) / g.
+For SD 2 at 64x64 latents this gives exactly the official kernels (8, 4, 2, 1, 1, 1) and an 8x8 grid; for the
+bundled 16x16 model, (4, 2, 1, 1, 1) and a 4x4 grid. The official code's first kernel is max(2^(blocks-1), 8), so
+on UNets with fewer than 4 blocks its grid is smaller than the mid block's: `projection_grid` reproduces it for
+converted checkpoints (profusion/official.py). The official residual heads are computed and multiplied by 0 there;
+they are omitted here, and the converter drops them.
 """
 from __future__ import annotations
 
@@ -25,10 +27,14 @@ ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_b
 
 class PromptNet(ModelMixin, ConfigMixin):
     config_name = "config.json"
+    # the copied down and mid blocks recompute their activations in backward when it is on (pre-training's
+    # --gradient-checkpointing)
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, unet_config: dict, image_embed_dim: int, text_embed_dim: int,
-                 projection_channels: int = 128, sample_size: int | None = None):
+                 projection_channels: int = 128, sample_size: int | None = None,
+                 projection_grid: int | None = None):
         super().__init__()
         unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -39,9 +45,12 @@ class PromptNet(ModelMixin, ConfigMixin):
         latent_channels = unet_config.get("in_channels", 4)
         size = sample_size or unet_config["sample_size"]
         n = len(channels)
-        grid = size // 2 ** (n - 1)  # the mid block's resolution
-        if grid < 1 or size % 2 ** (n - 1):
+        mid = size // 2 ** (n - 1)  # the mid block's resolution
+        if mid < 1 or size % 2 ** (n - 1):
             raise ValueError(f"sample_size {size} is not divisible by 2^{n - 1}")
+        grid = projection_grid or mid
+        if mid % grid:
+            raise ValueError(f"projection_grid {grid} does not divide the mid block's resolution {mid}")
         self.grid = grid
         self.prompt_embedding = nn.Sequential(
             nn.Conv2d(latent_channels, channels[0], 3, padding=1), nn.SiLU(),
@@ -49,7 +58,7 @@ class PromptNet(ModelMixin, ConfigMixin):
         cross_dim = unet_config["cross_attention_dim"]
         cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
         self.context_proj = nn.Linear(image_embed_dim, cross_dim)
-        resolutions = [size] + [size // 2 ** min(i + 1, n - 1) for i in range(n)] + [grid]
+        resolutions = [size] + [size // 2 ** min(i + 1, n - 1) for i in range(n)] + [mid]
         in_channels = [channels[0]] + channels + [channels[-1]]
         self.projections = nn.ModuleList(
             nn.Conv2d(c, projection_channels, kernel_size=r // grid, stride=r // grid)

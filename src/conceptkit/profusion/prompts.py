@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-
-DEFAULT_PLACEHOLDER = "S*"
+from .fusion_config import DEFAULT_PLACEHOLDER  # noqa: F401 - where callers have always found it
 
 
 class _WordAtSlot(nn.Module):

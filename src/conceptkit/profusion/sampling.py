@@ -14,11 +14,21 @@ noise comes from each image's generator. `reference` follows the official code: 
 reference branch computed (and discarded) in fusion sub-steps, every prompt re-encoded at every call, fusion
 noise from the global RNG.
 
+Extra reference images (the official `extra_ref_image_*`), each with a weight w_k: in a fusion sub-step
+ε̃ ← (w1 ε̃ + Σ_k w_k ε̃_k) / (w1 + Σ_k w_k), where ε̃_k is the sub-step's output with image k's S*; in the main step
+ε̂ += Σ_k w_k [ε(c_k) − ε(∅)] (the official code's `s_1 · w_k / guidance_scale`, which is w_k). Batched, they ride
+in the same UNet call as the main image's conditions.
+
+`start_timestep` T (the official `st`): only the timesteps t ≤ T are sampled, starting from the reference latent
+noised to the first of them (DDIM's add_noise; the official code noises to T itself, at most one step gap away).
+
 Plain sampling (no fusion sub-step) works with every scheduler of generate/schedulers.py; fusion sub-steps are
-defined on DDIM's steps (ᾱ_t, ᾱ_t' and the η-variance of a DDIM step), so fusion refuses other schedulers.
+defined on DDIM's steps (ᾱ_t, ᾱ_t' and the η-variance of a DDIM step), so fusion refuses other schedulers, and so
+does a start from the noised reference (DDIM's timesteps and add_noise).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,45 +41,9 @@ from ..errors import UserError
 from ..generate.loop import Step, decode, denoise, initial_noise, sampler
 from ..generate.loop import work_dtype as loop_work_dtype
 from .fusion import MAX_ETA, fusion_update, to_epsilon
-from .prompts import DEFAULT_PLACEHOLDER, check_placeholder, encode_plain, encode_with_word, tokenize_with_slot
+from .fusion_config import FusionConfig
+from .prompts import check_placeholder, encode_plain, encode_with_word, tokenize_with_slot
 from .saved import SavedPromptNet, unet_attention_applied
-
-
-@dataclass
-class FusionConfig:
-    """Defaults: the fusion call of [nb-PF] (§3.7). `plain()` gives its non-fusion sampling (CFG 5, no r)."""
-    steps: int = 50
-    guidance_scale: float = 7.0  # w1
-    ref_guidance_scale: float = 5.0  # w2 (guidance_scale_ref)
-    refine_steps: int = 1  # m; 0 = plain sampling
-    refine_eta: float = 1.0
-    refine_emb_scale: float = 0.6  # λ
-    refine_guidance_scale: float = 7.0  # w_f
-    negative_prompt: str = ""
-    class_word: str = "object"  # r = the prompt with S* replaced by this word ("a person" in the official code)
-    ref_prompt: str | None = None  # overrides the derived r
-    placeholder: str = DEFAULT_PLACEHOLDER
-    execution: str = "batched"  # batched | reference
-    scheduler: str = "ddim"  # fusion sub-steps are DDIM's: other schedulers (generate/schedulers.py) only without them
-
-    def __post_init__(self) -> None:
-        """A bad setting fails here, naming the field, not in the sampler (tests/test_config_checks.py)."""
-        from .. import values as v
-
-        v.check_config(self, {"steps": v.COUNT, "guidance_scale": v.GUIDANCE, "ref_guidance_scale": v.GUIDANCE,
-                              "refine_steps": v.COUNT_OR_ZERO, "refine_eta": v.ETA,
-                              "refine_emb_scale": v.SMALL_WEIGHT, "refine_guidance_scale": v.GUIDANCE})
-        v.check_text(self, ("class_word", "ref_prompt", "placeholder"), optional=("ref_prompt",))
-        v.check_choice(self, "execution", ("batched", "reference"))
-        v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
-
-    @classmethod
-    def plain(cls, **kw) -> "FusionConfig":
-        return cls(**{"guidance_scale": 5.0, "ref_guidance_scale": 0.0, "refine_steps": 0, **kw})
-
-    @classmethod
-    def reference(cls, **kw) -> "FusionConfig":
-        return cls(**{"execution": "reference", **kw})
 
 
 def recommended_fusion(saved: SavedPromptNet) -> FusionConfig:
@@ -100,6 +74,14 @@ class Conditions:
     ref_prompts: list[str]
 
 
+@dataclass
+class ExtraReference:
+    """One more image of the concept in fusion sampling: its latent, its image tokens and its weight w_k."""
+    x_ref: torch.Tensor  # (B, C, h, w)
+    tokens: torch.Tensor  # (B, N, D)
+    weight: float
+
+
 def reference_prompt(prompt: str, cfg: FusionConfig) -> str:
     return cfg.ref_prompt if cfg.ref_prompt is not None else prompt.replace(cfg.placeholder, cfg.class_word)
 
@@ -112,6 +94,16 @@ def check_config(cfg: FusionConfig) -> None:
     if not 0 <= cfg.refine_eta <= MAX_ETA:
         raise UserError(f"--refine-eta {cfg.refine_eta}: pass a value in [0, sqrt(2)] (the fusion variance is "
                         "negative beyond sqrt(2))")
+    if cfg.start_timestep is not None and cfg.scheduler != "ddim":
+        raise UserError(f"--start-timestep {cfg.start_timestep} with --scheduler {cfg.scheduler}: the start from the "
+                        "noised reference is defined on DDIM's timesteps: pass --scheduler ddim, or leave "
+                        "--start-timestep out")
+
+
+def check_extra_weights(weights: list[float]) -> None:
+    for w in weights:
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+            raise UserError(f"--extra-image weight {w}: pass a number > 0 (FILE:WEIGHT, e.g. dog2.png:0.5)")
 
 
 def encode_conditions(pipe, prompts: list[str], cfg: FusionConfig) -> Conditions:
@@ -134,14 +126,21 @@ class Evaluator:
     """ε-evaluations for one batch of images: S* from PromptNet, prompts through the text encoder, the UNet."""
 
     def __init__(self, pipe, saved: SavedPromptNet, x_ref: torch.Tensor, tokens: torch.Tensor, cond: Conditions,
-                 cfg: FusionConfig):
+                 cfg: FusionConfig, extras: list[ExtraReference] = ()):
         self.pipe, self.saved, self.x_ref, self.tokens, self.cond, self.cfg = pipe, saved, x_ref, tokens, cond, cfg
+        self.extras = list(extras)
         self.dtype = pipe.unet.dtype
         self.work = work_dtype(pipe)
 
-    def word(self, x, t):
+    def word(self, x, t, extra: ExtraReference | None = None):
+        """S* of the main reference image, or of an extra one, for the current latent x."""
         net = self.saved.promptnet
-        return net(self.x_ref.to(net.dtype), t, self.tokens, x.to(net.dtype))
+        x_ref, tokens = (self.x_ref, self.tokens) if extra is None else (extra.x_ref, extra.tokens)
+        return net(x_ref.to(net.dtype), t, tokens, x.to(net.dtype))
+
+    def prompts_with_words(self, x, t, scale) -> list[torch.Tensor]:
+        """The prompt encoded with the main image's S*, then with each extra image's."""
+        return [self.prompt(self.word(x, t, extra), scale) for extra in [None, *self.extras]]
 
     def prompt(self, words, scale):
         return encode_with_word(self.pipe.text_encoder, self.cond.ids, self.cond.slots, words, scale)
@@ -161,25 +160,47 @@ class Evaluator:
         return encode_plain(self.pipe.text_encoder, self.pipe.tokenizer, self.cond.ref_prompts)
 
     def fusion_output(self, x, t):
-        """w_f-guided output with S* scaled by λ (model-output space)."""
-        c = self.prompt(self.word(x, t), self.cfg.refine_emb_scale)
+        """w_f-guided output with S* scaled by λ (model-output space); with extra images, the weighted mean of each
+        image's (weights w1 and w_k, as the official code)."""
+        wf = self.cfg.refine_guidance_scale
+        conds = self.prompts_with_words(x, t, self.cfg.refine_emb_scale)
         if self.cfg.execution == "batched":
-            u, cl = self.unet(x, t, [self.cond.negative, c])
+            u, *outs = self.unet(x, t, [self.cond.negative, *conds])
+            guided = [u + wf * (c - u) for c in outs]
         else:
-            contexts = [self.fresh("negative"), c] + ([self.fresh("ref")] if self.cond.ref is not None else [])
-            u, cl = self.unet(x, t, contexts)[:2]  # the reference branch is computed and discarded, as officially
-        return u + self.cfg.refine_guidance_scale * (cl - u)
+            guided = []
+            for c in conds:  # one ε-evaluation per image, the reference branch computed and discarded, as officially
+                contexts = [self.fresh("negative"), c] + ([self.fresh("ref")] if self.cond.ref is not None else [])
+                u, cl = self.unet(x, t, contexts)[:2]
+                guided.append(u + wf * (cl - u))
+        if not self.extras:
+            return guided[0]
+        weights = [self.cfg.guidance_scale] + [extra.weight for extra in self.extras]
+        total = sum(weights)
+        return sum(w / total * g for w, g in zip(weights, guided))
 
     def main_output(self, x, t):
-        c = self.prompt(self.word(x, t), 1.0)
+        conds = self.prompts_with_words(x, t, 1.0)
+        weights = [extra.weight for extra in self.extras]
         if self.cfg.execution == "batched":
-            negative, ref = self.cond.negative, self.cond.ref
+            ref = self.cond.ref
+            outs = self.unet(x, t, [self.cond.negative, conds[0]] + ([ref] if ref is not None else []) + conds[1:])
+            u, c = outs[0], outs[1]
+            extra_pairs = [(u, e) for e in outs[len(outs) - len(weights):]] if weights else []
         else:
-            negative, ref = self.fresh("negative"), self.fresh("ref") if self.cond.ref is not None else None
-        outs = self.unet(x, t, [negative, c] + ([ref] if ref is not None else []))
-        guided = outs[0] + self.cfg.guidance_scale * (outs[1] - outs[0])
+            ref = self.fresh("ref") if self.cond.ref is not None else None
+            outs = self.unet(x, t, [self.fresh("negative"), conds[0]] + ([ref] if ref is not None else []))
+            u, c = outs[0], outs[1]
+            extra_pairs = []
+            for cond in conds[1:]:  # the official call per extra image: [∅, c_k, r], r discarded
+                u_k, c_k = self.unet(x, t, [self.fresh("negative"), cond] + ([self.fresh("ref")] if ref is not None
+                                                                             else []))[:2]
+                extra_pairs.append((u_k, c_k))
+        guided = u + self.cfg.guidance_scale * (c - u)
         if ref is not None:
-            guided = guided + self.cfg.ref_guidance_scale * (outs[2] - outs[0])
+            guided = guided + self.cfg.ref_guidance_scale * (outs[2] - u)
+        for w, (u_k, c_k) in zip(weights, extra_pairs):
+            guided = guided + w * (c_k - u_k)
         return guided
 
 
@@ -236,32 +257,61 @@ def reference_latents(pipe, saved: SavedPromptNet, reference: torch.Tensor,
     return (dist.mean + dist.std * draws).to(work) * scaling
 
 
+def start_from_reference(scheduler, x_ref: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+    """Keep the scheduler's timesteps t ≤ start and return the reference latent noised to the first of them (the
+    latent DDIM expects at that timestep)."""
+    if x_ref.shape != noise.shape:
+        raise UserError(f"--start-timestep: the reference's latent is {tuple(x_ref.shape[-2:])}, the images' "
+                        f"{tuple(noise.shape[-2:])}: leave --width/--height at the model's native size")
+    kept = scheduler.timesteps[scheduler.timesteps <= start]
+    if not len(kept):
+        raise UserError(f"--start-timestep {start} is below every sampling timestep (the lowest is "
+                        f"{int(scheduler.timesteps[-1])} with --steps {len(scheduler.timesteps)}): pass a larger one")
+    scheduler.timesteps = kept
+    return scheduler.add_noise(x_ref, noise, kept[:1])
+
+
 @torch.no_grad()
 def sample(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str], cfg: FusionConfig,
            generators: list[torch.Generator], progress: bool = False,
-           latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
+           latent_hw: tuple[int, int] | None = None,
+           extra_references: list[tuple[torch.Tensor, float]] = ()) -> torch.Tensor:
     """Final latents (B, C, h, w) for `prompts` (one image each, generator i for image i) given the reference
-    image (1, 3, H, W) in [-1, 1]. latent_hw: (h, w) of the latents (default: the model's native size)."""
+    image (1, 3, H, W) in [-1, 1]. latent_hw: (h, w) of the latents (default: the model's native size).
+    extra_references: (image (1, 3, H, W), weight w_k) of more images of the concept (their latents are drawn
+    from each image's generator after its starting noise, so the main image's draws do not move)."""
     check_config(cfg)
+    check_extra_weights([w for _, w in extra_references])
     for p in prompts:
         check_placeholder(p, cfg.placeholder)
     schedule = sampler(cfg.scheduler, pipe, cfg.steps)
+    device, batch = pipe.unet.device, len(prompts)
     x_ref = reference_latents(pipe, saved, reference, generators)
-    tokens = saved.image_encoder(reference.float().to(pipe.unet.device).expand(len(prompts), -1, -1, -1), x_ref)
-    ev = Evaluator(pipe, saved, x_ref, tokens, encode_conditions(pipe, prompts, cfg), cfg)
-    method = FusionSampling(ev, generators, cfg, schedule)
+    tokens = saved.image_encoder(reference.float().to(device).expand(batch, -1, -1, -1), x_ref)
+    cond = encode_conditions(pipe, prompts, cfg)
     x = initial_noise(pipe, generators, latent_hw or (pipe.unet.config.sample_size,) * 2, schedule)
+    extras = []
+    for image, weight in extra_references:
+        extra_x_ref = reference_latents(pipe, saved, image, generators)
+        extra_tokens = saved.image_encoder(image.float().to(device).expand(batch, -1, -1, -1), extra_x_ref)
+        extras.append(ExtraReference(extra_x_ref, extra_tokens, float(weight)))
+    if cfg.start_timestep is not None:
+        x = start_from_reference(schedule, x_ref, x, cfg.start_timestep)
+    ev = Evaluator(pipe, saved, x_ref, tokens, cond, cfg, extras)
+    method = FusionSampling(ev, generators, cfg, schedule)
     with unet_attention_applied(pipe.unet, saved.unet_attention), \
-            tqdm(total=cfg.steps, desc="profusion", disable=not progress, leave=False) as bar:
+            tqdm(total=len(schedule.timesteps), desc="profusion", disable=not progress, leave=False) as bar:
         return denoise(method, x, schedule, before_step=method.before_step, generators=generators, progress=bar)
 
 
 def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, prompts: list[str] | str,
                        cfg: FusionConfig | None = None, *, seed: int = 0, num_images: int = 1, batch_size: int = 8,
                        out_dir: str | Path | None = None, progress: bool = True,
-                       latent_hw: tuple[int, int] | None = None) -> ProFusionOutput:
+                       latent_hw: tuple[int, int] | None = None,
+                       extra_references: list[tuple[torch.Tensor, float]] = ()) -> ProFusionOutput:
     """`num_images` images per prompt (image j uses seed + j, its own generator), as PIL images; latent_hw: the
-    latents' (h, w) (default: the model's native size)."""
+    latents' (h, w) (default: the model's native size); extra_references: (image, weight) of more images of the
+    concept (see `sample`)."""
     cfg = cfg or FusionConfig()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -271,16 +321,19 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
     for i in tqdm(range(0, len(jobs), batch_size), desc="profusion", disable=not progress or len(jobs) <= batch_size):
         chunk = jobs[i : i + batch_size]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-        z = sample(pipe, saved, reference, [p for p, _ in chunk], cfg, gens, progress=progress, latent_hw=latent_hw)
+        z = sample(pipe, saved, reference, [p for p, _ in chunk], cfg, gens, progress=progress, latent_hw=latent_hw,
+                   extra_references=extra_references)
         latents.append(z.cpu())
         images.extend(decode(pipe, z))
     result = ProFusionOutput(images, [p for p, _ in jobs], [s for _, s in jobs], torch.cat(latents))
     from ..generate.infotext import settings_for
 
     method = f"ProFusion {'fusion' if cfg.refine_steps else 'plain'} sampling"
+    weights = " ".join(f"{w:g}" for _, w in extra_references) or None
     result.settings = [settings_for(pipe, p, seed=s, steps=cfg.steps, sampler=cfg.scheduler,
                                     cfg_scale=cfg.guidance_scale, image=img, negative_prompt=cfg.negative_prompt,
-                                    Method=method, PromptNet=saved.folder.name if saved.folder else None)
+                                    Method=method, PromptNet=saved.folder.name if saved.folder else None,
+                                    **{"Extra image weights": weights, "Start timestep": cfg.start_timestep})
                        for (p, s), img in zip(jobs, images)]
     if out_dir is not None:
         from ..generate.images import save
@@ -292,11 +345,12 @@ def generate_profusion(pipe, saved: SavedPromptNet, reference: torch.Tensor, pro
 def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str | Path | None = None,
                         fusion: bool = True, steps: int = 30, scheduler: str = "ddim", seed: int = 0,
                         num_images: int = 1, out_dir: str | Path | None = None, progress: bool = True,
-                        **settings) -> ProFusionOutput:
+                        extra_images: list[tuple[str | Path, float]] = (), **settings) -> ProFusionOutput:
     """ProFusion the way `conceptkit generate --promptnet/--image` runs it. `promptnet`: a PromptNet folder (or a
     loaded SavedPromptNet); `image`: the reference (default: the one the PromptNet was fine-tuned on); fusion
-    sampling with the folder's recommended settings, or plain sampling (`fusion=False`); `settings`: FusionConfig
-    fields on top (guidance_scale=..., refine_steps=..., class_word=...)."""
+    sampling with the folder's recommended settings, or plain sampling (`fusion=False`); `extra_images`: (file,
+    weight) of more images of the concept; `settings`: FusionConfig fields on top (guidance_scale=...,
+    refine_steps=..., class_word=..., start_timestep=...)."""
     from ..learn.images import load_reference_image
     from ..models.sdxl import refuse_unless_sd
     from .saved import load_promptnet
@@ -309,6 +363,10 @@ def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str
                         "fine-tuned on one)")
     base = recommended_fusion(saved) if fusion else FusionConfig.plain()
     cfg = replace(base, steps=steps, scheduler=scheduler, **settings)
-    reference = load_reference_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    check_config(cfg)
+    check_extra_weights([w for _, w in extra_images])
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    reference = load_reference_image(image, size)
+    extras = [(load_reference_image(path, size), weight) for path, weight in extra_images]
     return generate_profusion(pipe, saved, reference, prompts, cfg, seed=seed, num_images=num_images,
-                              out_dir=out_dir, progress=progress)
+                              out_dir=out_dir, progress=progress, extra_references=extras)

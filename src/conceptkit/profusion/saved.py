@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from .image_encoders import DESCRIPTION_FILE, load_image_encoder, read_description
 from .promptnet import PromptNet
+from .state import load_strict
 
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 META_FILE = "promptnet.json"
 UNET_ATTENTION_FILE = "unet_attention.safetensors"
 REFERENCE_FILE = "reference.png"
@@ -53,7 +56,7 @@ def save_promptnet(out: Path, promptnet: PromptNet, image_encoder, meta: dict,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in promptnet.state_dict().items()}  # as they are (fp16 ships)
-    atomic_write(out / "diffusion_pytorch_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", promptnet.to_json_string())
     atomic_write_text(out / DESCRIPTION_FILE, json.dumps(image_encoder.describe(), indent=2) + "\n")
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
@@ -63,16 +66,46 @@ def save_promptnet(out: Path, promptnet: PromptNet, image_encoder, meta: dict,
     return out
 
 
+def read_promptnet(folder: Path) -> PromptNet:
+    """The PromptNet of a folder, every tensor checked against the network its config.json describes."""
+    config = PromptNet.load_config(folder)
+    try:
+        net = PromptNet.from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder / 'config.json'} does not describe a PromptNet ({str(e).splitlines()[0][:120]}): "
+                        "pass a folder written by `conceptkit learn promptnet` or `conceptkit convert promptnet`"
+                        ) from None
+    return load_strict(net, load_file(folder / WEIGHTS_FILE), f"PromptNet {folder / WEIGHTS_FILE}",
+                       "its weights do not fit its config.json: write the folder again with `conceptkit learn "
+                       "promptnet` (or `convert promptnet`)")
+
+
 def load_promptnet(folder: str | Path, pipe) -> SavedPromptNet:
+    """A PromptNet folder, or an official ProFusion checkpoint converted in memory (profusion/official.py), for
+    `pipe`'s UNet and text encoder."""
     from ..models.sdxl import refuse_unless_sd
+    from .official import convert_official, find_official
 
     refuse_unless_sd(pipe, "ProFusion (PromptNet)")
     folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "diffusion_pytorch_model.safetensors").is_file():
-        raise UserError(f"{folder} is not a PromptNet folder (no config.json + diffusion_pytorch_model.safetensors): "
-                        "pass a folder written by `conceptkit learn promptnet`, e.g. the bundled one")
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
-    net = PromptNet.from_pretrained(folder)
+    official = find_official(folder)
+    if official is not None:
+        converted = convert_official(official, unet_config=pipe.unet.config)
+        if converted.image_encoder is None:
+            raise UserError(f"{folder} has no image encoder next to it (the pipeline folder's openclip/): convert it "
+                            f"with `conceptkit convert promptnet --from-official {folder} --image-encoder FOLDER "
+                            "--out DIR` and pass --promptnet DIR")
+        net, meta, description = converted.promptnet, converted.meta, converted.image_encoder.describe()
+        print(f"converted the official ProFusion PromptNet {folder} in memory (save it with `conceptkit convert "
+              "promptnet`)", file=sys.stderr)
+    elif not (folder / "config.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"{folder} is not a PromptNet folder (no config.json + {WEIGHTS_FILE}): "
+                        "pass a folder written by `conceptkit learn promptnet`, e.g. the bundled one, or an official "
+                        "ProFusion checkpoint")
+    else:
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        net = read_promptnet(folder)
+        description = read_description(folder)
     unet_cfg = net.config.unet_config
     checks = {"block_out_channels": list(pipe.unet.config.block_out_channels),
               "cross_attention_dim": pipe.unet.config.cross_attention_dim}
@@ -86,7 +119,7 @@ def load_promptnet(folder: str | Path, pipe) -> SavedPromptNet:
         raise UserError(f"PromptNet {folder} makes {net.config.text_embed_dim}-d words, the text encoder takes "
                         f"{text_dim}-d: pass the --model it was trained for")
     net = net.to(pipe.unet.device, torch.float32).eval().requires_grad_(False)
-    encoder = load_image_encoder(read_description(folder), device=pipe.unet.device)
+    encoder = load_image_encoder(description, device=pipe.unet.device)
     attention = None
     if (folder / UNET_ATTENTION_FILE).is_file():
         attention = load_file(folder / UNET_ATTENTION_FILE)

@@ -23,8 +23,12 @@ ABOUT = {
           "the init word, and by the best plain-text description.",
     "clora": "Pairs of concept LoRAs in one image: success = two objects, matching the two concepts one-to-one with "
              "shape, colour and pattern all right; concepts found = the share of the two concepts that appear.",
-    "profusion": "ProFusion on held-out objects from one image each: preservation = the object's shape, colour and "
-                 "pattern kept (all three); adherence = the requested background, position and size.",
+    "profusion": "ProFusion on held-out objects from one image each: preservation = the object that stands for S* "
+                 "(the largest; with two objects asked for, the one at S*'s side) keeps its shape, colour and "
+                 "pattern (all three); adherence = the requested background, position and size, or for two-object "
+                 "prompts background, both sides filled and the second object's shape, colour and pattern. ± SE: "
+                 "over (object, seed) units, and clustered by object; fusion − other: paired differences. A sweep "
+                 "file has one row per fusion setting (tune split).",
     "oracle": "How often the oracle reads scenes right: clean renders, and the VAE's reconstructions of them.",
     "images": "Generated images against real ones: CLIP-I and DINO = mean cosine over every generated x reference "
               "pair of L2-normalised embeddings (CLIP image features; DINO's CLS token), CLIP-T = cosine of each "

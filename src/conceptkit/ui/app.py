@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -404,19 +405,34 @@ class UI:
         return self.progress(job), images, attention, masks, commands_md(job)
 
     # ProFusion: a job of three commands
-    def start_profusion(self, model, image, prompt, steps, sample_steps, seed):
+    def start_profusion(self, model, image, prompt, steps, sample_steps, seed, extra_images=None, extra_weight=1.0,
+                        start_timestep=0):
+        """`extra_images`: more images of the object (generate --extra-image, each at `extra_weight`);
+        `start_timestep` 1-999: sample from the reference noised to it (generate --start-timestep; 0: off)."""
         try:
             self.check_model(model)
             (path,) = check_images([image] if image else [], 1)
+            extras = check_images(extra_images, 0)
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if "S*" not in prompt:
             return gr.update(), error_html("the prompt must say S* where the uploaded object goes, "
                                            "e.g. 'a small S* on the left, on a navy background'")
-        copy_image = copy_uploads([path], [f"reference{path.suffix.lower()}"])
-        reference = f"{{folder}}/images/reference{path.suffix.lower()}"
+        weight, start = float(extra_weight or 0), int(start_timestep or 0)
+        if extras and not (math.isfinite(weight) and 0 < weight <= 100):
+            return gr.update(), error_html("the extra images' weight must be a number > 0 (1: as much as the "
+                                           "guidance of one image)")
+        if not 0 <= start <= 999:
+            return gr.update(), error_html("the start timestep must be 1-999 (0: start from noise)")
+        names = [f"reference{path.suffix.lower()}"] + [f"extra-{i}{p.suffix.lower()}" for i, p in enumerate(extras)]
+        copy_image = copy_uploads([path, *extras], names)
+        reference = f"{{folder}}/images/{names[0]}"
         gen = ["generate", "--model", model, "--promptnet", "{out}/promptnet", f"--prompt={prompt}",
                "--seed", str(int(seed)), "--steps", str(int(sample_steps))]
+        for name in names[1:]:
+            gen += ["--extra-image", f"{{folder}}/images/{name}:{weight:g}"]
+        if start:
+            gen += ["--start-timestep", str(start)]
         commands = [["learn", "promptnet", "--finetune", "--model", model, "--image", reference,
                      "--steps", str(int(steps)), "--out", "{out}/promptnet", "--progress-log", "{progress}"],
                     [*gen, "--fusion", "--out", "{out}/fusion"],
@@ -581,6 +597,15 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                         pf_sample_steps = gr.Number(30, label="Sampling steps", precision=0,
                                                     elem_id="profusion-sample-steps")
                         pf_seed = gr.Number(0, label="Seed", precision=0)
+                    with gr.Accordion("More (optional)", open=False):
+                        pf_extra = gr.File(file_count="multiple", label="More images of the object (each adds its "
+                                           "word to fusion sampling)", elem_id="profusion-extra",
+                                           file_types=["image"])
+                        with gr.Row():
+                            pf_extra_weight = gr.Number(1.0, label="Their weight", elem_id="profusion-extra-weight")
+                            pf_start = gr.Number(0, label="Start timestep (0: from noise; 1-999: from the noised "
+                                                 "reference, which keeps its layout)", precision=0,
+                                                 elem_id="profusion-start-timestep")
                     pf_go = gr.Button("Fine-tune and generate", variant="primary", elem_id="profusion-button")
                     pf_msg = gr.HTML(elem_id="profusion-message")
                 with gr.Column():
@@ -593,7 +618,8 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                         pf_plain = gr.Image(label="Without fusion", type="filepath", format="png", height=220,
                                             elem_id="profusion-plain")
                     pf_cmds = gr.Markdown()
-            pf_go.click(ui.start_profusion, [model, reference_in, pf_prompt, pf_steps, pf_sample_steps, pf_seed], [pf_job, pf_msg])
+            pf_go.click(ui.start_profusion, [model, reference_in, pf_prompt, pf_steps, pf_sample_steps, pf_seed,
+                                             pf_extra, pf_extra_weight, pf_start], [pf_job, pf_msg])
 
         queue_view = gr.Markdown(queue_md(queue), elem_id="queue")
         seen = gr.State({})
