@@ -110,6 +110,8 @@ def add_compose_settings(p: argparse.ArgumentParser, defaults: dict | None = Non
     g.add_argument("--iterative-steps-steps", type=o.count_or_zero, help=f"refinements at those steps (default {d.iterative_steps_steps})")
     g.add_argument("--no-latent-update", dest="latent_update", action="store_false", default=None)
     g.add_argument("--mask-threshold", type=o.probability, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
+    g.add_argument("--mask-combine", choices=["or", "sum"], help=f"a concept's tokens: each thresholded then OR-ed "
+                   f"(or, the official code) or their maps summed then thresholded (sum; default {d.mask_combine})")
     g.add_argument("--apply-mask-after", type=o.count_or_zero, help="blend uniformly before this step (default 0)")
     g.add_argument("--attn-res", type=o.attn_res, help="side of the attention maps used (default: latent/4, at least 8)")
     for name in ("dilate", "erode", "opening", "closing"):

@@ -16,11 +16,17 @@ def erode(m: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_masks(maps: torch.Tensor, mask_indices: list[list[int]], latent_hw: tuple[int, int],
                     threshold: float = 0.4, channels: int = 4, *, dilation: bool = False, erosion: bool = False,
-                    opening: bool = False, closing: bool = False) -> torch.Tensor:
-    """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered."""
+                    opening: bool = False, closing: bool = False, combine: str = "or") -> torch.Tensor:
+    """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered.
+    combine="or": each token's map thresholded at threshold x its maximum, OR-ed (§2.6); "sum": the tokens' maps
+    summed first, then thresholded at threshold x the sum's maximum."""
     K = maps.shape[0]
     masks = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
     for p, indices in enumerate(mask_indices):
+        if combine == "sum" and indices:
+            a = maps[p, :, :, indices].float().sum(-1)
+            masks[p, 0] = (a > threshold * a.max()).float()
+            continue
         for k in indices:
             a = maps[p, :, :, k].float()
             masks[p, 0] = torch.maximum(masks[p, 0], (a > threshold * a.max()).float())

@@ -111,7 +111,8 @@ class Composition:
             masks = self.fixed_masks.to(eps_u.device)
         elif self.mask_indices is not None and step.index >= cfg.apply_mask_after:
             masks = attention_masks(maps, self.mask_indices, self.latent_hw, cfg.mask_threshold, channels,
-                                    dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing)
+                                    dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing,
+                                    combine=cfg.mask_combine)
         else:
             masks = torch.ones(K, 1, channels, *self.latent_hw, device=eps_u.device)
         step.trace.record(step.index, maps, masks[:, 0, 0])
