@@ -38,6 +38,14 @@ class CLoRAConfig:
     # as mask; "sum": the tokens' maps summed, then thresholded at alpha x the sum's maximum, so each token counts
     # by the attention it gets
     mask_combine: str = "or"
+    # ours: a latent pixel goes to the one concept branch whose score is highest there (where the official masks
+    # overlap, the branches are averaged, which mixes the two concepts' attributes)
+    mask_exclusive: bool = False
+    # ours: "own" (the paper): branch i's mask from concept i's tokens in branch i's maps; "all": from concept i's
+    # tokens in every branch's maps (the contrastive groups: the same layout seen K times)
+    mask_source: str = "own"
+    # ours: masks from an exponential moving average of the maps over steps (0: this step's maps, the paper)
+    mask_ema: float = 0.0
     dilate: bool = False
     erode: bool = False
     opening: bool = False
@@ -70,6 +78,9 @@ class CLoRAConfig:
         v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
         v.check_choice(self, "execution", ("batched", "sequential"))
         v.check_choice(self, "mask_combine", ("or", "sum"))
+        v.check_choice(self, "mask_source", ("own", "all"))
+        if not (isinstance(self.mask_ema, (int, float)) and 0 <= self.mask_ema < 1):
+            raise ValueError(f"CLoRAConfig.mask_ema = {self.mask_ema!r}: pass a number in [0, 1)")
         if not isinstance(self.iterative_steps, (tuple, list)) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= v.BIG for s in self.iterative_steps):
             raise ValueError(f"CLoRAConfig.iterative_steps = {self.iterative_steps!r}: pass a tuple of step numbers "

@@ -16,20 +16,32 @@ def erode(m: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_masks(maps: torch.Tensor, mask_indices: list[list[int]], latent_hw: tuple[int, int],
                     threshold: float = 0.4, channels: int = 4, *, dilation: bool = False, erosion: bool = False,
-                    opening: bool = False, closing: bool = False, combine: str = "or") -> torch.Tensor:
+                    opening: bool = False, closing: bool = False, combine: str = "or",
+                    exclusive: bool = False, groups: list[list[list[int]]] | None = None) -> torch.Tensor:
     """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered.
-    combine="or": each token's map thresholded at threshold x its maximum, OR-ed (§2.6); "sum": the tokens' maps
-    summed first, then thresholded at threshold x the sum's maximum."""
+    A branch's score is its tokens' maps, each divided by its maximum, then combine="or": their maximum (each token
+    thresholded at threshold x its maximum, OR-ed: §2.6), or combine="sum": the maps summed first, then divided by
+    the sum's maximum (each token counts by the attention it gets). Mask = score > threshold; exclusive=True keeps
+    a pixel only in the branch whose score is highest there, so two concepts' branches never average.
+    groups (the contrastive groups, groups[c][q] = concept c's tokens in branch q): branch c+1's score is read from
+    concept c's tokens in every branch's maps, not only its own (K views of one layout: less noise)."""
     K = maps.shape[0]
-    masks = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
+    scores = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
     for p, indices in enumerate(mask_indices):
-        if combine == "sum" and indices:
-            a = maps[p, :, :, indices].float().sum(-1)
-            masks[p, 0] = (a > threshold * a.max()).float()
+        if not indices:
             continue
-        for k in indices:
-            a = maps[p, :, :, k].float()
-            masks[p, 0] = torch.maximum(masks[p, 0], (a > threshold * a.max()).float())
+        if groups is not None and p > 0:
+            a = torch.cat([maps[q, :, :, g].float() for q, g in enumerate(groups[p - 1]) if g], dim=-1)
+        else:
+            a = maps[p, :, :, indices].float()
+        if combine == "sum":
+            a = a.sum(-1)
+            scores[p, 0] = a / a.max().clamp_min(1e-12)
+        else:
+            scores[p, 0] = (a / a.amax(dim=(0, 1)).clamp_min(1e-12)).amax(-1)
+    masks = (scores > threshold).float()
+    if exclusive:
+        masks = masks * (scores >= scores.amax(0, keepdim=True)).float()
     # morphology on the binary r x r masks, in the spec's order (the padding of max-pool is -inf, so borders
     # dilate only from inside and erode as if surrounded by mask)
     if dilation:
