@@ -73,14 +73,13 @@ class CLoRAConfig:
                               "iterative_steps_steps": v.COUNT_OR_ZERO, "temperature": v.POSITIVE,
                               "attn_res": v.Number(int, 1, 1024), "minmax_eps": v.PROBABILITY,
                               "apply_mask_after": v.COUNT_OR_ZERO, "mask_threshold": v.PROBABILITY,
+                              "mask_ema": v.Number(float, 0, 0.999),
                               "style_weight": v.SMALL_WEIGHT, "merge_weight": v.SMALL_WEIGHT, "switch_every": v.COUNT},
                        optional=("max_iter_to_alter", "attn_res"))
         v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
         v.check_choice(self, "execution", ("batched", "sequential"))
         v.check_choice(self, "mask_combine", ("or", "sum"))
         v.check_choice(self, "mask_source", ("own", "all"))
-        if not (isinstance(self.mask_ema, (int, float)) and 0 <= self.mask_ema < 1):
-            raise ValueError(f"CLoRAConfig.mask_ema = {self.mask_ema!r}: pass a number in [0, 1)")
         if not isinstance(self.iterative_steps, (tuple, list)) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= v.BIG for s in self.iterative_steps):
             raise ValueError(f"CLoRAConfig.iterative_steps = {self.iterative_steps!r}: pass a tuple of step numbers "

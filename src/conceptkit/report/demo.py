@@ -72,6 +72,10 @@ def demo_case() -> "clora.Case":
     return next(c for c in clora.cases("test") if (c.left.name, c.right.name) == PAIR)
 
 
+# the masks the README recommends (chosen on evaluate clora's tune split): concepts partition the image by attention
+MASKS = ("--mask-exclusive", "--mask-threshold", "0", "--mask-combine", "sum")
+
+
 def clora_steps(out: Path, s: Settings) -> tuple[list[Step], str]:
     case = demo_case()
     template = case.template
@@ -80,7 +84,7 @@ def clora_steps(out: Path, s: Settings) -> tuple[list[Step], str]:
                                                for a in ("--lora", f"{clora.slot(c)}={shown(files[c.name])}")],
             "--method", "clora,merge", "--seed", str(clora.EVAL_SEEDS[0]), "--num-images", str(s.compose_seeds),
             "--steps", str(s.steps), "--iterative-steps", s.iterative_steps,
-            "--iterative-steps-steps", str(s.iterative_steps_steps), "--save-maps", "--out", shown(out / "clora")]
+            "--iterative-steps-steps", str(s.iterative_steps_steps), *MASKS, "--save-maps", "--out", shown(out / "clora")]
     return [Step("compose", args, out / "clora")], template
 
 
