@@ -218,21 +218,8 @@ def test_exclusive_masks_never_overlap_and_give_each_pixel_to_the_highest_score(
     assert torch.all(alone[0] == 0)  # threshold 0: the concepts partition the image, nothing left to the base
 
 
-def test_masks_from_every_branch_read_the_concept_group_not_only_its_own_branch():
-    maps = torch.zeros(3, 4, 4, 10)
-    maps[1, 0, 0, 2] = 1.0  # branch 1's own view of concept 1: one corner
-    maps[0, :, :2, 4] = 1.0  # the other branches see concept 1 on the left half
-    maps[2, :, :2, 4] = 1.0
-    indices = [[], [2], [6]]
-    groups = [[[4], [2], [4]], [[5], [5], [6]]]
-    own = attention_masks(maps, indices, (4, 4), threshold=0.5)[1, 0, 0]
-    assert own.sum() == 1
-    every = attention_masks(maps, indices, (4, 4), threshold=0.5, groups=groups)[1, 0, 0]
-    assert torch.all(every[:, :2] == 1) and torch.all(every[:, 2:] == 0)
-
-
 def test_mask_settings_are_checked():
-    for bad in (dict(mask_ema=1.0), dict(mask_ema=-0.1), dict(mask_source="mine"), dict(mask_combine="and")):
+    for bad in (dict(mask_combine="and"), dict(mask_combine="")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             CLoRAConfig(**bad)
 
@@ -647,11 +634,10 @@ def test_lora_spec_weight_after_at_and_compose_options_reach_the_config():
         LoraSpec.parse("a=a.safetensors@heavy")
     args = build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=a.safetensors", "--out", "x",
                                       "--temperature", "0.2", "--guidance-rescale", "0.7", "--no-text-encoder-lora",
-                                      "--mask-exclusive", "--mask-combine", "sum", "--mask-source", "all",
-                                      "--mask-ema", "0.5"])
+                                      "--mask-exclusive", "--mask-combine", "sum"])
     cfg = compose_config(args)
     assert (cfg.temperature, cfg.guidance_rescale, cfg.use_text_encoder_lora) == (0.2, 0.7, False)
-    assert (cfg.mask_exclusive, cfg.mask_combine, cfg.mask_source, cfg.mask_ema) == (True, "sum", "all", 0.5)
+    assert (cfg.mask_exclusive, cfg.mask_combine) == (True, "sum")
     default = compose_config(build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=x", "--out", "x"]))
     assert default == CLoRAConfig()
 

@@ -23,7 +23,6 @@ ZERO_MEANS = {
     "guidance_rescale": "0: no rescale (the default)", "step_size": "0: the latent does not move",
     "max_iter_to_alter": "0: no latent update", "iterative_steps_steps": "0: no refinements",
     "minmax_eps": "0: the reference quirk", "apply_mask_after": "0: the default", "mask_threshold": "0: any map > 0",
-    "mask_ema": "0: this step's maps (the paper)",
     "style_weight": "0: the style LoRA off", "merge_weight": "0: the base model", "ref_guidance_scale": "0: no r",
     "refine_steps": "0: plain sampling", "refine_eta": "η 0: deterministic", "refine_emb_scale": "λ 0: no S*",
     "refine_guidance_scale": "0: unguided sub-step", "validation_images": "0: no validation images",

@@ -121,12 +121,6 @@ def add_compose_settings(p: argparse.ArgumentParser, defaults: dict | None = Non
     g.add_argument("--mask-exclusive", action="store_true", default=None,
                    help="a pixel goes to the one concept whose mask score is highest there, instead of averaging "
                         "the concepts whose masks overlap (ours, not in the paper)")
-    g.add_argument("--mask-source", choices=["own", "all"],
-                   help=f"a concept's mask from its tokens in its own branch's maps (own, the paper) or in every "
-                        f"branch's maps (all; default {d.mask_source})")
-    g.add_argument("--mask-ema", type=o.probability,
-                   help=f"masks from a moving average of the maps over steps with this decay (default {d.mask_ema}: "
-                        "this step's maps, the paper)")
     g.add_argument("--apply-mask-after", type=o.count_or_zero, help="blend uniformly before this step (default 0)")
     g.add_argument("--attn-res", type=o.attn_res, help="side of the attention maps used (default: latent/4, at least 8)")
     for name in ("dilate", "erode", "opening", "closing"):

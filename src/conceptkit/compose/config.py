@@ -41,11 +41,6 @@ class CLoRAConfig:
     # ours: a latent pixel goes to the one concept branch whose score is highest there (where the official masks
     # overlap, the branches are averaged, which mixes the two concepts' attributes)
     mask_exclusive: bool = False
-    # ours: "own" (the paper): branch i's mask from concept i's tokens in branch i's maps; "all": from concept i's
-    # tokens in every branch's maps (the contrastive groups: the same layout seen K times)
-    mask_source: str = "own"
-    # ours: masks from an exponential moving average of the maps over steps (0: this step's maps, the paper)
-    mask_ema: float = 0.0
     dilate: bool = False
     erode: bool = False
     opening: bool = False
@@ -73,13 +68,11 @@ class CLoRAConfig:
                               "iterative_steps_steps": v.COUNT_OR_ZERO, "temperature": v.POSITIVE,
                               "attn_res": v.Number(int, 1, 1024), "minmax_eps": v.PROBABILITY,
                               "apply_mask_after": v.COUNT_OR_ZERO, "mask_threshold": v.PROBABILITY,
-                              "mask_ema": v.Number(float, 0, 0.999),
                               "style_weight": v.SMALL_WEIGHT, "merge_weight": v.SMALL_WEIGHT, "switch_every": v.COUNT},
                        optional=("max_iter_to_alter", "attn_res"))
         v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
         v.check_choice(self, "execution", ("batched", "sequential"))
         v.check_choice(self, "mask_combine", ("or", "sum"))
-        v.check_choice(self, "mask_source", ("own", "all"))
         if not isinstance(self.iterative_steps, (tuple, list)) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= v.BIG for s in self.iterative_steps):
             raise ValueError(f"CLoRAConfig.iterative_steps = {self.iterative_steps!r}: pass a tuple of step numbers "

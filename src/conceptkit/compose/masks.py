@@ -17,23 +17,18 @@ def erode(m: torch.Tensor) -> torch.Tensor:
 def attention_masks(maps: torch.Tensor, mask_indices: list[list[int]], latent_hw: tuple[int, int],
                     threshold: float = 0.4, channels: int = 4, *, dilation: bool = False, erosion: bool = False,
                     opening: bool = False, closing: bool = False, combine: str = "or",
-                    exclusive: bool = False, groups: list[list[list[int]]] | None = None) -> torch.Tensor:
+                    exclusive: bool = False) -> torch.Tensor:
     """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered.
     A branch's score is its tokens' maps, each divided by its maximum, then combine="or": their maximum (each token
     thresholded at threshold x its maximum, OR-ed: §2.6), or combine="sum": the maps summed first, then divided by
     the sum's maximum (each token counts by the attention it gets). Mask = score > threshold; exclusive=True keeps
-    a pixel only in the branch whose score is highest there, so two concepts' branches never average.
-    groups (the contrastive groups, groups[c][q] = concept c's tokens in branch q): branch c+1's score is read from
-    concept c's tokens in every branch's maps, not only its own (K views of one layout: less noise)."""
+    a pixel only in the branch whose score is highest there, so two concepts' branches never average."""
     K = maps.shape[0]
     scores = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
     for p, indices in enumerate(mask_indices):
         if not indices:
             continue
-        if groups is not None and p > 0:
-            a = torch.cat([maps[q, :, :, g].float() for q, g in enumerate(groups[p - 1]) if g], dim=-1)
-        else:
-            a = maps[p, :, :, indices].float()
+        a = maps[p, :, :, indices].float()
         if combine == "sum":
             a = a.sum(-1)
             scores[p, 0] = a / a.max().clamp_min(1e-12)

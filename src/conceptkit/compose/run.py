@@ -98,8 +98,7 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
         for seed in mine:
             g = torch.Generator(device="cpu").manual_seed(seed)
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
-                       mask_indices=bp.mask_indices if masks else None, mask_groups=bp.groups, generator=g,
-                       embeddings=embeddings,
+                       mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
                        height=height, width=width, switch_every=switch_every, record=save_maps, style=style_name,
                        words=words, regions=regions, fixed_masks=method == "regional")
             images.append(decode(pipe, r.latents)[0])

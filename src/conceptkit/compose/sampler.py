@@ -49,10 +49,8 @@ class Composition:
 
     def __init__(self, models: list[BranchModel], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
                  mask_indices: list[list[int]] | None, latent_hw: tuple[int, int], switch_every: int | None = None,
-                 fixed_masks: torch.Tensor | None = None, mask_groups: list[list[list[int]]] | None = None):
+                 fixed_masks: torch.Tensor | None = None):
         self.models, self.cfg, self.groups, self.mask_indices = models, cfg, groups, mask_indices
-        self.mask_groups = mask_groups if cfg.mask_source == "all" else None
-        self.mask_maps = None  # the maps' moving average (cfg.mask_ema)
         self.fixed_masks = fixed_masks  # (K, 1, C, h, w): regional composition's masks, used at every step
         self.latent_hw, self.switch_every = latent_hw, switch_every
         self.update_until = cfg.alter_until() if (cfg.latent_update and groups is not None) else 0
@@ -112,13 +110,9 @@ class Composition:
         if self.fixed_masks is not None:
             masks = self.fixed_masks.to(eps_u.device)
         elif self.mask_indices is not None and step.index >= cfg.apply_mask_after:
-            if cfg.mask_ema and self.mask_maps is not None:
-                self.mask_maps = cfg.mask_ema * self.mask_maps + (1 - cfg.mask_ema) * maps.float()
-            else:
-                self.mask_maps = maps.float()
-            masks = attention_masks(self.mask_maps, self.mask_indices, self.latent_hw, cfg.mask_threshold, channels,
+            masks = attention_masks(maps, self.mask_indices, self.latent_hw, cfg.mask_threshold, channels,
                                     dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing,
-                                    combine=cfg.mask_combine, exclusive=cfg.mask_exclusive, groups=self.mask_groups)
+                                    combine=cfg.mask_combine, exclusive=cfg.mask_exclusive)
         else:
             masks = torch.ones(K, 1, channels, *self.latent_hw, device=eps_u.device)
         step.trace.record(step.index, maps, masks[:, 0, 0])
@@ -129,16 +123,14 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
            mask_indices: list[list[int]] | None, generator: torch.Generator, style: str | None = None,
            height: int | None = None, width: int | None = None, switch_every: int | None = None,
            record: bool = False, embeddings: list[torch.Tensor] | None = None,
-           words: dict | None = None, regions: list[str] | None = None, fixed_masks: bool = False,
-           mask_groups: list[list[list[int]]] | None = None) -> SampleResult:
+           words: dict | None = None, regions: list[str] | None = None, fixed_masks: bool = False) -> SampleResult:
     """Denoise one latent. `branch_sets` has one entry, or (switch) one per adapter, used in turn.
 
     groups=None turns latent updates off; mask_indices=None blends the branches uniformly. `embeddings`: the
     branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts. `words`:
     {concept name: its word source (profusion/image_word.py's ImageWord)} for branches with word slots.
     fixed_masks=True (regional): branch 0 is the base prompt and branch i its concept i's, blended with the fixed
-    region masks of masks.region_masks(regions) instead of attention masks. mask_groups: the concepts' token groups,
-    for masks read from every branch (cfg.mask_source = "all").
+    region masks of masks.region_masks(regions) instead of attention masks.
     """
     began = time.perf_counter()
     latent_hw = latent_size(pipe, height, width)
@@ -154,7 +146,7 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
     if fixed_masks:
         fixed = region_masks(regions, len(branch_sets[0]) - 1, latent_hw, z.shape[1])
     composition = Composition(models, cfg, groups=groups, mask_indices=mask_indices, latent_hw=latent_hw,
-                              switch_every=switch_every, fixed_masks=fixed, mask_groups=mask_groups)
+                              switch_every=switch_every, fixed_masks=fixed)
     trace = Trace(keep_maps=record)
     with capturing(pipe.unet, store, explicit_everywhere=cfg.explicit_attention):
         z = denoise(composition, z, schedule, before_step=composition.before_step, generators=[generator],
