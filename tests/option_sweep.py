@@ -45,6 +45,7 @@ ZERO_MEANS = {
     "iterative_steps_steps": "0: no extra refinements",
     "apply_mask_after": "0: mask from the first step (the default)",
     "merge_weight": "0: a merge of nothing, the base model (a baseline)",
+    "guidance_rescale": "0: no rescale (the default)",
 }
 # options (by dest) where '' is a meaningful setting, and why; their type may be plain str
 EMPTY_MEANS = {

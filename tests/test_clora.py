@@ -188,6 +188,42 @@ def test_masks_are_binary_cover_every_pixel_and_fall_back_to_the_base_branch():
     assert torch.all(attention_masks(maps, indices, (4, 4), threshold=0.6, erosion=True)[1:] <= plain)
 
 
+def test_or_masks_equal_each_token_thresholded_then_ored_and_sum_masks_weigh_tokens_by_attention():
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(3, 4, 4, 10, generator=g)
+    indices = [[], [2, 3], [6]]
+    ored = torch.zeros(4, 4)
+    for k in (2, 3):
+        ored = torch.maximum(ored, (maps[1, :, :, k] > 0.5 * maps[1, :, :, k].max()).float())
+    assert torch.equal(attention_masks(maps, indices, (4, 4), threshold=0.5)[1, 0, 0], ored)
+    # a token the model hardly attends to (an untrained trigger) adds its noise to "or", almost nothing to "sum"
+    maps[1, :, :, 2] *= 0.01
+    summed = maps[1, :, :, 2] + maps[1, :, :, 3]
+    expected = (summed > 0.5 * summed.max()).float()
+    assert torch.equal(attention_masks(maps, indices, (4, 4), threshold=0.5, combine="sum")[1, 0, 0], expected)
+
+
+def test_exclusive_masks_never_overlap_and_give_each_pixel_to_the_highest_score():
+    maps = torch.zeros(3, 4, 4, 10)
+    maps[1, :, :2, 2] = 1.0  # concept 1 attends to the left half, a little everywhere
+    maps[1, :, 2:, 2] = 0.3
+    maps[2, :, 2:, 6] = 1.0  # concept 2 to the right half
+    maps[2, :, :2, 6] = 0.2
+    indices = [[], [2], [6]]
+    shared = attention_masks(maps, indices, (4, 4), threshold=0.1)[:, 0, 0]
+    assert (shared[1] * shared[2]).sum() == 16  # both masks cover everything: the branches are averaged
+    alone = attention_masks(maps, indices, (4, 4), threshold=0.0, exclusive=True)[:, 0, 0]
+    assert torch.all(alone[1, :, :2] == 1) and torch.all(alone[1, :, 2:] == 0)
+    assert torch.all(alone[2, :, 2:] == 1) and torch.all(alone[2, :, :2] == 0)
+    assert torch.all(alone[0] == 0)  # threshold 0: the concepts partition the image, nothing left to the base
+
+
+def test_mask_settings_are_checked():
+    for bad in (dict(mask_combine="and"), dict(mask_combine="")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CLoRAConfig(**bad)
+
+
 def test_blend_of_equal_predictions_is_that_prediction():
     eps = torch.randn(1, 4, 8, 8).expand(3, 4, 8, 8)
     masks = (torch.rand(3, 1, 4, 8, 8) > 0.5).float()
@@ -572,6 +608,38 @@ def test_text_and_regional_branches(toy_two):
     assert undescribed.text_prompt is None
     with pytest.raises(UserError, match="concept 'b' has no description"):
         method_branches("text", undescribed, ["a", "b"], CLoRAConfig())
+
+
+def test_per_concept_weights_scale_each_adapter_in_every_method(toy_two):
+    pipe, bp = toy_two
+    w = [0.5, 1.25]
+    sets, *_ = method_branches("clora", bp, ["a", "b"], CLoRAConfig(), weights=w)
+    assert sets[0].adapters == [{}, {"a": 0.5}, {"b": 1.25}]
+    sets, *_ = method_branches("merge", bp, ["a", "b"], CLoRAConfig(merge_weight=0.8), weights=w)
+    assert sets[0].adapters == [{"a": 0.4, "b": 1.0}]
+    sets, *_ = method_branches("switch", bp, ["a", "b"], CLoRAConfig(), weights=w)
+    assert [s.adapters for s in sets] == [[{"a": 0.5}], [{"b": 1.25}]]
+    sets, *_ = method_branches("composite", bp, ["a", "b"], CLoRAConfig())
+    assert sets[0].adapters == [{"a": 1.0}, {"b": 1.0}]  # no weights: 1
+
+
+def test_lora_spec_weight_after_at_and_compose_options_reach_the_config():
+    from conceptkit.commands.compose import compose_config
+    from conceptkit.compose.concepts import LoraSpec
+    from conceptkit.cli import build_parser
+
+    assert LoraSpec.parse("a=a.safetensors:zwx:circle@0.8") == LoraSpec("a", "a.safetensors", "zwx", "circle", weight=0.8)
+    assert LoraSpec.parse("a=a.safetensors@1.5").weight == 1.5 and LoraSpec.parse("a=a.safetensors").weight == 1.0
+    with pytest.raises(UserError, match="weight after '@'"):
+        LoraSpec.parse("a=a.safetensors@heavy")
+    args = build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=a.safetensors", "--out", "x",
+                                      "--temperature", "0.2", "--guidance-rescale", "0.7", "--no-text-encoder-lora",
+                                      "--mask-exclusive", "--mask-combine", "sum"])
+    cfg = compose_config(args)
+    assert (cfg.temperature, cfg.guidance_rescale, cfg.use_text_encoder_lora) == (0.2, 0.7, False)
+    assert (cfg.mask_exclusive, cfg.mask_combine) == (True, "sum")
+    default = compose_config(build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=x", "--out", "x"]))
+    assert default == CLoRAConfig()
 
 
 def test_regional_sampling_differs_from_attention_masks_and_is_deterministic(toy_two):

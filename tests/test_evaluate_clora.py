@@ -1,53 +1,140 @@
-"""`evaluate clora`: the success rule, the prompt set and the training captions (the run itself is a benchmark)."""
+"""`evaluate clora`: the concepts, cases and seeds, the success rule, the LoRA recipe's captions (the run itself is a
+benchmark)."""
+import itertools
+
+import pytest
 from PIL import Image
 
-from conceptkit.evaluate.clora import (EVAL_SEEDS, TRIGGERS, TUNING_SEEDS, captions, concepts_found, lora_files,
-                                       pairs, success)
+from conceptkit.evaluate.clora import (EVAL_SEEDS, SPLIT_BACKGROUNDS, SPLITS, TRIGGERS, TUNING_SEEDS, Recipe, cases,
+                                       lora_files, on_side, read_pair, slot, training_scenes)
 from conceptkit.models.loading import load_pipeline
-from conceptkit.shapes.concepts import CONCEPTS, by_name
+from conceptkit.shapes.captions import shape_word
+from conceptkit.shapes.concepts import COMPOSE_TEST, COMPOSE_TUNE
 from conceptkit.shapes.render import render
-from conceptkit.shapes.world import EVAL_SEED_BASE, Obj, Scene
+from conceptkit.shapes.world import EVAL_SEED_BASE, NAMED_SHAPES, Obj, Scene, is_held_out
 
-STAR, CROSS = by_name("red-striped-star"), by_name("pink-checkered-cross")
-
-
-def scene(left, right) -> Image.Image:
-    objs = tuple(Obj(c.shape, color, c.pattern, pos, "medium") for (c, color), pos in
-                 zip([left, right], ["left", "right"]))
-    return Image.fromarray(render(Scene("gray", objs)))
+CIRCLE, SQUARE = COMPOSE_TEST[0], COMPOSE_TEST[1]  # yellow checkered circle, blue plain square
 
 
-def test_success_needs_both_concepts_each_with_its_own_attributes():
-    both = scene((STAR, STAR.color), (CROSS, CROSS.color))
-    assert success(both, STAR, CROSS) and success(both, CROSS, STAR)
-    swapped = scene((STAR, CROSS.color), (CROSS, STAR.color))  # colours swapped between the objects
-    assert not success(swapped, STAR, CROSS) and concepts_found(swapped, STAR, CROSS)[0] == 0
-    one_right = scene((STAR, STAR.color), (CROSS, "blue"))
-    assert not success(one_right, STAR, CROSS) and concepts_found(one_right, STAR, CROSS)[0] == 1
-    twice = scene((STAR, STAR.color), (STAR, STAR.color))  # one concept copied onto both objects
-    assert not success(twice, STAR, CROSS)
-    single = Image.fromarray(render(Scene("gray", (Obj(STAR.shape, STAR.color, STAR.pattern, "left", "large"),))))
-    assert not success(single, STAR, CROSS)
+def pair(left, right, bg="gray") -> Image.Image:
+    """left/right: (shape, colour, pattern)."""
+    objs = (Obj(*left, position="left", size="medium"), Obj(*right, position="right", size="medium"))
+    return Image.fromarray(render(Scene(bg, objs)))
 
 
-def test_prompt_set_and_seeds_are_held_out():
-    assert len(pairs()) >= 6 and all(a != b for a, b, _ in pairs())
-    assert len(EVAL_SEEDS) >= 8 and min(EVAL_SEEDS) >= EVAL_SEED_BASE
+def t(c):
+    return (c.shape, c.color, c.pattern)
+
+
+def test_success_needs_each_concept_with_its_own_attributes_on_its_own_side():
+    right = read_pair(pair(t(CIRCLE), t(SQUARE)), CIRCLE, SQUARE)
+    assert right.success and right.success_any_side and right.found == 2 and not right.mixed
+    sides = read_pair(pair(t(SQUARE), t(CIRCLE)), CIRCLE, SQUARE)  # both there, on the wrong sides
+    assert not sides.success and sides.success_any_side and sides.found == 2
+    swapped = read_pair(pair(("circle", "blue", "checkered"), ("square", "yellow", "plain")), CIRCLE, SQUARE)
+    assert not swapped.success_any_side and swapped.found == 0 and swapped.mixed  # colours swapped: mixing
+    patterned = read_pair(pair(t(CIRCLE), ("square", "blue", "checkered")), CIRCLE, SQUARE)
+    assert not patterned.success and patterned.found == 1 and patterned.mixed  # the circle's pattern on the square
+    other = read_pair(pair(t(CIRCLE), ("square", "green", "striped")), CIRCLE, SQUARE)
+    assert not other.success and other.found == 1 and not other.mixed  # wrong, but not the other concept's
+    twice = read_pair(pair(t(CIRCLE), t(CIRCLE)), CIRCLE, SQUARE)
+    assert not twice.success and not twice.success_any_side
+    single = Image.fromarray(render(Scene("gray", (Obj(*t(CIRCLE), position="left", size="large"),))))
+    assert not read_pair(single, CIRCLE, SQUARE).success_any_side
+    assert on_side(single, CIRCLE, "left") and not on_side(single, CIRCLE, "right")
+    assert not on_side(single, SQUARE, "left")
+
+
+def test_concepts_have_own_class_words_differ_pairwise_and_are_held_out():
+    assert not set(COMPOSE_TUNE) & set(COMPOSE_TEST)
+    for concepts in SPLITS.values():
+        assert len(concepts) == 4
+        for a, b in itertools.combinations(concepts, 2):
+            assert a.shape != b.shape and a.color != b.color and a.pattern != b.pattern
+        for c in concepts:
+            assert c.shape in NAMED_SHAPES and shape_word(c.shape) == c.shape == slot(c)
+            assert is_held_out(Obj(*t(c), position="left"))
+
+
+def test_cases_cover_every_pair_both_sides_two_backgrounds_and_held_out_seeds():
+    for split, concepts in SPLITS.items():
+        got = cases(split)
+        assert len(got) == 6 * 2 * 2
+        assert {frozenset((c.first.name, c.second.name)) for c in got} == \
+            {frozenset((a.name, b.name)) for a, b in itertools.combinations(concepts, 2)}
+        for c in got:
+            assert {c.left, c.right} == {c.first, c.second} and c.left != c.right
+            phrase = c.prompt("FIRST", "SECOND")
+            assert f"FIRST on the {c.first_side}" in phrase and f"SECOND on the {c.second_side}" in phrase
+            assert c.template.index(slot(c.first)) < c.template.index(slot(c.second))
+            assert c.regions == [c.first_side, c.second_side]
+        # each concept is asked for on the left and on the right, named first and second
+        for concept in concepts:
+            assert {c.first_side if c.first == concept else c.second_side for c in got if concept in (c.first, c.second)} \
+                == {"left", "right"}
+        assert {c.background for c in got} == set(SPLIT_BACKGROUNDS[split]) and len(SPLIT_BACKGROUNDS[split]) == 2
+    assert len(EVAL_SEEDS) >= 8 and min(EVAL_SEEDS) >= EVAL_SEED_BASE and len(TUNING_SEEDS) >= 8
     assert not set(EVAL_SEEDS) & set(TUNING_SEEDS)
 
 
-def test_triggers_are_single_tokens_and_every_caption_says_one():
+def test_triggers_are_distinct_single_unused_tokens():
     tok = load_pipeline("toy").tokenizer
-    for concept in CONCEPTS:
+    from conceptkit.shapes.captions import vocabulary
+
+    names = [c.name for c in COMPOSE_TUNE + COMPOSE_TEST]
+    assert len({TRIGGERS[n] for n in names}) == len(names)
+    for n in names:
+        assert len(tok(TRIGGERS[n], add_special_tokens=False).input_ids) == 1
+        assert TRIGGERS[n] not in vocabulary()  # a word the base model was never trained on
+
+
+def test_training_captions_name_the_concept_where_it_is_and_the_other_object_by_its_class_word():
+    recipe = Recipe(pair_views=16, single_views=4)  # fewer than the recipe: quick
+    for concept in COMPOSE_TUNE + COMPOSE_TEST:
         trigger = TRIGGERS[concept.name]
-        assert len(tok(trigger, add_special_tokens=False).input_ids) == 1
-        for text in captions(concept):
-            assert text.split().count(trigger) == 1
+        scenes = training_scenes(concept, recipe)
+        assert len(scenes) == 20
+        orders = set()
+        for scene, text in scenes:
+            words = text.replace(",", "").split()
+            assert words.count(trigger) == 1 and words[words.index(trigger) + 1] == concept.shape
+            mine = [o for o in scene.objects if o.triple == t(concept)]
+            assert len(mine) == 1
+            assert text.split(f"{trigger} {concept.shape}")[1].split(",")[0].split(" and ")[0].strip() in (
+                f"on the {mine[0].position}", "in the center", "at the top", "at the bottom", "")
+            for other in scene.objects:
+                if other is mine[0]:
+                    continue
+                assert other.shape != concept.shape and other.color != concept.color
+                assert other.pattern != concept.pattern and not is_held_out(other)  # no benchmark concept
+                assert f"a {other.shape} on the {other.position}" in text  # a plain class word, its side
+                orders.add((mine[0].position, text.startswith(f"a {trigger}")))
+        assert orders == {("left", True), ("left", False), ("right", True), ("right", False)}
 
 
-def test_bundled_loras_exist_and_carry_their_trigger():
+def test_bundled_loras_exist_and_carry_trigger_class_word_and_description():
     from conceptkit.models.lora import read_lora_info
 
-    for concept in CONCEPTS:
-        info = read_lora_info(lora_files(None)[concept.name])
-        assert info.trigger == TRIGGERS[concept.name] and info.class_word in ("object", concept.shape)
+    files = lora_files(None)
+    for concept in COMPOSE_TUNE + COMPOSE_TEST:
+        info = read_lora_info(files[concept.name])
+        assert info.trigger == TRIGGERS[concept.name] and info.class_word == concept.shape
+        assert info.metadata.get("description") == concept.description and info.rank == Recipe().rank
+        assert files[concept.name].stat().st_size < 600_000
+
+
+def test_cli_refuses_bad_combinations(capsys):
+    from conceptkit.cli import main
+
+    assert main(["evaluate", "clora", "--train-only"]) != 0
+    assert "--train-only needs --train-loras" in capsys.readouterr().err
+    assert main(["evaluate", "clora", "--methods", "clora,blend"]) != 0
+    assert "unknown method 'blend'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["tune", "test"])
+def test_descriptions_are_the_base_models_words(split):
+    from conceptkit.shapes.captions import vocabulary
+
+    for c in SPLITS[split]:
+        assert all(w in vocabulary() for w in c.description.split())

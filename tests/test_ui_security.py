@@ -190,3 +190,25 @@ def test_profusion_tab_passes_extra_images_and_the_start_timestep(tmp_path):
     ui.start_profusion("toy", str(images[0]), "a S* on a navy background", 2, 2, 0)  # the defaults: neither option
     (plain,) = [j for j in queue.list() if j.id != job.id]
     assert not any(a in ("--extra-image", "--start-timestep") for c in plain.commands for a in c)
+
+
+def test_compose_weights_masks_temperature_and_text_encoder_become_compose_options(tmp_path):
+    from conceptkit.ui.app import UI
+    from conceptkit.ui.jobs import JobQueue
+
+    queue = JobQueue(tmp_path / "jobs", program=("true",))  # records the command, runs nothing
+    ui = UI(queue, tmp_path, ["toy"])
+    offered = ui.concepts()
+    a, b = [label for label, (kind, _) in offered.items() if kind == "lora"][:2]
+    ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 0.8, 1.0, 1.0,
+                     True, 0.2, False)
+    (job,) = queue.list()
+    command = job.commands[0]
+    assert f"a={offered[a][1]}@0.8" in command and f"b={offered[b][1]}" in command
+    assert command[command.index("--temperature") + 1] == "0.2" and "--no-text-encoder-lora" in command
+    assert "--mask-exclusive" in command and command[command.index("--mask-threshold") + 1] == "0"
+    ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 1.0, 1.0, 1.0, False)
+    (command,) = [j.commands[0] for j in queue.list() if j.commands[0] != command]
+    assert "--mask-exclusive" not in command and "--no-text-encoder-lora" not in command
+    _, message = ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, -1.0)
+    assert "weight must be a number" in message and len(queue.list()) == 2

@@ -103,13 +103,24 @@ def add_compose_settings(p: argparse.ArgumentParser, defaults: dict | None = Non
     g = p.add_argument_group("CLoRA (ALGORITHMS.md §2; defaults fix the official quirks, --method reference keeps them)")
     g.add_argument("--steps", type=o.count, help=f"denoising steps (default {d.steps})")
     g.add_argument("--guidance-scale", type=o.guidance_scale, help=f"default {d.guidance_scale}")
+    g.add_argument("--guidance-rescale", type=o.probability,
+                   help=f"rescale the guided prediction toward the conditional one's std (default {d.guidance_rescale})")
     g.add_argument("--step-size", type=o.weight, help=f"latent update step (default {d.step_size})")
+    g.add_argument("--temperature", type=o.positive, help=f"the contrastive loss's temperature τ (default {d.temperature})")
+    g.add_argument("--no-text-encoder-lora", dest="use_text_encoder_lora", action="store_false", default=None,
+                   help="run each LoRA on the UNet only, its text-encoder layers off (default: both, where the file "
+                        "has them)")
     g.add_argument("--max-iter-to-alter", type=o.count_or_zero, help="update the latent on the first N steps (default: half)")
     g.add_argument("--iterative-steps", type=o.step_list, help="steps with extra refinement, comma-separated (default "
                                              f"{','.join(map(str, d.iterative_steps))}; '' for none)")
     g.add_argument("--iterative-steps-steps", type=o.count_or_zero, help=f"refinements at those steps (default {d.iterative_steps_steps})")
     g.add_argument("--no-latent-update", dest="latent_update", action="store_false", default=None)
     g.add_argument("--mask-threshold", type=o.probability, help=f"alpha: mask where a map > alpha*max (default {d.mask_threshold})")
+    g.add_argument("--mask-combine", choices=["or", "sum"], help=f"a concept's tokens: each thresholded then OR-ed "
+                   f"(or, the official code) or their maps summed then thresholded (sum; default {d.mask_combine})")
+    g.add_argument("--mask-exclusive", action="store_true", default=None,
+                   help="a pixel goes to the one concept whose mask score is highest there, instead of averaging "
+                        "the concepts whose masks overlap (ours, not in the paper)")
     g.add_argument("--apply-mask-after", type=o.count_or_zero, help="blend uniformly before this step (default 0)")
     g.add_argument("--attn-res", type=o.attn_res, help="side of the attention maps used (default: latent/4, at least 8)")
     for name in ("dilate", "erode", "opening", "closing"):

@@ -11,6 +11,9 @@ from .learn import FINETUNE_DEFAULTS, TI_DEFAULTS
 from . import options as o
 from .options import add_model, add_sampling
 
+# evaluate clora's sampling settings where the command line leaves them (chosen on the tune split, README)
+BENCHMARK_COMPOSE = dict(steps=30, iterative_steps="0", iterative_steps_steps=10)
+
 
 def register(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="benchmarks on the shapes world").add_subparsers(
@@ -40,12 +43,23 @@ def register(sub) -> None:
     p.set_defaults(func=run_ti, writes=("out",))
     p = evaluate.add_parser("clora", help="compose pairs of concept LoRAs: success of CLoRA and the baselines")
     add_model(p)
-    p.add_argument("--methods", type=o.names, help="comma-separated (default: clora,reference,merge,switch,composite,none)")
-    p.add_argument("--train-loras", type=o.path, metavar="DIR", help="train (or resume) the concept LoRAs into DIR and use "
-                                                        "them instead of the bundled ones")
+    p.add_argument("--methods", type=o.names, help="comma-separated (default: clora,merge,switch,composite,none,text,"
+                                                   "regional; reference too on request)")
+    p.add_argument("--split", choices=["test", "tune"], default="test",
+                   help="test: the test concepts and held-out seeds (report these); tune: the tuning concepts and "
+                        "their own seeds (choose the LoRA recipe and the settings on these)")
+    p.add_argument("--seeds", type=o.count, help="the split's first N seeds (default: all 8)")
+    p.add_argument("--loras", type=o.path, metavar="DIR", help="use the concept LoRAs in DIR (<concept>.safetensors or "
+                                                  "<concept>/ training runs) instead of the bundled ones")
+    p.add_argument("--train-loras", type=o.path, metavar="DIR", help="train (or resume) the concept LoRAs of both "
+                                                        "splits into DIR and use them instead of the bundled ones")
+    p.add_argument("--train-only", action="store_true", help="with --train-loras: train, then stop")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                   help="skip measuring each LoRA alone (the ceiling)")
+    p.add_argument("--threads", type=o.threads)
     p.add_argument("--images", type=o.path, help="also write every image into this folder")
     p.add_argument("--json", type=o.path, help="write the results (keys <method>.success, <method>.seconds_per_image)")
-    add_compose_settings(p)
+    add_compose_settings(p, BENCHMARK_COMPOSE)
     p.set_defaults(func=run_clora, writes=("images", "train_loras"))
     p = evaluate.add_parser("profusion", help="ProFusion on held-out objects: detail preservation and prompt adherence")
     p.add_argument("--model", type=o.path, default="toy")
@@ -232,16 +246,33 @@ def run_oracle(args) -> None:
 
 def run_clora(args) -> None:
     from ..evaluate.base import write_json
-    from ..evaluate.clora import METHODS, evaluate_clora, table, train_concept_loras
+    from ..evaluate.clora import METHODS, SPLIT_SEEDS, evaluate_clora, table, train_concept_loras
     from ..models.loading import load_pipeline
 
+    if args.train_only and not args.train_loras:
+        raise UserError("--train-only needs --train-loras DIR")
+    if args.loras and args.train_loras:
+        raise UserError("pass --loras DIR (use) or --train-loras DIR (train, then use), not both")
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    known = METHODS + ("reference",)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}: pass some of {', '.join(known)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, config=args.config, device=args.device)
-    loras = None
+    loras = Path(args.loras) if args.loras else None
     if args.train_loras:
         train_concept_loras(pipe, Path(args.train_loras), model_name=args.model)
         loras = Path(args.train_loras)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
-    result = evaluate_clora(pipe, compose_config(args), methods=methods, loras=loras,
+        if args.train_only:
+            print(f"trained the concept LoRAs into {loras}")
+            return
+    seeds = SPLIT_SEEDS[args.split][: args.seeds] if args.seeds else None
+    result = evaluate_clora(pipe, compose_config(args, BENCHMARK_COMPOSE), methods=methods, split=args.split,
+                            seeds=seeds, loras=loras, fidelity=args.fidelity,
                             out_dir=Path(args.images) if args.images else None)
     result["model"] = args.model
     print(table(result, methods))

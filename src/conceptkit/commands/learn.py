@@ -79,6 +79,9 @@ def register(sub) -> None:
                    help="repeatable; {} = trigger + class word (default: 'a photo of {}')")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the models (GPU); the LoRA weights stay fp32")
+    p.add_argument("--latents", choices=["sample", "mean"], default=LORA_DEFAULTS.latents,
+                   help="train on z ~ q(z|x) (sample, diffusers) or its mean (for base models trained on means, "
+                        "such as the bundled one)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
     p.add_argument("--out", type=o.path, required=True, help="output folder")
@@ -212,7 +215,7 @@ def run_lora(args) -> None:
                      checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                      validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
                      if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
-                     mixed_precision=args.mixed_precision)
+                     mixed_precision=args.mixed_precision, latents=args.latents)
     if cfg.validation_prompts:
         announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes

@@ -1,7 +1,7 @@
 """The concepts a composition holds, one per {slot} of the template, of any kind:
 
-- a LoRA, `--lora NAME=FILE[:TRIGGER[:CLASS]]`: its branch runs the adapter (UNet, and the text encoder where the
-  file has weights for it) and its prompt says "TRIGGER CLASS";
+- a LoRA, `--lora NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT]`: its branch runs the adapter (UNet, and the text encoder
+  where the file has weights for it) at WEIGHT (default 1) and its prompt says "TRIGGER CLASS";
 - a Textual Inversion embedding, `--embedding NAME=FILE[:TOKEN[:CLASS]]`: the token is added to the tokenizer and
   text encoder (diffusers' loader), its branch's prompt says the token, and no adapter runs;
 - a ProFusion image, `--image NAME=FILE[:CLASS]` with a PromptNet: its branch's prompt has a word slot where
@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 from ..errors import UserError
+from ..values import SMALL_WEIGHT
 from .prompts import ConceptSlot
 
 MAX_CONCEPTS = 4
@@ -41,21 +42,30 @@ def _parse(cls, spec: str, fields: int):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """`name=path[:trigger[:class word]]` from the command line. `description`: the concept in plain words, for
-    `--method text` (default: the LoRA file's `description` metadata)."""
+    """`name=path[:trigger[:class word]][@weight]` from the command line. `description`: the concept in plain words,
+    for `--method text` (default: the LoRA file's `description` metadata). `weight`: the adapter's scale in every
+    branch that runs it (A1111's <lora:name:0.8>)."""
     name: str
     path: str
     trigger: str | None = None
     class_word: str | None = None
     description: str | None = None
+    weight: float = 1.0
     kind: ClassVar[str] = "lora"
     OPTION: ClassVar[str] = "--lora"
-    FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]]"
-    EXAMPLE: ClassVar[str] = "cat=cat.safetensors:sks:cat"
+    FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT]"
+    EXAMPLE: ClassVar[str] = "cat=cat.safetensors:sks:cat@0.8"
 
     @classmethod
     def parse(cls, spec: str) -> "LoraSpec":
-        return _parse(cls, spec, 2)
+        head, at, tail = spec.rpartition("@")
+        if not at:
+            return _parse(cls, spec, 2)
+        try:
+            weight = SMALL_WEIGHT.parse(tail)
+        except ValueError as e:
+            raise UserError(f"{cls.OPTION} {spec!r}: the weight after '@' must be a number: {e}") from None
+        return replace(_parse(cls, head, 2), weight=weight)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class Concept:
     file: str
     token: str | None  # LoRA: its trigger; embedding: its token; image: the placeholder its word slot shows
     adapter: str | None = None  # LoRA: the adapter's name in the pipeline
+    weight: float = 1.0  # LoRA: the adapter's scale
     word: object | None = None  # image: its ImageWord
 
     def describe(self) -> dict:
@@ -145,7 +156,7 @@ def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
                         f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
     description = spec.description or info.metadata.get("description") or None
     return Concept(ConceptSlot(spec.name, trigger, class_word, "lora", None if description is None else str(description)),
-                   spec.path, trigger, adapter=adapter)
+                   spec.path, trigger, adapter=adapter, weight=spec.weight)
 
 
 def _embedding_class_word(path: Path) -> str | None:

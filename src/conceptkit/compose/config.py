@@ -33,6 +33,14 @@ class CLoRAConfig:
     # masks (§2.6)
     apply_mask_after: int = 0
     mask_threshold: float = 0.4
+    # how a branch's concept tokens make one mask: "or" (the official code): each token's map thresholded at alpha x
+    # its own maximum, then OR-ed, so a token the model hardly attends to (an untrained trigger word) adds its noise
+    # as mask; "sum": the tokens' maps summed, then thresholded at alpha x the sum's maximum, so each token counts
+    # by the attention it gets
+    mask_combine: str = "or"
+    # ours: a latent pixel goes to the one concept branch whose score is highest there (where the official masks
+    # overlap, the branches are averaged, which mixes the two concepts' attributes)
+    mask_exclusive: bool = False
     dilate: bool = False
     erode: bool = False
     opening: bool = False
@@ -64,6 +72,7 @@ class CLoRAConfig:
                        optional=("max_iter_to_alter", "attn_res"))
         v.check_choice(self, "scheduler", v.SCHEDULER_NAMES)
         v.check_choice(self, "execution", ("batched", "sequential"))
+        v.check_choice(self, "mask_combine", ("or", "sum"))
         if not isinstance(self.iterative_steps, (tuple, list)) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= v.BIG for s in self.iterative_steps):
             raise ValueError(f"CLoRAConfig.iterative_steps = {self.iterative_steps!r}: pass a tuple of step numbers "

@@ -16,14 +16,27 @@ def erode(m: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_masks(maps: torch.Tensor, mask_indices: list[list[int]], latent_hw: tuple[int, int],
                     threshold: float = 0.4, channels: int = 4, *, dilation: bool = False, erosion: bool = False,
-                    opening: bool = False, closing: bool = False) -> torch.Tensor:
-    """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered."""
+                    opening: bool = False, closing: bool = False, combine: str = "or",
+                    exclusive: bool = False) -> torch.Tensor:
+    """maps (K, r_h, r_w, tokens) -> binary masks (K, 1, channels, h, w); every latent pixel is covered.
+    A branch's score is its tokens' maps, each divided by its maximum, then combine="or": their maximum (each token
+    thresholded at threshold x its maximum, OR-ed: §2.6), or combine="sum": the maps summed first, then divided by
+    the sum's maximum (each token counts by the attention it gets). Mask = score > threshold; exclusive=True keeps
+    a pixel only in the branch whose score is highest there, so two concepts' branches never average."""
     K = maps.shape[0]
-    masks = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
+    scores = torch.zeros(K, 1, *maps.shape[1:3], device=maps.device)
     for p, indices in enumerate(mask_indices):
-        for k in indices:
-            a = maps[p, :, :, k].float()
-            masks[p, 0] = torch.maximum(masks[p, 0], (a > threshold * a.max()).float())
+        if not indices:
+            continue
+        a = maps[p, :, :, indices].float()
+        if combine == "sum":
+            a = a.sum(-1)
+            scores[p, 0] = a / a.max().clamp_min(1e-12)
+        else:
+            scores[p, 0] = (a / a.amax(dim=(0, 1)).clamp_min(1e-12)).amax(-1)
+    masks = (scores > threshold).float()
+    if exclusive:
+        masks = masks * (scores >= scores.amax(0, keepdim=True)).float()
     # morphology on the binary r x r masks, in the spec's order (the padding of max-pool is -inf, so borders
     # dilate only from inside and erode as if surrounded by mask)
     if dilation:

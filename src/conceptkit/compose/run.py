@@ -84,12 +84,14 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
     bp = branch_prompts(pipe.tokenizer, template, [c.slot for c in loaded])
     by_name = {c.slot.name: c for c in loaded}
     adapters = [by_name[slot.name].adapter for slot in bp.concepts]
+    weights = [by_name[slot.name].weight for slot in bp.concepts]
     words = {c.slot.name: c.word for c in loaded if c.word is not None}
     result = Composed({}, list(seeds), {}, {}, {}, concepts=[by_name[slot.name].describe() for slot in bp.concepts])
     for method in methods:
         run_cfg = cfg.as_reference() if method == "reference" else cfg
         sets, updates, masks, switch_every = method_branches("clora" if method == "reference" else method, bp,
-                                                             adapters, run_cfg, negative_prompt, style)
+                                                             adapters, run_cfg, negative_prompt, style,
+                                                             weights=weights)
         images, seconds, calls = [], 0.0, 0
         style_name = style[0] if style else None
         embeddings = [encode_branches(pipe, b, run_cfg, style_name) for b in sets]  # once for every seed

@@ -111,7 +111,8 @@ class Composition:
             masks = self.fixed_masks.to(eps_u.device)
         elif self.mask_indices is not None and step.index >= cfg.apply_mask_after:
             masks = attention_masks(maps, self.mask_indices, self.latent_hw, cfg.mask_threshold, channels,
-                                    dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing)
+                                    dilation=cfg.dilate, erosion=cfg.erode, opening=cfg.opening, closing=cfg.closing,
+                                    combine=cfg.mask_combine, exclusive=cfg.mask_exclusive)
         else:
             masks = torch.ones(K, 1, channels, *self.latent_hw, device=eps_u.device)
         step.trace.record(step.index, maps, masks[:, 0, 0])
@@ -154,16 +155,19 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
 
 
 def method_branches(method: str, bp: BranchPrompts, adapters: list[str | None], cfg: CLoRAConfig, negative: str = "",
-                    style: tuple[str, float] | None = None) -> tuple[list[Branches], bool, bool, int | None]:
+                    style: tuple[str, float] | None = None, weights: list[float] | None = None
+                    ) -> tuple[list[Branches], bool, bool, int | None]:
     """(branch sets, use latent updates, use masks, switch_every) for a method. `adapters`: each concept's LoRA
-    adapter, in slot order; None for a concept that is a word (Textual Inversion token, ProFusion image)."""
+    adapter, in slot order; None for a concept that is a word (Textual Inversion token, ProFusion image).
+    `weights`: each adapter's scale (default 1; merge multiplies it by cfg.merge_weight)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     extra = {style[0]: style[1]} if style else {}
     N = len(adapters)
+    scale = dict(zip(adapters, weights or [1.0] * N))
 
     def own(adapter: str | None) -> dict[str, float]:
-        return {adapter: 1.0, **extra} if adapter else dict(extra)
+        return {adapter: scale[adapter], **extra} if adapter else dict(extra)
 
     def merged(n: int) -> dict:  # n branches of the prompt with every concept in it
         return {"words": [bp.merged_words] * n, "ids": [bp.merged_ids] * n} if bp.merged_words else {}
@@ -177,7 +181,7 @@ def method_branches(method: str, bp: BranchPrompts, adapters: list[str | None], 
         per = [own(a) for a in adapters]
         return [Branches([bp.merged_prompt] * N, [negative] * N, per, **merged(N))], False, False, None
     if method == "merge":
-        per = [{**{a: cfg.merge_weight for a in adapters if a}, **extra}]
+        per = [{**{a: cfg.merge_weight * scale[a] for a in adapters if a}, **extra}]
         return [Branches([bp.merged_prompt], [negative], per, **merged(1))], False, False, None
     if method == "switch":
         sets = [Branches([bp.merged_prompt], [negative], [own(a)], **merged(1)) for a in adapters]

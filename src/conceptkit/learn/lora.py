@@ -216,6 +216,8 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         start_run_folder(out, config, resume, procs)
 
         means, stds = encode_latent_cache(pipe.vae, images)
+        if cfg.latents == "mean":  # the same draws, without the posterior's spread
+            stds = torch.zeros_like(stds)
         tokens = [tokenize(tokenizer, captions, "cpu") for tokenizer, _ in encoders(pipe)]
         tokens = tokens if is_sdxl(pipe) else tokens[0]
         scaling = pipe.vae.config.scaling_factor

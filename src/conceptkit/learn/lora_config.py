@@ -55,6 +55,10 @@ class LoRAConfig:
     validation_seeds: int = 4
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast for the models; the LoRA weights stay fp32
     weight_decay: float = 1e-2  # AdamW, on the LoRA weights (diffusers' --adam_weight_decay)
+    # sample: z ~ q(z|x), as diffusers' trainer. mean: the posterior mean, for models whose UNet was trained on means
+    # (the bundled model: its VAE's posterior std is 0.31 against latents of std 1, and LoRAs trained on samples
+    # learn that noise as colour speckle; README, evaluate clora)
+    latents: str = "sample"
 
     def __post_init__(self) -> None:
         """A bad setting fails here, naming the field, not deep inside the trainer (tests/test_config_checks.py)."""
@@ -67,6 +71,7 @@ class LoRAConfig:
         v.check_text(self, ("trigger", "class_word", "prompt", "description"),
                      optional=("class_word", "prompt", "description"))
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
+        v.check_choice(self, "latents", ("sample", "mean"))
 
     @property
     def effective_alpha(self) -> float:

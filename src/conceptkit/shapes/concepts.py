@@ -55,6 +55,26 @@ CONCEPTS = (
 )
 
 
+# Concepts for composing two LoRAs in one image (`evaluate clora`). Every shape is named, so each concept has a
+# class word of its own ("a z circle on the left and a square on the right"); within a split the four concepts
+# differ pairwise in shape, colour *and* pattern, so an object drawn with another concept's colour or pattern (what
+# merging LoRAs does) is visible to the oracle. All are held-out triples (world.HELD_OUT_TRIPLES): the base model
+# never saw them, so it cannot draw them from the class word. The tune concepts only choose the LoRA recipe and
+# the CLoRA settings; every reported figure uses the test concepts.
+COMPOSE_TUNE = (
+    Concept("blue-checkered-diamond", "diamond", "blue", "checkered"),
+    Concept("green-striped-circle", "circle", "green", "striped"),
+    Concept("orange-dotted-triangle", "triangle", "orange", "dotted"),
+    Concept("purple-plain-cross", "cross", "purple", "plain"),
+)
+COMPOSE_TEST = (
+    Concept("yellow-checkered-circle", "circle", "yellow", "checkered"),
+    Concept("blue-plain-square", "square", "blue", "plain"),
+    Concept("red-striped-triangle", "triangle", "red", "striped"),
+    Concept("pink-dotted-cross", "cross", "pink", "dotted"),
+)
+
+
 def bundled_concepts_path() -> Path:
     return Path(conceptkit.__file__).parent / "bundled" / "concepts"
 

@@ -31,7 +31,9 @@ from ..resources import is_out_of_memory, oom_advice
 from .jobs import Job, JobQueue
 
 SCHEDULERS = ["ddim", "dpm++", "euler", "euler-a", "pndm"]
-COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none"]
+COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none", "text", "regional"]
+# compose's mask options the README recommends (chosen on evaluate clora's tune split)
+RECOMMENDED_MASKS = ["--mask-exclusive", "--mask-threshold", "0", "--mask-combine", "sum"]
 LEARN_KINDS = ("ti", "lora", "promptnet")
 LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora", "PromptNet fine-tune (one image)": "promptnet"}
 BUNDLED_LORAS = Path(__file__).resolve().parents[1] / "bundled" / "loras"
@@ -372,26 +374,33 @@ class UI:
                 result + "\n\n" + commands_md(job))
 
     # Compose: a job
-    def start_compose(self, model, template, n1, c1, n2, c2, n3, c3, methods, steps, seed):
+    def start_compose(self, model, template, n1, c1, n2, c2, n3, c3, methods, steps, seed, w1=1.0, w2=1.0, w3=1.0,
+                      recommended_masks=True, temperature=0.5, text_encoder_lora=True):
         try:
             self.check_model(model)
-            slots = [(n.strip(), offered(self.concepts(), c)) for n, c in ((n1, c1), (n2, c2), (n3, c3))
+            slots = [(n.strip(), offered(self.concepts(), c), w) for n, c, w in ((n1, c1, w1), (n2, c2, w2), (n3, c3, w3))
                      if n.strip() and c]
+            if any(not (isinstance(w, (int, float)) and 0 <= w <= 100) for *_, w in slots):
+                raise ValueError("a concept weight must be a number from 0 to 100 (1: the LoRA as trained)")
+            if not (isinstance(temperature, (int, float)) and temperature > 0):
+                raise ValueError("the temperature must be a number above 0 (0.5: the paper's)")
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if len(slots) < 2:
             return gr.update(), error_html("pick two concepts and name their slots (the {names} in the prompt)")
-        missing = [n for n, _ in slots if "{" + n + "}" not in template]
+        missing = [n for n, *_ in slots if "{" + n + "}" not in template]
         if missing:
             return gr.update(), error_html(f"the prompt has no {{{missing[0]}}} slot: write it where that concept "
                                            "goes, e.g. 'a {a} on the left and a {b} on the right'")
         if not methods:
             return gr.update(), error_html("tick at least one method")
         command = ["compose", "--model", model, f"--prompt={template}"]
-        command += [a for n, (kind, path) in slots for a in (CONCEPT_OPTIONS[kind], f"{n}={path}")]
+        command += [a for n, (kind, path), w in slots
+                    for a in (CONCEPT_OPTIONS[kind], f"{n}={path}" + (f"@{float(w):g}" if kind == "lora" and w != 1 else ""))]
         command += ["--method", ",".join(methods), "--steps", str(int(steps)), "--seed", str(int(seed)),
-                    "--save-maps", "--out", "{out}"]
-        job = self.queue.submit("compose", f"Compose {' + '.join(n for n, _ in slots)}", [command])
+                    "--temperature", f"{float(temperature):g}", *(RECOMMENDED_MASKS if recommended_masks else []),
+                    *([] if text_encoder_lora else ["--no-text-encoder-lora"]), "--save-maps", "--out", "{out}"]
+        job = self.queue.submit("compose", f"Compose {' + '.join(n for n, *_ in slots)}", [command])
         return gr.update(choices=job_choices(self.queue, ("compose",)), value=job.id), f"Queued ({job.id})."
 
     def compose_panel(self, job_id):
@@ -568,6 +577,12 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                     with gr.Row():
                         compose_steps = gr.Number(30, label="Steps", precision=0)
                         compose_seed = gr.Number(0, label="Seed", precision=0)
+                    with gr.Row():
+                        weights = [gr.Number(1.0, label=f"LoRA weight {i + 1}") for i in range(3)]
+                    with gr.Row():
+                        recommended_masks = gr.Checkbox(True, label="Exclusive masks (recommended; off: the paper's)")
+                        temperature = gr.Number(0.5, label="Temperature τ")
+                        text_encoder_lora = gr.Checkbox(True, label="LoRAs on the text encoder too")
                     compose_go = gr.Button("Compose", variant="primary", elem_id="compose-button")
                     compose_msg = gr.HTML(elem_id="compose-message")
                 with gr.Column():
@@ -582,7 +597,8 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                                          elem_id="compose-masks", format="png", type="filepath")
                     compose_cmds = gr.Markdown()
             compose_tab.select(lambda: [gr.update(choices=list(ui.concepts()))] * 3, None, slots[1::2], queue=False)
-            compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed],
+            compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed, *weights,
+                                                recommended_masks, temperature, text_encoder_lora],
                              [compose_job, compose_msg])
 
         with gr.Tab("ProFusion", id="profusion"):
