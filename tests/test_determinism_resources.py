@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 
 from conceptkit import cli
@@ -133,7 +134,10 @@ def test_out_of_memory_is_one_line_of_advice(error, command, monkeypatch, capsys
         monkeypatch.setattr("conceptkit.learn.textual_inversion.learn_textual_inversion", boom)
         monkeypatch.setattr("conceptkit.learn.distributed.process_device", lambda d: "cpu", raising=False)
         # --no-validation: else the run's first line announces its validation before the error line
-        argv = ["learn", "ti", "--images", str(tmp_path), "--token", "<x>", "--no-validation",
+        images = tmp_path / "images"  # an image, so the folder passes the checks made before torch loads
+        images.mkdir()
+        Image.new("RGB", (8, 8)).save(images / "0.png")
+        argv = ["learn", "ti", "--images", str(images), "--token", "<x>", "--no-validation",
                 "--out", str(tmp_path / "out")]
         advice = "--batch"
     assert cli.main(argv) == 2
