@@ -58,3 +58,17 @@ def toy_model_env(sd_tiny_dir, monkeypatch) -> Path:
     """Make `--model toy` resolve to the tiny fixture instead of the (separately trained) bundled model."""
     monkeypatch.setenv("CONCEPTKIT_TOY_MODEL", str(sd_tiny_dir))
     return sd_tiny_dir
+
+
+@pytest.fixture(scope="session")
+def images_dir(tmp_path_factory) -> Path:
+    """Four 64 px random-noise images, no metadata: a PromptNet pre-training domain for tests."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("domain") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder

@@ -630,6 +630,7 @@ def test_lora_spec_weight_after_at_and_compose_options_reach_the_config():
 
     assert LoraSpec.parse("a=a.safetensors:zwx:circle@0.8") == LoraSpec("a", "a.safetensors", "zwx", "circle", weight=0.8)
     assert LoraSpec.parse("a=a.safetensors@1.5").weight == 1.5 and LoraSpec.parse("a=a.safetensors").weight == 1.0
+    assert LoraSpec.parse("a=runs@v2/a.safetensors") == LoraSpec("a", "runs@v2/a.safetensors")
     with pytest.raises(UserError, match="weight after '@'"):
         LoraSpec.parse("a=a.safetensors@heavy")
     args = build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=a.safetensors", "--out", "x",

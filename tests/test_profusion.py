@@ -741,16 +741,6 @@ def same_state(before, module):
 
 
 @pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("domain") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def pretrained(sd32, images_dir, tmp_path_factory):
     """A 4-step pre-training run on the SD fixture, with the pipeline's weights before it."""
     before = {name: state(getattr(sd32, name)) for name in ("unet", "vae", "text_encoder")}

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image
 
 from conceptkit.errors import UserError
 from conceptkit.learn import promptnet as trainer
@@ -32,17 +31,6 @@ def sd32(sd_tiny_dir):
 def scene_dir(tmp_path_factory):
     """4 rendered one-object scenes with their metadata.jsonl, as `conceptkit shapes sample --p-pair 0` writes."""
     return write_image_folder(tmp_path_factory.mktemp("scenes") / "images", scenes(4, seed=3, p_pair=0.0))
-
-
-@pytest.fixture(scope="module")
-def noise_dir(tmp_path_factory):
-    """The images of tests/test_profusion.py's images_dir (no metadata)."""
-    folder = tmp_path_factory.mktemp("domain") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def one(background, shape, color, pattern, position, size):
@@ -120,8 +108,8 @@ def test_the_fixed_prompt_loss_is_bit_identical_to_the_old_code_and_equals_per_r
     assert per_row == loss
 
 
-def test_captions_none_pretraining_is_bit_identical_to_the_old_code(sd32, noise_dir, tmp_path):
-    result = pretrain_promptnet(sd32, noise_dir, tmp_path / "run", PretrainConfig(steps=2, **PRETRAIN),
+def test_captions_none_pretraining_is_bit_identical_to_the_old_code(sd32, images_dir, tmp_path):
+    result = pretrain_promptnet(sd32, images_dir, tmp_path / "run", PretrainConfig(steps=2, **PRETRAIN),
                                 progress=False)
     assert result.losses == OLD_PRETRAIN_LOSSES
     assert json.loads((tmp_path / "run" / "training.json").read_text())["config"]["captions"] == "none"
@@ -164,12 +152,12 @@ def test_captioned_pretraining_runs_on_each_images_caption_and_stores_captions(s
     assert load_promptnet(exported, sd32).meta["captions"] == "scene"
 
 
-def test_captions_scene_without_metadata_is_a_one_line_error(sd32, noise_dir, tmp_path):
+def test_captions_scene_without_metadata_is_a_one_line_error(sd32, images_dir, tmp_path):
     with pytest.raises(UserError) as e:
-        pretrain_promptnet(sd32, noise_dir, tmp_path / "run", PretrainConfig(steps=2, captions="scene", **PRETRAIN),
+        pretrain_promptnet(sd32, images_dir, tmp_path / "run", PretrainConfig(steps=2, captions="scene", **PRETRAIN),
                            progress=False)
     message = str(e.value)
-    assert "\n" not in message and str(noise_dir) in message and "--p-pair 0" in message
+    assert "\n" not in message and str(images_dir) in message and "--p-pair 0" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -179,9 +167,9 @@ def test_captions_scene_refuses_two_object_scenes(tmp_path):
         read_scenes(folder, sorted(folder.glob("*.png")))
 
 
-def test_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(sd32, noise_dir, scene_dir, tmp_path):
+def test_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(sd32, images_dir, scene_dir, tmp_path):
     first = tmp_path / "first"
-    pretrain_promptnet(sd32, noise_dir, first, PretrainConfig(steps=2, **PRETRAIN), progress=False)
+    pretrain_promptnet(sd32, images_dir, first, PretrainConfig(steps=2, **PRETRAIN), progress=False)
     start, _ = init_promptnet(sd32, first, None, PretrainConfig().projection_channels)
     saved = load_promptnet(first, sd32).promptnet.state_dict()
     assert all(torch.equal(start.state_dict()[k], saved[k]) for k in saved)
@@ -194,7 +182,7 @@ def test_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(sd32,
     ckpt = trainer.checkpoint_tensors(next((out / "checkpoints").glob("step-*.safetensors")), prefix="adam_step/")
     assert ckpt and all(v.item() == 1 for v in ckpt.values())  # Adam began at this run's first step
     with pytest.raises(UserError, match="not a PromptNet folder"):
-        pretrain_promptnet(sd32, scene_dir, tmp_path / "bad", PretrainConfig(steps=1, init_from=str(noise_dir),
+        pretrain_promptnet(sd32, scene_dir, tmp_path / "bad", PretrainConfig(steps=1, init_from=str(images_dir),
                                                                               **PRETRAIN), progress=False)
 
 

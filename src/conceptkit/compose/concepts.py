@@ -59,7 +59,7 @@ class LoraSpec:
     @classmethod
     def parse(cls, spec: str) -> "LoraSpec":
         head, at, tail = spec.rpartition("@")
-        if not at:
+        if not at or "/" in tail or "\\" in tail:  # no weight; an '@' inside the file's path
             return _parse(cls, spec, 2)
         try:
             weight = SMALL_WEIGHT.parse(tail)
