@@ -97,7 +97,6 @@ def promptnet_loss(pipe, scheduler, promptnet, *, reference, tokens, target, noi
     noisy = scheduler.add_noise(target, noise, t)
     words = promptnet(reference.to(device), t, tokens.to(device), noisy)
     b = target.shape[0]
-    # one prompt for the batch (ids (L,), slot an int), or one per row (ids (B, L), slot (B,))
     slots = torch.full((b,), slot) if isinstance(slot, int) else torch.as_tensor(slot)
     cond = encode_with_word(pipe.text_encoder, ids.expand(b, -1), slots, words)
     pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample.float()
