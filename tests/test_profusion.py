@@ -15,7 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conceptkit.errors import UserError
-from conceptkit.learn.promptnet import augment_copies, finetune_promptnet, pretrain_promptnet, promptnet_loss
+from conceptkit.learn import promptnet as promptnet_training
+from conceptkit.learn.promptnet import (augment_copies, finetune_promptnet, mirrored_caption, pretrain_promptnet,
+                                       promptnet_loss)
 from conceptkit.learn.promptnet_config import FinetuneConfig, PretrainConfig
 from conceptkit.models.loading import load_pipeline
 from conceptkit.profusion import sampling
@@ -1195,6 +1197,44 @@ def test_augment_copies(sd32):
     assert affine.min() >= image.min() - 1e-6 and affine.max() <= image.max() + 1e-6  # border fill, no new colours
     with pytest.raises(ValueError, match="FinetuneConfig.augment = 'mixup'"):
         FinetuneConfig(copies=3, augment="mixup")
+    flipped = []
+    flips_again = augment_copies(image, FinetuneConfig(copies=16, augment="flip"), 0, flipped)
+    assert torch.equal(flips_again, flips) and len(flipped) == 16 and not flipped[0]
+    assert flipped == [torch.equal(c, image[0].flip(-1)) for c in flips]
+
+
+def test_mirrored_caption_swaps_left_and_right_words_only():
+    assert mirrored_caption("a S* on the left and a square on the right, on a navy background") == \
+        "a S* on the right and a square on the left, on a navy background"
+    assert mirrored_caption("a large S* in the center, on a brown background, leftover") == \
+        "a large S* in the center, on a brown background, leftover"
+    with pytest.raises(ValueError, match="write S\\* exactly once"):
+        FinetuneConfig(caption="a photo of an object")
+
+
+def test_captioned_finetuning_trains_on_each_copy_s_own_caption(sd32, pretrained, images_dir, tmp_path, monkeypatch):
+    """--caption: every row's prompt is the caption of its target copy (mirrored copies: left and right swapped),
+    never the prefix prompt."""
+    seen = []
+    loss = promptnet_training.promptnet_loss
+
+    def spy(pipe, scheduler, promptnet, *, ids, slot, **kw):
+        seen.append((ids.clone(), slot))
+        return loss(pipe, scheduler, promptnet, ids=ids, slot=slot, **kw)
+
+    monkeypatch.setattr(promptnet_training, "promptnet_loss", spy)
+    caption = "a large S* on the left, on a gray background"
+    base = load_promptnet(pretrained[0], sd32)
+    finetune_promptnet(sd32, base, images_dir / "0.png", tmp_path / "run",
+                       FinetuneConfig(steps=3, batch=4, copies=8, augment="flip", caption=caption), progress=False)
+    texts = [sd32.tokenizer.decode([t for t in row.tolist() if t not in (sd32.tokenizer.bos_token_id,
+                                                                         sd32.tokenizer.pad_token_id,
+                                                                         sd32.tokenizer.eos_token_id)])
+             for ids, _ in seen for row in ids]
+    assert len(seen) == 3 and all(ids.ndim == 2 and len(ids) == 4 for ids, _ in seen)
+    words = [set(t.split()) for t in texts]
+    assert all({"large", "gray", "background"} <= w and "photo" not in w for w in words), texts
+    assert any("left" in w for w in words) and any("right" in w for w in words), texts  # mirrored copies drawn
 
 
 # ------------------------------------------------------------------------------------ CLIP vision encoder

@@ -80,6 +80,9 @@ def register(sub) -> None:
     p.add_argument("--finetune-steps", type=o.count)
     p.add_argument("--finetune-lr", type=o.rate)
     p.add_argument("--augment", choices=["none", "flip", "affine"])
+    p.add_argument("--finetune-caption", action="store_true",
+                   help="profusion: fine-tune with each reference image's own caption (`learn promptnet --caption`) "
+                        "instead of 'a photo of S*'")
     g = p.add_argument_group("fusion sampling settings (default: the notebook's fusion call, see generate --help)")
     g.add_argument("--guidance-scale", type=o.guidance_scale)
     g.add_argument("--ref-guidance-scale", type=o.guidance_scale)
@@ -316,11 +319,13 @@ def run_profusion(args) -> None:
 
         result = sweep_profusion(args.model, args.promptnet, settings=sweep, seeds=args.seeds, steps=args.steps,
                                  finetune=finetune, fusion_overrides=overrides, objects=args.objects, split="tune",
+                                 finetune_caption=args.finetune_caption,
                                  prompts=args.prompts, out_dir=args.out)
     else:
         result = evaluate_profusion(args.model, args.promptnet, methods=methods, seeds=args.seeds, steps=args.steps,
                                     finetune=finetune, fusion_overrides=overrides, objects=args.objects,
-                                    split=args.split or "test", prompts=args.prompts, out_dir=args.out)
+                                    split=args.split or "test", prompts=args.prompts, out_dir=args.out,
+                                    finetune_caption=args.finetune_caption)
     print(table(result))
     if args.json:
         write_json(result, args.json)

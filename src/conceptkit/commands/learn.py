@@ -132,6 +132,10 @@ def register(sub) -> None:
     p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
                    help="--finetune: the mini dataset's augmentation")
     p.add_argument("--copies", type=o.count, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
+    p.add_argument("--caption", type=o.prompt,
+                   help="--finetune: the image's caption with S* for the object ('a large S* on the left, on a brown "
+                        "background'; mirrored copies swap left and right) instead of --prefix S*; suits a "
+                        "PromptNet pre-trained with --captions scene")
     p.add_argument("--unet-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="--finetune: also train the UNet's to_q/to_k/to_v (default yes, as the paper)")
     p.add_argument("--seed", type=o.seed, default=0)
@@ -251,6 +255,9 @@ def run_promptnet(args) -> None:
         raise UserError("--pretrain needs --images DIR, a folder of images of the domain")
     if args.finetune and not args.image:
         raise UserError("--finetune needs --image FILE, the one image of the concept")
+    if args.caption is not None and (args.pretrain or args.caption.count("S*") != 1):
+        raise UserError(f"--caption {args.caption!r}: a --finetune option; write S* exactly once, where the object "
+                        "is named, e.g. --caption 'a large S* on the left, on a brown background'")
     pretrain_only = [name for name, given in (("--crop", args.crop is not None),
                                               ("--mixed-precision", args.mixed_precision is not None),
                                               ("--gradient-checkpointing", args.gradient_checkpointing),
@@ -303,7 +310,7 @@ def run_promptnet(args) -> None:
     cfg = FinetuneConfig(steps=args.steps or d.steps, lr=args.lr or d.lr, batch=args.batch or d.batch,
                          grad_accum=args.grad_accum, l2_reg=args.l2_reg, prefix=args.prefix, augment=args.augment,
                          copies=args.copies, train_unet_attention=args.unet_attention, seed=args.seed,
-                         pad_prompt=args.pad_prompt, latents=args.latents,
+                         caption=args.caption, pad_prompt=args.pad_prompt, latents=args.latents,
                          checkpoint_every=args.checkpoint_every or d.checkpoint_every,
                          validate_every=d.validate_every if args.validate_every is None else args.validate_every)
     pretrained = load_promptnet(args.promptnet or bundled_promptnet_path(args.model), pipe)

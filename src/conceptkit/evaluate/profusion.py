@@ -43,7 +43,7 @@ from PIL import Image
 from ..errors import UserError
 from ..generate.images import generate
 from ..generate.infotext import Settings, rendered, save_png
-from ..learn.promptnet import finetune_promptnet
+from ..learn.promptnet import finetune_promptnet, scene_caption
 from ..learn.promptnet_config import FinetuneConfig
 from ..learn.textual_inversion import learn_textual_inversion
 from ..learn.ti_config import TIConfig
@@ -286,8 +286,11 @@ def rows_of(case: Case, images: list, seeds: int, seed0: int) -> list[dict]:
              **score(image, case.triple, case.prompts[i // seeds].requested)} for i, image in enumerate(images)]
 
 
-def finetuned(pipe, pretrained, case: Case, finetune: FinetuneConfig, model: str):
-    """The PromptNet fine-tuned on the case's image, and the seconds it took."""
+def finetuned(pipe, pretrained, case: Case, finetune: FinetuneConfig, model: str, caption: bool = False):
+    """The PromptNet fine-tuned on the case's image, and the seconds it took. caption: with the reference image's
+    own caption ("a large S* in the center, on a gray background"), as a user's `--caption` would say it."""
+    if caption:
+        finetune = replace(finetune, caption=scene_caption(test_scene(case.triple)))
     t0 = time.perf_counter()
     finetune_promptnet(pipe, pretrained, case.reference_path, case.folder / "promptnet", finetune, model_name=model,
                        progress=False)
@@ -329,7 +332,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                        fusion_overrides: dict | None = None,
                        ti: TIConfig | None = None, objects: int = len(TEST_TRIPLES), split: str = "test",
                        prompts: str = "moved", out_dir: str | Path = "outputs/evaluate-profusion",
-                       progress: bool = True) -> dict:
+                       finetune_caption: bool = False, progress: bool = True) -> dict:
     out_dir = Path(out_dir)
     triples, seed0 = split_of(split)
     bench_prompts(triples[0], prompts)  # a bad prompt set fails before the model loads
@@ -351,7 +354,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
         here, images = {}, {}
         tuned = None
         if set(FINETUNED) & set(methods):
-            tuned, finetune_seconds[case.name] = finetuned(pipe, pretrained, case, finetune, model)
+            tuned, finetune_seconds[case.name] = finetuned(pipe, pretrained, case, finetune, model, finetune_caption)
         for method in methods:
             t0 = time.perf_counter()
             if method == "ti":
@@ -401,7 +404,7 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
                            "prompts": [p.template for p in cases[0].prompts],
                            "prompts_per_object": {c.name: [p.text for p in c.prompts] for c in cases},
                            "fusion": fusion.__dict__, "fusion_notebook": notebook.__dict__, "plain": plain.__dict__,
-                           "finetune": finetune.__dict__,
+                           "finetune": finetune.__dict__, "finetune_caption": finetune_caption,
                            "ti": {k: v for k, v in ti.__dict__.items() if k != "token"},
                            "threads": torch.get_num_threads()}
     write_showcase(showcase, [m for m in ("fusion", "plain") if m in methods] or list(methods)[:1], seeds,
@@ -414,7 +417,7 @@ def sweep_profusion(model: str = "toy", promptnet: str | Path | None = None, *, 
                     seeds: int = 4, steps: int = 50, finetune: FinetuneConfig | None = None,
                     fusion_overrides: dict | None = None, objects: int = len(TUNE_TRIPLES), split: str = "tune",
                     prompts: str = "moved", out_dir: str | Path = "outputs/evaluate-profusion-sweep",
-                    progress: bool = True) -> dict:
+                    finetune_caption: bool = False, progress: bool = True) -> dict:
     """Fusion sampling (fine-tuned PromptNet) at each of `settings` (FusionConfig fields over the PromptNet's
     recommended settings and `fusion_overrides`), and plain sampling once as the baseline of the paired
     differences. Each object is fine-tuned once; settings that sample the same images (see profusion_sweep.effective)
@@ -448,7 +451,7 @@ def sweep_profusion(model: str = "toy", promptnet: str | Path | None = None, *, 
     for triple in triples[:objects]:
         case = prepare(triple, out_dir, size, prompts)
         cases.append(case)
-        tuned, finetune_seconds[case.name] = finetuned(pipe, pretrained, case, finetune, model)
+        tuned, finetune_seconds[case.name] = finetuned(pipe, pretrained, case, finetune, model, finetune_caption)
         here = {}
         for i, cfg in [("plain", plain)] + list(enumerate(configs)):
             if i != "plain" and same_as[i] != i:
@@ -492,6 +495,7 @@ def sweep_profusion(model: str = "toy", promptnet: str | Path | None = None, *, 
                            "prompts": [p.template for p in cases[0].prompts],
                            "prompts_per_object": {c.name: [p.text for p in c.prompts] for c in cases},
                            "sweep_base": base.__dict__, "plain": plain.__dict__, "finetune": finetune.__dict__,
+                           "finetune_caption": finetune_caption,
                            "threads": torch.get_num_threads()}
     return results
 

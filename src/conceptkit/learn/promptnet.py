@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -463,15 +464,21 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
             pipe.unet.disable_gradient_checkpointing()  # the pipeline as it was given
 
 
-def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch.Tensor:
+def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int, flipped: list | None = None) -> torch.Tensor:
     """(copies, 3, R, R): the image first, then augmented versions (flip; rotation, translation, scale with the
-    border colour filled in, like the shapes world's flat backgrounds)."""
+    border colour filled in, like the shapes world's flat backgrounds). `flipped`, a list: gets one bool per copy
+    (mirrored or not), so a caption can say left for right."""
     g = torch.Generator().manual_seed(seed)
     out = [image[0]]
+    if flipped is not None:
+        flipped.append(False)
     for _ in range(cfg.copies - 1):
         x = image
-        if cfg.augment in ("flip", "affine") and torch.rand((), generator=g) < 0.5:
+        flip = cfg.augment in ("flip", "affine") and bool(torch.rand((), generator=g) < 0.5)
+        if flip:
             x = x.flip(-1)
+        if flipped is not None:
+            flipped.append(flip)
         if cfg.augment == "affine":
             angle = math.radians((torch.rand((), generator=g).item() * 2 - 1) * cfg.rotate)
             scale = cfg.scale[0] + torch.rand((), generator=g).item() * (cfg.scale[1] - cfg.scale[0])
@@ -484,6 +491,11 @@ def augment_copies(image: torch.Tensor, cfg: FinetuneConfig, seed: int) -> torch
             raise UserError(f"--augment {cfg.augment}: pass none, flip or affine")
         out.append(x[0])
     return torch.stack(out)
+
+
+def mirrored_caption(caption: str) -> str:
+    """The caption of the mirrored image: the words left and right swap."""
+    return re.sub(r"\b(left|right)\b", lambda m: FLIPPED[m.group(1)], caption)
 
 
 def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path, out_dir: str | Path,
@@ -509,7 +521,11 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
         params[f"unet.{n}"] = unet_params[n]
     pad = pretrained.meta.get("pad_prompt", False) if cfg.pad_prompt is None else cfg.pad_prompt
     how = pretrained.meta.get("latents", "sample") if cfg.latents is None else cfg.latents
-    copies = augment_copies(image, cfg, cfg.seed)
+    flipped: list[bool] = []
+    copies = augment_copies(image, cfg, cfg.seed, flipped)
+    captions = None
+    if cfg.caption is not None:  # each copy's own caption: a mirrored copy's left and right swap
+        captions = [mirrored_caption(cfg.caption) if f else cfg.caption for f in flipped]
     means, stds = encode_images(pipe.vae, copies)
     scaling = pipe.vae.config.scaling_factor
     needs_pixels = not isinstance(encoder, LatentPatchEncoder)
@@ -524,7 +540,10 @@ def finetune_promptnet(pipe, pretrained: SavedPromptNet, image_path: str | Path,
         noise = torch.randn(target.shape, generator=g)
         t = torch.randint(0, T, (cfg.batch,), generator=g)
         tokens = fixed_tokens[ref_index] if needs_pixels else encoder(None, reference)
-        return {"reference": reference, "tokens": tokens, "target": target, "noise": noise, "timesteps": t}
+        batch = {"reference": reference, "tokens": tokens, "target": target, "noise": noise, "timesteps": t}
+        if captions is not None:
+            batch["prompts"] = [captions[i] for i in target_index.tolist()]  # the target copy's caption
+        return batch
 
     meta = {"method": "profusion", "base_model": model_name or pretrained.meta.get("base_model", ""),
             "stage": "finetuned", "pad_prompt": pad, "latents": how, "image": str(image_path),

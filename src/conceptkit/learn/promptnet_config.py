@@ -83,6 +83,9 @@ class FinetuneConfig:
     max_grad_norm: float | None = None  # the notebook does not clip
     l2_reg: float = 0.0
     prefix: str = "a photo of"
+    # the image's own caption with S* ("a large S* on the left, on a brown background") instead of prefix + S*:
+    # S* then need not carry what the words say (PromptNet pre-trained with captions "scene" learnt that split)
+    caption: str | None = None
     pad_prompt: bool | None = None  # None: as the PromptNet was pre-trained
     latents: str | None = None  # sample | mean; None: as the PromptNet was pre-trained
     train_unet_attention: bool = True
@@ -102,6 +105,9 @@ class FinetuneConfig:
                        optional=("max_grad_norm",))
         v.check_choice(self, "augment", ("none", "flip", "affine"))
         v.check_choice(self, "latents", ("sample", "mean"), optional=True)
+        if self.caption is not None and self.caption.count("S*") != 1:
+            raise ValueError(f"FinetuneConfig.caption = {self.caption!r}: write S* exactly once, where the object is "
+                             "named, e.g. 'a large S* on the left, on a brown background'")
         low, high = self.scale
         if not (0 < low <= high <= 10):
             raise ValueError(f"FinetuneConfig.scale = {self.scale!r}: pass (low, high) with 0 < low ≤ high ≤ 10")
