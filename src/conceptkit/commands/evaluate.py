@@ -1,6 +1,7 @@
 """`conceptkit evaluate base|ti|clora|profusion|oracle`: the benchmarks on the shapes world."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import UserError
@@ -80,6 +81,8 @@ def register(sub) -> None:
     p.add_argument("--finetune-steps", type=o.count)
     p.add_argument("--finetune-lr", type=o.rate)
     p.add_argument("--augment", choices=["none", "flip", "affine"])
+    p.add_argument("--finetune-unet-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="profusion: fine-tune the UNet's to_q/to_k/to_v with PromptNet (default yes, as the paper)")
     p.add_argument("--finetune-caption", action="store_true",
                    help="profusion: fine-tune with each reference image's own caption (`learn promptnet --caption`) "
                         "instead of 'a photo of S*'")
@@ -308,7 +311,7 @@ def run_profusion(args) -> None:
                         "sampling once as its baseline: leave --methods out")
     d = FINETUNE_DEFAULTS
     finetune = FinetuneConfig(steps=args.finetune_steps or d.steps, lr=args.finetune_lr or d.lr,
-                              augment=args.augment or d.augment)
+                              augment=args.augment or d.augment, train_unet_attention=args.finetune_unet_attention)
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
