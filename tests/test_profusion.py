@@ -1208,7 +1208,7 @@ def test_mirrored_caption_swaps_left_and_right_words_only():
         "a S* on the right and a square on the left, on a navy background"
     assert mirrored_caption("a large S* in the center, on a brown background, leftover") == \
         "a large S* in the center, on a brown background, leftover"
-    with pytest.raises(ValueError, match="write S\\* exactly once"):
+    with pytest.raises(ValueError, match="names S\\* exactly once"):
         FinetuneConfig(caption="a photo of an object")
 
 

@@ -105,9 +105,10 @@ class FinetuneConfig:
                        optional=("max_grad_norm",))
         v.check_choice(self, "augment", ("none", "flip", "affine"))
         v.check_choice(self, "latents", ("sample", "mean"), optional=True)
+        v.check_text(self, ("caption",), optional=("caption",))
         if self.caption is not None and self.caption.count("S*") != 1:
-            raise ValueError(f"FinetuneConfig.caption = {self.caption!r}: write S* exactly once, where the object is "
-                             "named, e.g. 'a large S* on the left, on a brown background'")
+            raise ValueError(f"FinetuneConfig.caption = {self.caption!r}: pass a caption that names S* exactly once, "
+                             "where the object is named, e.g. 'a large S* on the left, on a brown background'")
         low, high = self.scale
         if not (0 < low <= high <= 10):
             raise ValueError(f"FinetuneConfig.scale = {self.scale!r}: pass (low, high) with 0 < low ≤ high ≤ 10")
