@@ -500,7 +500,9 @@ def test_a_start_from_the_noised_reference_stays_close_to_it(bundled_runs, image
     reference = np.asarray(Image.open(images / "000000.png").convert("RGB").resize((64, 64))).astype(np.float64)
     started = np.abs(pixels(bundled_runs["start"][1]) - reference).mean()
     from_noise = np.abs(pixels(bundled_runs["default"][1]) - reference).mean()
-    assert started < 0.5 * from_noise, (started, from_noise)
+    # from noise is the baseline; a PromptNet that keeps the object well brings it nearer too (captioned PromptNet:
+    # 13.4 vs 20.0 mean abs pixel difference; the bound was 0.5 with the fixed-prompt PromptNet, which kept less)
+    assert started < 0.75 * from_noise, (started, from_noise)
     assert "Start timestep: 300" in Image.open(pngs(bundled_runs["start"][1])[0]).text["parameters"]
 
 
