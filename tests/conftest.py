@@ -63,12 +63,6 @@ def toy_model_env(sd_tiny_dir, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def images_dir(tmp_path_factory) -> Path:
     """Four 64 px random-noise images, no metadata: a PromptNet pre-training domain for tests."""
-    import numpy as np
-    from PIL import Image
+    from promptnet_helpers import write_noise_images
 
-    folder = tmp_path_factory.mktemp("domain") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_noise_images(tmp_path_factory.mktemp("domain") / "images", 4, 64, 64, seed=0)

@@ -14,6 +14,8 @@ from diffusers.models.attention_processor import Attention
 from PIL import Image
 from safetensors.torch import load_file
 
+from promptnet_helpers import fixed_batch, write_noise_images
+
 from conceptkit.errors import UserError
 from conceptkit.learn import promptnet as promptnet_training
 from conceptkit.learn.promptnet import (augment_copies, finetune_promptnet, mirrored_caption, pretrain_promptnet,
@@ -768,15 +770,6 @@ def test_pretraining_trains_only_the_promptnet(sd32, pretrained):
     assert unchanged == []
 
 
-def fixed_batch(pipe, encoder, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    size = pipe.unet.config.sample_size
-    target = torch.randn(b, 4, size, size, generator=g)
-    noise = torch.randn(b, 4, size, size, generator=g)
-    return {"reference": target, "tokens": encoder(None, target), "target": target, "noise": noise,
-            "timesteps": torch.tensor([300, 700])[:b]}
-
-
 def test_promptnet_loss_decreases_on_a_fixed_batch(sd32):
     encoder = LatentPatchEncoder()
     torch.manual_seed(0)
@@ -979,12 +972,7 @@ def test_mixed_precision_autocasts_the_loss_and_keeps_fp32_weights(sd32, images_
 @pytest.fixture(scope="module")
 def wide_images(tmp_path_factory):
     """Two 96x64 images: a square crop of either depends on where it is taken."""
-    folder = tmp_path_factory.mktemp("wide") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_noise_images(tmp_path_factory.mktemp("wide") / "images", 2, 64, 96, seed=1)
 
 
 def pretrain_targets(pipe, images, out, monkeypatch, steps=3, resume=False, **settings):
@@ -1208,7 +1196,7 @@ def test_mirrored_caption_swaps_left_and_right_words_only():
         "a S* on the right and a square on the left, on a navy background"
     assert mirrored_caption("a large S* in the center, on a brown background, leftover") == \
         "a large S* in the center, on a brown background, leftover"
-    with pytest.raises(ValueError, match="names S\\* exactly once"):
+    with pytest.raises(ValueError, match="names S\\* 0 times"):
         FinetuneConfig(caption="a photo of an object")
 
 

@@ -220,9 +220,9 @@ ERRORS = {
                                "--finetune needs --image"),
     "caption-without-placeholder": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{png}", "--caption",
                                              "a large circle on a gray background", "--out", "{out}"],
-                                    "write S\\* exactly once"),
+                                    "names S\\* 0 times"),
     "caption-with-pretrain": (LEARN + ["--pretrain", "--images", "{images}", "--caption", "a S* on a gray background",
-                                       "--out", "{out}"], "--caption .*a --finetune option"),
+                                       "--out", "{out}"], "--caption: a --finetune option"),
     "finetune-missing-image": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{missing}",
                                         "--out", "{out}"], r"missing\.png does not exist"),
     "finetune-corrupt-image": (LEARN + ["--finetune", "--promptnet", "{export}", "--image", "{corrupt}",
@@ -500,9 +500,11 @@ def test_a_start_from_the_noised_reference_stays_close_to_it(bundled_runs, image
     reference = np.asarray(Image.open(images / "000000.png").convert("RGB").resize((64, 64))).astype(np.float64)
     started = np.abs(pixels(bundled_runs["start"][1]) - reference).mean()
     from_noise = np.abs(pixels(bundled_runs["default"][1]) - reference).mean()
-    # from noise is the baseline; a PromptNet that keeps the object well brings it nearer too (captioned PromptNet:
-    # 13.4 vs 20.0 mean abs pixel difference; the bound was 0.5 with the fixed-prompt PromptNet, which kept less)
-    assert started < 0.75 * from_noise, (started, from_noise)
+    # same seed and prompt: ignoring the option would give the from-noise image itself. How near a t = 300 start
+    # stays depends on how far the PromptNet follows the prompt away from the reference (mean abs pixel difference
+    # 6.5 with the fixed-prompt PromptNet, 13.4 with the captioned one; 20 from noise with either), so no ratio is
+    # claimed here; test_profusion.py checks the noised start itself exactly
+    assert started < from_noise, (started, from_noise)
     assert "Start timestep: 300" in Image.open(pngs(bundled_runs["start"][1])[0]).text["parameters"]
 
 

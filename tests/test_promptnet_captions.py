@@ -6,6 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from promptnet_helpers import fixed_batch
+
 from conceptkit.errors import UserError
 from conceptkit.learn import promptnet as trainer
 from conceptkit.learn.promptnet import init_promptnet, pretrain_promptnet, promptnet_loss, read_scenes, scene_caption
@@ -76,15 +78,6 @@ def test_prompt_batch_ids_are_each_prompts_ids_padded_to_the_longest(sd32):
         assert (ids[k, len(row):] == tok.pad_token_id).all()
     padded, _ = prompt_batch_ids(tok, prompts, pad=True)
     assert padded.shape == (2, tok.model_max_length)
-
-
-def fixed_batch(pipe, encoder, b=2, seed=0):  # as tests/test_profusion.py's
-    g = torch.Generator().manual_seed(seed)
-    size = pipe.unet.config.sample_size
-    target = torch.randn(b, 4, size, size, generator=g)
-    noise = torch.randn(b, 4, size, size, generator=g)
-    return {"reference": target, "tokens": encoder(None, target), "target": target, "noise": noise,
-            "timesteps": torch.tensor([300, 700])[:b]}
 
 
 # Computed with the code before per-row prompts (commit 166b9bf) on this fixture, seed 0, one thread.

@@ -102,6 +102,15 @@ def check_text(config, names: tuple[str, ...], optional: tuple[str, ...] = ()) -
             raise ValueError(f"{type(config).__name__}.{name} = {value!r}: pass a non-empty string")
 
 
+def check_placeholder_text(text: str, placeholder: str = "S*") -> str:
+    """`text` if it names the placeholder exactly once (a ProFusion prompt or caption); ValueError(what to write)."""
+    count = text.count(placeholder)
+    if count != 1:
+        raise ValueError(f"names {placeholder} {count} times: write it exactly once, where the object is named "
+                         f"(e.g. \"{placeholder} on a navy background\")")
+    return text
+
+
 def check_choice(config, name: str, choices: tuple, optional: bool = False) -> None:
     value = getattr(config, name)
     if value is None and optional:

@@ -132,7 +132,7 @@ def register(sub) -> None:
     p.add_argument("--augment", default=FINETUNE_DEFAULTS.augment, choices=["none", "flip", "affine"],
                    help="--finetune: the mini dataset's augmentation")
     p.add_argument("--copies", type=o.count, default=FINETUNE_DEFAULTS.copies, help="--finetune: mini dataset size")
-    p.add_argument("--caption", type=o.prompt,
+    p.add_argument("--caption", type=o.caption,
                    help="--finetune: the image's caption with S* for the object ('a large S* on the left, on a brown "
                         "background'; mirrored copies swap left and right) instead of --prefix S*; suits a "
                         "PromptNet pre-trained with --captions scene")
@@ -255,9 +255,9 @@ def run_promptnet(args) -> None:
         raise UserError("--pretrain needs --images DIR, a folder of images of the domain")
     if args.finetune and not args.image:
         raise UserError("--finetune needs --image FILE, the one image of the concept")
-    if args.caption is not None and (args.pretrain or args.caption.count("S*") != 1):
-        raise UserError(f"--caption {args.caption!r}: a --finetune option; write S* exactly once, where the object "
-                        "is named, e.g. --caption 'a large S* on the left, on a brown background'")
+    if args.pretrain and args.caption is not None:
+        raise UserError("--caption: a --finetune option (pre-training takes each image's caption with --captions "
+                        "scene): leave it out with --pretrain")
     pretrain_only = [name for name, given in (("--crop", args.crop is not None),
                                               ("--mixed-precision", args.mixed_precision is not None),
                                               ("--gradient-checkpointing", args.gradient_checkpointing),

@@ -67,6 +67,16 @@ def text(what: str = "a non-empty value"):
 path = text("a path")
 name = text("a non-empty name")
 prompt = text("a non-empty prompt")
+
+
+def caption(value: str) -> str:
+    """An argparse type for a caption that names S* once (`learn promptnet --finetune --caption`)."""
+    try:
+        return values.check_placeholder_text(prompt(value))
+    except ValueError as e:
+        raise _refuse(value, str(e)) from None
+
+
 names = text("comma-separated names")
 
 

@@ -106,9 +106,11 @@ class FinetuneConfig:
         v.check_choice(self, "augment", ("none", "flip", "affine"))
         v.check_choice(self, "latents", ("sample", "mean"), optional=True)
         v.check_text(self, ("caption",), optional=("caption",))
-        if self.caption is not None and self.caption.count("S*") != 1:
-            raise ValueError(f"FinetuneConfig.caption = {self.caption!r}: pass a caption that names S* exactly once, "
-                             "where the object is named, e.g. 'a large S* on the left, on a brown background'")
+        if self.caption is not None:
+            try:
+                v.check_placeholder_text(self.caption)
+            except ValueError as e:
+                raise ValueError(f"FinetuneConfig.caption = {self.caption!r}: {e}") from None
         low, high = self.scale
         if not (0 < low <= high <= 10):
             raise ValueError(f"FinetuneConfig.scale = {self.scale!r}: pass (low, high) with 0 < low ≤ high ≤ 10")

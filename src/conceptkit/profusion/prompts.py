@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..values import check_placeholder_text
 from .fusion_config import DEFAULT_PLACEHOLDER  # noqa: F401 - where callers have always found it
 
 
@@ -76,10 +77,10 @@ def encode_with_word(text_encoder, ids: torch.Tensor, slots: torch.Tensor | None
 def check_placeholder(prompt: str, placeholder: str) -> None:
     if not isinstance(prompt, str):
         raise UserError(f"prompt must be text, got {type(prompt).__name__}")
-    count = prompt.count(placeholder)
-    if count != 1:
-        raise UserError(f"prompt {prompt!r} names {placeholder} {count} times: write it exactly once "
-                        f"(e.g. \"{placeholder} on a navy background\")")
+    try:
+        check_placeholder_text(prompt, placeholder)
+    except ValueError as e:
+        raise UserError(f"prompt {prompt!r} {e}") from None
 
 
 def tokenize_with_slot(tokenizer, prompt: str, placeholder: str = DEFAULT_PLACEHOLDER,
