@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import UserError
 from ..learn.lora_config import LoRAConfig
@@ -82,6 +83,9 @@ def register(sub) -> None:
     p.add_argument("--latents", choices=["sample", "mean"], default=LORA_DEFAULTS.latents,
                    help="train on z ~ q(z|x) (sample, diffusers) or its mean (for base models trained on means, "
                         "such as the bundled one)")
+    p.add_argument("--embedding", type=o.path, help="pivotal tuning: the trigger's word vector, learned first with "
+                   "`learn ti --token TRIGGER` (pass its --out folder or file and the same --trigger); fixed while "
+                   "the LoRA trains and bundled into the LoRA file, as AUTOMATIC1111/kohya do")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
     p.add_argument("--out", type=o.path, required=True, help="output folder")
@@ -219,7 +223,11 @@ def run_lora(args) -> None:
                      checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                      validation_prompts=() if args.no_validation else tuple(args.validation_prompt)
                      if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
-                     mixed_precision=args.mixed_precision, latents=args.latents)
+                     mixed_precision=args.mixed_precision, latents=args.latents,
+                     embedding=None if args.embedding is None else str(args.embedding))
+    if args.embedding is not None and not Path(args.embedding).exists():
+        raise UserError(f"--embedding {args.embedding} does not exist: pass the --out folder (or the file) of a "
+                        f"`conceptkit learn ti --token '{cfg.trigger}'` run")
     if cfg.validation_prompts:
         announce_validation(len(cfg.validation_prompts) * cfg.validation_seeds, cfg.resolution, cfg.validate_every)
     from ..learn.distributed import process_device, processes

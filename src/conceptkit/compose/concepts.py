@@ -172,27 +172,15 @@ def _embedding_class_word(path: Path) -> str | None:
 
 
 def _load_embedding(pipe, spec: EmbeddingSpec, _saved) -> Concept:
-    import torch
-
-    from ..models.embeddings import add_embedding, read_embedding
+    from ..models.embeddings import ensure_embedding, read_embedding
 
     embedding = read_embedding(spec.path, spec.token)
     class_word = spec.class_word or _embedding_class_word(Path(spec.path))
     if not class_word:
         raise UserError(f"embedding '{spec.name}' ({spec.path}) names no class word: pass --embedding "
                         f"{spec.name}={spec.path}:{embedding.token}:CLASS (e.g. :{embedding.token}:dog)")
-    vocab = pipe.tokenizer.get_vocab()
-    if embedding.token in vocab:  # loaded before (a composition run twice on one pipeline): the same vectors?
-        n = embedding.vectors.shape[0]
-        names = [embedding.token] + [f"{embedding.token}_{i}" for i in range(1, n)]
-        ids = [vocab.get(t) for t in names]
-        table = pipe.text_encoder.get_input_embeddings().weight
-        same = None not in ids and torch.equal(table[ids].detach().float().cpu(), embedding.vectors)
-        if not same:
-            raise UserError(f"token '{embedding.token}' is already in the vocabulary: pass --embedding "
-                            f"{spec.name}={spec.path}:<another-token>")
-    else:
-        add_embedding(pipe, embedding)
+    # loaded before (a composition run twice on one pipeline) with the same vectors: reused
+    ensure_embedding(pipe, embedding, f"pass --embedding {spec.name}={spec.path}:<another-token>")
     phrase = pipe.maybe_convert_prompt(embedding.token, pipe.tokenizer)  # "<t> <t>_1 ..." for several vectors
     return Concept(ConceptSlot(spec.name, phrase, class_word, "embedding"), spec.path, embedding.token)
 

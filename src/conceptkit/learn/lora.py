@@ -10,6 +10,11 @@ The adapters are added with diffusers' / transformers' PEFT integration (`add_ad
 `train_dreambooth_lora.py` does) under a private name and removed again before returning: the pipeline is left as it
 was. On SDXL both text encoders get adapters (the trainer conditions the UNet as SDXL does, pooled embedding and
 time ids included). The result is a diffusers-layout `pytorch_lora_weights.safetensors` that a plain `load_lora_weights` reads.
+
+Pivotal tuning (`embedding`): the trigger is a word learned first by Textual Inversion (`learn ti`), kept fixed while
+the adapters train, and bundled into the LoRA file (AUTOMATIC1111 / kohya `bundle_emb`), so the concept reaches the
+UNet through the text path as well as through the adapters (README, `evaluate clora`: it is what made single-LoRA
+fidelity hold on backgrounds the LoRA was not trained on).
 """
 from __future__ import annotations
 
@@ -121,6 +126,37 @@ def remove_training_adapters(pipe) -> None:
         pipe.unload_lora_weights()
 
 
+def trigger_embedding(cfg: LoRAConfig):
+    """The Textual Inversion embedding the trigger stands for (cfg.embedding), or None."""
+    if cfg.embedding is None:
+        return None
+    from ..models.embeddings import read_embedding
+
+    embedding = read_embedding(cfg.embedding)
+    if embedding.vectors.shape[0] != 1 or embedding.token != cfg.trigger:
+        raise UserError(f"--embedding {cfg.embedding} teaches '{embedding.token}' ({embedding.vectors.shape[0]} "
+                        f"vector(s)) but the trigger is '{cfg.trigger}': pass --trigger '{embedding.token}' and a "
+                        "one-vector embedding (the captions must use the token)")
+    return embedding
+
+
+@contextlib.contextmanager
+def taught(pipe, embedding):
+    """The pipeline knows `embedding`'s token within the block; taken out again on the way out if it was added here."""
+    if embedding is None:
+        yield
+        return
+    from ..models.embeddings import ensure_embedding
+
+    added = ensure_embedding(pipe, embedding, "train on a freshly loaded model")
+    try:
+        yield
+    finally:
+        if added:
+            for tokenizer, encoder in encoders(pipe):
+                pipe.unload_textual_inversion(embedding.token, tokenizer=tokenizer, text_encoder=encoder)
+
+
 @contextlib.contextmanager
 def restored_pipeline(pipe):
     """Whatever training does to the pipeline (adapters, requires_grad, train/eval, the sampling scheduler) is undone
@@ -181,6 +217,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
     `out_dir`. On return the pipeline is exactly as before (load the written file with models.lora.load_lora)."""
     cfg = cfg or LoRAConfig()
     check_config(cfg)
+    embedding = trigger_embedding(cfg)
     procs = processes()
     out = Path(out_dir)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -200,7 +237,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
     elif last is not None:
         raise UserError(f"{out} already holds a training run: pass --resume to continue it, or a new --out folder")
 
-    with restored_pipeline(pipe):
+    with taught(pipe, embedding), restored_pipeline(pipe):
         freeze(pipe)
         params = flat_params(add_training_adapters(pipe, cfg, cfg.seed))
         groups = [{"params": [p for n, p in params.items() if n.startswith("unet.")], "lr": cfg.lr}]
@@ -246,7 +283,7 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         if procs.main:
             text_encoder_2 = getattr(pipe, "text_encoder_2", None) if cfg.text_encoder else None
             save_lora(path, pipe.unet, pipe.text_encoder if cfg.text_encoder else None, text_encoder_2=text_encoder_2,
-                      metadata=meta, adapter_name=ADAPTER)
+                      metadata=meta, adapter_name=ADAPTER, embeddings=[embedding] if embedding else [])
     if procs.main:
         atomic_write_text(out / "metadata.json",
                           json.dumps({**config, **meta, "steps_done": cfg.steps}, indent=2) + "\n")

@@ -59,6 +59,9 @@ class LoRAConfig:
     # (the bundled model: its VAE's posterior std is 0.31 against latents of std 1, and LoRAs trained on samples
     # learn that noise as colour speckle; README, evaluate clora)
     latents: str = "sample"
+    # pivotal tuning: a one-vector Textual Inversion file whose token is the trigger (learned first by `learn ti`,
+    # fixed while the adapters train, bundled into the LoRA file)
+    embedding: str | None = None
 
     def __post_init__(self) -> None:
         """A bad setting fails here, naming the field, not deep inside the trainer (tests/test_config_checks.py)."""
@@ -68,8 +71,8 @@ class LoRAConfig:
                               "checkpoint_every": v.COUNT, "validate_every": v.COUNT_OR_ZERO,
                               "validation_seeds": v.COUNT, "weight_decay": v.WEIGHT},
                        optional=("alpha", "text_encoder_lr", "resolution"))
-        v.check_text(self, ("trigger", "class_word", "prompt", "description"),
-                     optional=("class_word", "prompt", "description"))
+        v.check_text(self, ("trigger", "class_word", "prompt", "description", "embedding"),
+                     optional=("class_word", "prompt", "description", "embedding"))
         v.check_choice(self, "mixed_precision", ("no", "bf16", "fp16"))
         v.check_choice(self, "latents", ("sample", "mean"))
 

@@ -10,7 +10,10 @@ Layouts read (ALGORITHMS.md §1.6):
   `textual_inversion_sdxl.py` writes them; added with `load_textual_inversion` once per encoder. An SDXL embedding
   given to an SD 1.x/2.x model, or a one-encoder embedding given to SDXL, is refused in one line;
 - the official Textual Inversion repo's `embeddings.pt`: like A1111 but with no "name" and its params in an
-  `nn.ParameterDict`.
+  `nn.ParameterDict`;
+- embeddings bundled in a LoRA file (kohya / AUTOMATIC1111 "bundle_emb"): `bundle_emb.<token>.string_to_param.*`
+  (SD 1.x/2.x) or `bundle_emb.<token>.clip_l` / `.clip_g` (SDXL) beside the LoRA's layers; the web UI teaches
+  the tokens when it loads the LoRA, and so does `models.lora.load_lora`.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ PLACEHOLDER_PATTERN = re.compile(r"<[^<>\s]+>")
 
 
 SDXL_SECOND_FILE = "learned_embeds_2.safetensors"
+BUNDLE_PREFIX = "bundle_emb."
 
 
 @dataclass
@@ -146,6 +150,37 @@ def read_diffusers_sdxl(folder: Path, token: str | None) -> Embedding:
     return Embedding(first.token, first.vectors, "diffusers_sdxl", second.vectors)
 
 
+def bundled_embeddings(state: dict[str, torch.Tensor], path: Path) -> list[Embedding]:
+    """The embeddings a LoRA file carries under `bundle_emb.<token>.…` keys (none: an empty list)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith(BUNDLE_PREFIX):
+            token, _, rest = key[len(BUNDLE_PREFIX):].partition(".")
+            groups.setdefault(token, {})[rest] = value
+    out = []
+    for token, parts in groups.items():
+        if "clip_l" in parts or "clip_g" in parts:
+            out.append(read_community_sdxl(path, parts, token))
+            continue
+        params = [key for key in parts if key.startswith("string_to_param")]
+        if len(params) != 1:
+            raise UserError(f"LoRA {path}: bundled embedding '{token}' has keys {sorted(parts)[:4]}, not one "
+                            f"{BUNDLE_PREFIX}{token}.string_to_param.*: re-export it")
+        out.append(Embedding(token, _as_matrix(parts[params[0]], path, f"{BUNDLE_PREFIX}{token}"), "lora_bundle"))
+    return out
+
+
+def bundle_entries(embedding: Embedding) -> dict[str, torch.Tensor]:
+    """`embedding` as the tensors of a LoRA file (AUTOMATIC1111's bundle_emb layout)."""
+    def plain(v):
+        return v.detach().to("cpu", torch.float32).contiguous()
+
+    prefix = f"{BUNDLE_PREFIX}{embedding.token}."
+    if embedding.is_sdxl:
+        return {prefix + "clip_l": plain(embedding.vectors), prefix + "clip_g": plain(embedding.vectors_2)}
+    return {prefix + "string_to_param.*": plain(embedding.vectors)}
+
+
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, fmt: str = "diffusers",
                    metadata: dict | None = None) -> Path:
     """Write `vectors` (n, d) for `token` atomically, in diffusers or AUTOMATIC1111 layout; `vectors` a pair
@@ -202,6 +237,37 @@ def add_embedding(pipe, embedding: Embedding) -> None:
                                         tokenizer=tokenizer)
     finally:
         hf_logging.set_verbosity(level)
+
+
+def learned_vectors(pipe, token: str, n: int) -> list[torch.Tensor] | None:
+    """The rows `token` (and `token_1` … for n vectors) hold in each text encoder's table (its dtype), or None if
+    any of the names is not in the vocabulary."""
+    from .sdxl import encoders
+
+    names = [token] + [f"{token}_{i}" for i in range(1, n)]
+    rows = []
+    for tokenizer, encoder in encoders(pipe):
+        vocab = tokenizer.get_vocab()
+        ids = [vocab.get(t) for t in names]
+        if None in ids:
+            return None
+        rows.append(encoder.get_input_embeddings().weight[ids].detach().cpu())
+    return rows
+
+
+def ensure_embedding(pipe, embedding: Embedding, retry_hint: str) -> bool:
+    """Teach the pipeline `embedding.token` unless it already holds exactly these vectors (a LoRA or composition
+    loaded twice on one pipeline); another embedding under the same token is refused, with `retry_hint` (how to
+    load it under another name). Returns whether it was added."""
+    rows = learned_vectors(pipe, embedding.token, embedding.vectors.shape[0])
+    if rows is None:
+        add_embedding(pipe, embedding)
+        return True
+    wanted = [embedding.vectors] + ([embedding.vectors_2] if embedding.is_sdxl else [])
+    if len(rows) != len(wanted) or not all(r.shape == w.shape and torch.equal(r, w.to(r.dtype))
+                                           for r, w in zip(rows, wanted)):
+        raise UserError(f"token '{embedding.token}' is already in the vocabulary with other vectors: {retry_hint}")
+    return False
 
 
 def check_prompt_tokens(tokenizer, prompts: list[str]) -> None:

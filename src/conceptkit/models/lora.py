@@ -7,6 +7,9 @@ original `input_blocks/…` names). The converter is the model's own pipeline cl
 SDXL, which also adapts the second text encoder, `text_encoder_2`). Ours is diffusers' own layout (what
 `train_dreambooth_lora.py` writes, with its `lora_adapter_metadata` header so a plain `load_lora_weights` gets the
 right alpha) plus `conceptkit.*` entries in the safetensors header (trigger word, class word, base model, rank, alpha).
+A LoRA trained with its trigger's word vector learned first (pivotal tuning, `learn lora --embedding`) carries that
+vector as AUTOMATIC1111 / kohya do (`bundle_emb.<token>.string_to_param.*`, models/embeddings.py); loading the LoRA
+teaches the pipeline the token, as the web UI does.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..files import atomic_write
+from .embeddings import BUNDLE_PREFIX
 from .loading import first_line
 from .pickles import load_weights_only
 
@@ -45,6 +49,7 @@ class LoraInfo:
     rank: int | None = None
     alpha: float | None = None
     has_text_encoder: bool = False
+    embeddings: tuple[str, ...] = ()  # tokens of the bundled embeddings (bundle_emb.<token>.…)
     metadata: dict = field(default_factory=dict)  # everything conceptkit.* (or the sidecar) holds, parsed
 
 
@@ -161,13 +166,15 @@ def read_lora_info(path: str | Path) -> LoraInfo:
     has_text_encoder = any(k.startswith(("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_"))
                            for k in shapes)
     base_model = ours.get("base_model") or header.get("ss_sd_model_name") or None
+    bundled = tuple(dict.fromkeys(k[len(BUNDLE_PREFIX):].partition(".")[0] for k in shapes
+                                  if k.startswith(BUNDLE_PREFIX)))
 
     def text(key):
         value = ours.get(key)
         return None if value in (None, "") else str(value)
 
     return LoraInfo(path, text("trigger"), text("class_word"), None if base_model is None else str(base_model),
-                    rank, alpha, has_text_encoder, ours)
+                    rank, alpha, has_text_encoder, bundled, ours)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +229,7 @@ def check_lora_fits(pipe, path: str | Path) -> list[str]:
     from .sdxl import is_sdxl
 
     path = lora_file(path)
-    raw = read_state_dict(path)
+    raw = {k: v for k, v in read_state_dict(path).items() if not k.startswith(BUNDLE_PREFIX)}
     sdxl = is_sdxl(pipe)
     options = {"unet_config": pipe.unet.config} if sdxl else {}  # kohya SDXL files name the UNet's LDM blocks
     try:
@@ -348,13 +355,33 @@ def load_lora(pipe, path: str | Path, adapter_name: str) -> LoraInfo:
     check_lora_fits(pipe, file)
     info = read_lora_info(file)
     source = str(file) if file.suffix.lower() == ".safetensors" else read_state_dict(file)
-    try:
-        with quiet_diffusers():
-            pipe.load_lora_weights(source, adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"LoRA {file} could not be loaded ({first_line(e)[:160]}): pass a diffusers or kohya LoRA made "
-                        "for this base model") from None
+    with tempfile.TemporaryDirectory(prefix="conceptkit-lora-") as tmp:
+        if info.embeddings:
+            source = _teach_bundled_embeddings(pipe, file, Path(tmp))
+        try:
+            with quiet_diffusers():
+                pipe.load_lora_weights(source, adapter_name=adapter_name)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"LoRA {file} could not be loaded ({first_line(e)[:160]}): pass a diffusers or kohya LoRA "
+                            "made for this base model") from None
     return info
+
+
+def _teach_bundled_embeddings(pipe, file: Path, tmp: Path):
+    """Add the file's bundled embeddings to the pipeline (kept if already there with the same vectors); returns the
+    LoRA layers alone for diffusers' loader, which refuses other keys (a file with the same header, or a dict)."""
+    from .embeddings import bundled_embeddings, ensure_embedding
+
+    state = read_state_dict(file)
+    for embedding in bundled_embeddings(state, file):
+        ensure_embedding(pipe, embedding, f"LoRA {file.name} bundles another '{embedding.token}': load it on a "
+                                          "freshly loaded model")
+    layers = {k: v for k, v in state.items() if not k.startswith(BUNDLE_PREFIX)}
+    if file.suffix.lower() != ".safetensors":
+        return layers
+    target = tmp / LORA_WEIGHT_NAME
+    save_file(layers, target, metadata=_header(file))
+    return str(target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +394,8 @@ def _adapter_layers(model, adapter_name: str):
 
     if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
         return None, None
-    layers = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # the LoRA layers only: a vocabulary grown by a bundled word is not the adapter's
+    layers = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
     return convert_state_dict_to_diffusers(layers), model.peft_config[adapter_name].to_dict()
 
@@ -383,14 +411,16 @@ def header_entries(metadata: dict | None) -> dict[str, str]:
 
 
 def save_lora(path: str | Path, unet, text_encoder=None, *, text_encoder_2=None, metadata: dict | None = None,
-              adapter_name: str = "default") -> Path:
+              adapter_name: str = "default", embeddings=()) -> Path:
     """Write the LoRA adapter `adapter_name` of `unet` (and `text_encoder`, and SDXL's `text_encoder_2`) in
     diffusers' layout (StableDiffusionXLPipeline's for an SDXL UNet), atomically.
 
     `path` is a .safetensors file or a folder (then `pytorch_lora_weights.safetensors` inside it). The header holds
     diffusers' adapter metadata (rank, alpha, targets: a plain `load_lora_weights` rebuilds the same scale) and
-    `metadata` as conceptkit.* entries.
+    `metadata` as conceptkit.* entries; `embeddings` (models.embeddings.Embedding) are bundled (bundle_emb.…).
     """
+    from .embeddings import bundle_entries
+
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
@@ -416,4 +446,6 @@ def save_lora(path: str | Path, unet, text_encoder=None, *, text_encoder_2=None,
         with safe_open(written, "pt") as f:
             header = dict(f.metadata() or {})
     header.update(header_entries(metadata))
+    for embedding in embeddings:
+        tensors.update(bundle_entries(embedding))
     return atomic_write(target, lambda p: save_file(tensors, p, metadata=header))
