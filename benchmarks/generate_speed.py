@@ -8,7 +8,8 @@ bundled model, one batch), interleaved round by round in one process on `--threa
 - `conceptkit`: `generate(pipe, ...)`, the defaults;
 - `conceptkit --bf16`: the UNet under bf16 autocast (generate/autocast.py; only on CPUs with native bf16);
 - `conceptkit --compile` (with `--compile`): torch.compile of the UNet; its warm-up (the first call, compiling) is
-  timed once and reported apart, the rounds run compiled.
+  timed once and reported apart, the rounds run compiled; and `--bf16 --compile` together (the compiled UNet under
+  bf16 autocast; its own warm-up is in its untimed first call).
 
 Per variant: median process CPU time (time.process_time) and wall time per image over the rounds, the wall spread,
 images/s, the ratio of diffusers' CPU time to the variant's, and the max pixel difference (of 255) to diffusers'
@@ -74,6 +75,8 @@ def main() -> None:
     warmup = None
     if args.compile:
         variants["conceptkit generate --compile"] = lambda: run_ours(compile=True)
+        if cpu_has_bf16():
+            variants["conceptkit generate --bf16 --compile"] = lambda: run_ours(bf16=True, compile=True)
         began = time.perf_counter()
         run_ours(compile=True)
         warmup = time.perf_counter() - began

@@ -86,3 +86,22 @@ def test_cli_flags_reach_generate(toy_model_env, tmp_path, monkeypatch):
     assert main(["generate", "--prompt", "a red star", "--steps", "1", "--bf16", "--compile", "--out",
                  str(tmp_path / "g")]) == 0
     assert seen == {"bf16": True, "compile": True}
+
+
+def test_bf16_and_compile_together_run_the_compiled_unet_under_bf16(toy, monkeypatch):
+    """Both flags: the compiled forward runs under autocast (it once replaced the autocast wrapper, silently
+    dropping bf16), and the UNet is its eager self afterwards."""
+    import conceptkit.generate.compiled as compiled
+
+    monkeypatch.setattr(autocast, "cpu_has_bf16", lambda: True)
+    calls = []
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **kw: (lambda *a, **k: calls.append(1) or fn(*a, **k)))
+    dtypes = []
+    hook = toy.unet.register_forward_hook(lambda module, args, out: dtypes.append(out[0].dtype))
+    try:
+        generate(toy, PROMPT, num_images=1, steps=2, progress=False, bf16=True, compile=True)
+    finally:
+        hook.remove()
+        toy.unet.__dict__.pop(compiled.ATTRIBUTE, None)
+    assert calls and dtypes and set(dtypes) == {torch.bfloat16}
+    assert "forward" not in toy.unet.__dict__

@@ -50,8 +50,12 @@ def bf16_unet(unet, enabled: bool = True):
         with torch.autocast(unet.device.type, dtype=torch.bfloat16):
             return forward(*args, **kwargs)
 
+    previous = unet.__dict__.get("forward")  # a compiled forward (compiled_unet), kept under autocast
     unet.forward = autocast_forward
     try:
         yield unet
     finally:
-        del unet.forward  # the class's forward again
+        if previous is None:
+            del unet.forward  # the class's forward again
+        else:
+            unet.forward = previous

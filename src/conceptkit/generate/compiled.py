@@ -26,8 +26,12 @@ def compiled_unet(unet, enabled: bool = True, backend: str = "inductor"):
     cache = unet.__dict__.setdefault(ATTRIBUTE, {})
     if backend not in cache:
         cache[backend] = torch.compile(type(unet).forward.__get__(unet), backend=backend, dynamic=False)
+    previous = unet.__dict__.get("forward")
     unet.forward = cache[backend]
     try:
         yield unet
     finally:
-        del unet.forward
+        if previous is None:
+            del unet.forward
+        else:
+            unet.forward = previous

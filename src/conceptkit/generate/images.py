@@ -102,7 +102,8 @@ def generate(
     progress = progress and (not several or procs.main)
     bar = tqdm(total=len(batches) * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
 
-    with memory_savers(pipe, low_memory), bf16_unet(pipe.unet, bf16), compiled_unet(pipe.unet, compile):
+    # compiled first, autocast around it: the other way round the compiled forward replaced the autocast one
+    with memory_savers(pipe, low_memory), compiled_unet(pipe.unet, compile), bf16_unet(pipe.unet, bf16):
         for batch in batches:
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
             model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale, size=(height, width))
