@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conceptkit.evaluate.clora import (EVAL_SEEDS, SPLIT_BACKGROUNDS, SPLITS, TRIGGERS, TUNING_SEEDS, Recipe, cases,
-                                       lora_files, on_side, read_pair, slot, training_scenes)
+                                       lora_files, on_side, read_pair, slot, training_scenes, trigger)
 from conceptkit.models.loading import load_pipeline
 from conceptkit.shapes.captions import shape_word
 from conceptkit.shapes.concepts import COMPOSE_TEST, COMPOSE_TUNE
@@ -86,21 +86,26 @@ def test_triggers_are_distinct_single_unused_tokens():
     for n in names:
         assert len(tok(TRIGGERS[n], add_special_tokens=False).input_ids) == 1
         assert TRIGGERS[n] not in vocabulary()  # a word the base model was never trained on
+    # pivotal tuning (the recipe): a new word per concept, not a token of the tokenizer yet
+    concepts = COMPOSE_TUNE + COMPOSE_TEST
+    assert [trigger(c) for c in concepts] == [f"<{TRIGGERS[c.name]}>" for c in concepts]
+    assert not {trigger(c) for c in concepts} & set(tok.get_vocab())
+    assert [trigger(c, Recipe(trigger_ti_steps=0)) for c in concepts] == [TRIGGERS[c.name] for c in concepts]
 
 
 def test_training_captions_name_the_concept_where_it_is_and_the_other_object_by_its_class_word():
     recipe = Recipe(pair_views=16, single_views=4)  # fewer than the recipe: quick
     for concept in COMPOSE_TUNE + COMPOSE_TEST:
-        trigger = TRIGGERS[concept.name]
+        word = trigger(concept, recipe)
         scenes = training_scenes(concept, recipe)
         assert len(scenes) == 20
         orders = set()
         for scene, text in scenes:
             words = text.replace(",", "").split()
-            assert words.count(trigger) == 1 and words[words.index(trigger) + 1] == concept.shape
+            assert words.count(word) == 1 and words[words.index(word) + 1] == concept.shape
             mine = [o for o in scene.objects if o.triple == t(concept)]
             assert len(mine) == 1
-            assert text.split(f"{trigger} {concept.shape}")[1].split(",")[0].split(" and ")[0].strip() in (
+            assert text.split(f"{word} {concept.shape}")[1].split(",")[0].split(" and ")[0].strip() in (
                 f"on the {mine[0].position}", "in the center", "at the top", "at the bottom", "")
             for other in scene.objects:
                 if other is mine[0]:
@@ -108,7 +113,7 @@ def test_training_captions_name_the_concept_where_it_is_and_the_other_object_by_
                 assert other.shape != concept.shape and other.color != concept.color
                 assert other.pattern != concept.pattern and not is_held_out(other)  # no benchmark concept
                 assert f"a {other.shape} on the {other.position}" in text  # a plain class word, its side
-                orders.add((mine[0].position, text.startswith(f"a {trigger}")))
+                orders.add((mine[0].position, text.startswith(f"a {word}")))
         assert orders == {("left", True), ("left", False), ("right", True), ("right", False)}
 
 
@@ -118,7 +123,8 @@ def test_bundled_loras_exist_and_carry_trigger_class_word_and_description():
     files = lora_files(None)
     for concept in COMPOSE_TUNE + COMPOSE_TEST:
         info = read_lora_info(files[concept.name])
-        assert info.trigger == TRIGGERS[concept.name] and info.class_word == concept.shape
+        assert info.trigger == trigger(concept) and info.class_word == concept.shape
+        assert info.embeddings == (trigger(concept),)  # the word, bundled
         assert info.metadata.get("description") == concept.description and info.rank == Recipe().rank
         assert files[concept.name].stat().st_size < 600_000
 

@@ -6,9 +6,11 @@ them. The benchmark measures exactly that on the shapes world:
 - **Concepts** (shapes/concepts.py COMPOSE_TUNE, COMPOSE_TEST): four per split, named shapes (each concept has its
   own class word), pairwise different in shape, colour and pattern, all held-out triples (the base model never saw
   them). The tune concepts and seeds choose the LoRA recipe and the CLoRA settings; figures are reported on test.
-- **Concept LoRAs** (`train_concept_loras`, recipe `Recipe`): trained on rendered scenes captioned in the form they
-  are used in, "a z circle on the left and a square on the right, on a gray background" (the other object a plain
-  class word, any shape, colour and pattern but the concept's), plus single-object views.
+- **Concept LoRAs** (`train_concept_loras`, recipe `Recipe`): pivotal tuning, the trigger `<z>` first learned as a
+  word by Textual Inversion on single-object views, then the LoRA trained with that word fixed on rendered scenes
+  captioned in the form they are used in, "a <z> circle on the left and a square on the right, on a gray background"
+  (the other object a plain class word, any shape, colour and pattern but the concept's), plus single-object views;
+  the word is bundled into the LoRA file.
 - **Cases**: every pair of a split's concepts, the first-named one on the left ("a {A} on the left and a {B} on
   the right, …") and on the right ("a {A} on the right and a {B} on the left, …"), on two backgrounds, at 8 seeds:
   6 × 2 × 2 × 8 = 192 images per method.
@@ -163,7 +165,8 @@ class Recipe:
     """How a concept LoRA is trained, chosen on the tune concepts and seeds by single-LoRA fidelity (README,
     `evaluate clora`): 16 composed views with the text encoder, rank 4: 0.31; the text encoder off: 0.71 (one
     concept); 48 composed views: 0.78 (four concepts); rank 8: 0.87; trained on the VAE posterior's means: 0.94.
-    More steps made colours worse every time (1,600 steps: 0.00, 0.50, 0.43)."""
+    More steps made colours worse every time (1,600 steps: 0.00, 0.50, 0.43). On all four backgrounds the means
+    recipe held 0.815 (gray 0.75, white 0.63); the trigger learned first as a word (pivotal tuning): 0.93."""
     pair_views: int = 48  # two-object scenes captioned in the composed form
     single_views: int = 4  # one-object scenes (the concept-set views)
     steps: int = 800
@@ -173,6 +176,15 @@ class Recipe:
     text_encoder: bool = False  # a text-encoder LoRA changes every word's encoding (the other slot's class word too)
     latents: str = "mean"  # the base UNet was trained on posterior means; samples add colour speckle
     seed: int = 0
+    trigger_ti_steps: int = 600  # pivotal tuning: Textual Inversion steps for the trigger word first (0: a plain letter)
+    trigger_ti_views: int = 16  # its images: one-object views of the concept
+    trigger_init: str = "class"  # the word it starts from: the class word ("circle") or the colour word ("yellow")
+
+
+def trigger(concept: Concept, recipe: Recipe = Recipe()) -> str:
+    """The concept's trigger: its letter, or (pivotal tuning) the learned word <letter>."""
+    letter = TRIGGERS[concept.name]
+    return f"<{letter}>" if recipe.trigger_ti_steps else letter
 
 
 def partner(rng: random.Random, concept: Concept) -> tuple[str, str, str]:
@@ -190,7 +202,7 @@ def training_scenes(concept: Concept, recipe: Recipe = Recipe()) -> list[tuple[S
     """(scene, caption) pairs: `pair_views` two-object scenes, the concept on the left and on the right in turn,
     named first and second in turn ("a z circle on the left and a square on the right, on a gray background" /
     "a square on the left and a z circle on the right, …"), then `single_views` one-object views."""
-    trigger, noun = TRIGGERS[concept.name], shape_word(concept.shape)
+    word, noun = trigger(concept, recipe), shape_word(concept.shape)
     rng = random.Random(f"conceptkit-compose-{concept.name}")
     backgrounds = list(WORLD_BACKGROUNDS)
     out = []
@@ -203,14 +215,14 @@ def training_scenes(concept: Concept, recipe: Recipe = Recipe()) -> list[tuple[S
         theirs = Obj(*other, position=other_side, size="medium")
         objs = (mine, theirs) if side == "left" else (theirs, mine)
         offsets = tuple((rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)) for _ in objs)
-        a, b = (f"{trigger} {noun}", side), (shape_word(other[0]), other_side)
+        a, b = (f"{word} {noun}", side), (shape_word(other[0]), other_side)
         first, second = (a, b) if named_first else (b, a)
         text = f"a {first[0]} on the {first[1]} and a {second[0]} on the {second[1]}, on a {bg} background"
         out.append((Scene(bg, objs, offsets), text))
     for i in range(recipe.single_views):
         bg, pos, size, offset = VIEWS[i % len(VIEWS)]
         obj = Obj(concept.shape, concept.color, concept.pattern, pos, size)
-        out.append((Scene(bg, (obj,), (offset,)), f"a {size} {trigger} {noun} {POSITION_PHRASES[pos]}, on a {bg} "
+        out.append((Scene(bg, (obj,), (offset,)), f"a {size} {word} {noun} {POSITION_PHRASES[pos]}, on a {bg} "
                                                   "background"))
     return out
 
@@ -229,13 +241,34 @@ def training_folder(concept: Concept, folder: Path, recipe: Recipe = Recipe()) -
     return folder
 
 
-def lora_config(concept: Concept, recipe: Recipe = Recipe()):
+def lora_config(concept: Concept, recipe: Recipe = Recipe(), embedding: Path | None = None):
     from ..learn.lora_config import LoRAConfig
 
-    return LoRAConfig(trigger=TRIGGERS[concept.name], class_word=shape_word(concept.shape),
+    return LoRAConfig(trigger=trigger(concept, recipe), class_word=shape_word(concept.shape),
                       description=concept.description, steps=recipe.steps, lr=recipe.lr, rank=recipe.rank,
                       batch=recipe.batch, text_encoder=recipe.text_encoder, latents=recipe.latents, seed=recipe.seed,
-                      validation_prompts=())
+                      validation_prompts=(), embedding=None if embedding is None else str(embedding))
+
+
+def learn_trigger(pipe, concept: Concept, out_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
+    """Pivotal tuning's first stage: the trigger word <letter> by Textual Inversion (initialised from the class or the
+    colour word, the trainer's defaults otherwise) on `trigger_ti_views` one-object views; returns its embedding file."""
+    from ..learn.textual_inversion import learn_textual_inversion
+    from ..learn.ti_config import TIConfig
+    from ..models.sdxl import encoders
+
+    run = out_dir / "trigger-words" / concept.name
+    final = run / "learned_embeds.safetensors"
+    if not final.exists():
+        images = training_folder(concept, out_dir / "trigger-images" / concept.name,
+                                 Recipe(pair_views=0, single_views=recipe.trigger_ti_views, trigger_ti_steps=0))
+        init = {"class": shape_word(concept.shape), "color": concept.color}[recipe.trigger_init]
+        cfg = TIConfig(token=trigger(concept, recipe), init_word=init,
+                       steps=recipe.trigger_ti_steps, seed=recipe.seed, validation_prompts=())
+        learn_textual_inversion(pipe, images, run, cfg, resume=run.exists(), progress=progress)
+        for tokenizer, encoder in encoders(pipe):  # the trainer leaves the word in the pipeline: learn_lora adds it
+            pipe.unload_textual_inversion(cfg.token, tokenizer=tokenizer, text_encoder=encoder)
+    return final
 
 
 def train_concept_loras(pipe, out_dir: Path, concepts=COMPOSE_TUNE + COMPOSE_TEST, model_name: str = "toy",
@@ -252,9 +285,10 @@ def train_concept_loras(pipe, out_dir: Path, concepts=COMPOSE_TUNE + COMPOSE_TES
         run = out_dir / concept.name
         final = run / "pytorch_lora_weights.safetensors"
         if not final.exists():
+            words = learn_trigger(pipe, concept, out_dir, recipe, progress) if recipe.trigger_ti_steps else None
             images = training_folder(concept, out_dir / "images" / concept.name, recipe)
-            learn_lora(pipe, images, run, lora_config(concept, recipe), model_name=model_name, resume=run.exists(),
-                       progress=progress)
+            learn_lora(pipe, images, run, lora_config(concept, recipe, words), model_name=model_name,
+                       resume=run.exists(), progress=progress)
         flat = out_dir / f"{concept.name}.safetensors"
         if not flat.exists() or flat.stat().st_mtime < final.stat().st_mtime:
             atomic_write(flat, lambda tmp: shutil.copyfile(final, tmp))
@@ -272,8 +306,13 @@ def lora_files(folder: Path | None, concepts=COMPOSE_TUNE + COMPOSE_TEST) -> dic
 
 
 def lora_spec(concept: Concept, files: dict[str, Path], name: str | None = None) -> LoraSpec:
-    return LoraSpec(name or slot(concept), str(files[concept.name]), TRIGGERS[concept.name],
-                    shape_word(concept.shape), concept.description)
+    """The concept's LoRA as a composition slot; its trigger is the one the file records (a letter, or a learned
+    word the file bundles)."""
+    from ..models.lora import read_lora_info
+
+    word = read_lora_info(files[concept.name]).trigger or TRIGGERS[concept.name]
+    return LoraSpec(name or slot(concept), str(files[concept.name]), word, shape_word(concept.shape),
+                    concept.description)
 
 
 # ---------------------------------------------------------------------------------------------------------------

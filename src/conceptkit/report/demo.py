@@ -198,8 +198,9 @@ def clora_section(page: Page, out: Path, s: Settings, steps: list[Step], templat
              for m in methods}
     scores = {m: clora.summarise(r) for m, r in reads.items()}
     sec = page.section("Composing two LoRAs: CLoRA")
-    sec.text(f"Two bundled concept LoRAs, `{a.name}` (trigger `{clora.TRIGGERS[a.name]}`) and `{b.name}` (trigger "
-             f"`{clora.TRIGGERS[b.name]}`), in one prompt: `{template}`, at `evaluate clora`'s held-out seeds. "
+    sec.text(f"Two bundled concept LoRAs, `{a.name}` (trigger `{clora.trigger(a)}`) and `{b.name}` (trigger "
+             f"`{clora.trigger(b)}`, each a word the LoRA file bundles), in one prompt: `{template}`, at "
+             "`evaluate clora`'s held-out seeds. "
              "`clora` runs one branch per LoRA, updates the latent so that each concept's cross-attention map "
              "separates from the other's, and blends the branches with masks from those maps; `merge` (the "
              "baseline) turns both LoRAs on at once. Success: the oracle finds two objects, the left one with the "
