@@ -13,8 +13,8 @@ time ids included). The result is a diffusers-layout `pytorch_lora_weights.safet
 
 Pivotal tuning (`embedding`): the trigger is a word learned first by Textual Inversion (`learn ti`), kept fixed while
 the adapters train, and bundled into the LoRA file (AUTOMATIC1111 / kohya `bundle_emb`), so the concept reaches the
-UNet through the text path as well as through the adapters (README, `evaluate clora`: it is what made single-LoRA
-fidelity hold on backgrounds the LoRA was not trained on).
+UNet through the text path as well as through the adapters (README, `evaluate clora`: single-LoRA fidelity over
+four backgrounds 0.815 -> 0.93 on the tune concepts; CLoRA's success on the test split 0.359 -> 0.552).
 """
 from __future__ import annotations
 
