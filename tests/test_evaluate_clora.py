@@ -144,3 +144,25 @@ def test_descriptions_are_the_base_models_words(split):
 
     for c in SPLITS[split]:
         assert all(w in vocabulary() for w in c.description.split())
+
+
+def test_concept_loras_learn_their_word_first_and_bundle_it(tmp_path):
+    """train_concept_loras with pivotal tuning (a tiny recipe): the word <z> is learned, bundled and named in the
+    file; the pipeline's vocabulary is as before; with trigger_ti_steps=0 the trigger is the plain letter."""
+    from conceptkit.evaluate.clora import train_concept_loras
+    from conceptkit.models.lora import read_lora_info
+
+    pipe = load_pipeline("toy")
+    size = len(pipe.tokenizer)
+    concept = COMPOSE_TEST[0]
+    tiny = dict(pair_views=2, single_views=1, steps=2, batch=1, trigger_ti_views=2)
+    files = train_concept_loras(pipe, tmp_path / "pivotal", [concept], recipe=Recipe(trigger_ti_steps=2, **tiny),
+                                progress=False)
+    info = read_lora_info(files[concept.name])
+    assert info.trigger == trigger(concept) and info.embeddings == (trigger(concept),)
+    assert (tmp_path / "pivotal" / "trigger-words" / concept.name / "learned_embeds.safetensors").is_file()
+    assert len(pipe.tokenizer) == size
+    plain = train_concept_loras(pipe, tmp_path / "plain", [concept], recipe=Recipe(trigger_ti_steps=0, **tiny),
+                                progress=False)
+    info = read_lora_info(plain[concept.name])
+    assert info.trigger == TRIGGERS[concept.name] and info.embeddings == ()
