@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import conceptkit
@@ -255,19 +255,18 @@ def learn_trigger(pipe, concept: Concept, out_dir: Path, recipe: Recipe, progres
     colour word, the trainer's defaults otherwise) on `trigger_ti_views` one-object views; returns its embedding file."""
     from ..learn.textual_inversion import learn_textual_inversion
     from ..learn.ti_config import TIConfig
-    from ..models.sdxl import encoders
+    from ..models.embeddings import remove_embedding
 
     run = out_dir / "trigger-words" / concept.name
     final = run / "learned_embeds.safetensors"
     if not final.exists():
-        images = training_folder(concept, out_dir / "trigger-images" / concept.name,
-                                 Recipe(pair_views=0, single_views=recipe.trigger_ti_views, trigger_ti_steps=0))
+        views = replace(recipe, pair_views=0, single_views=recipe.trigger_ti_views)  # (TI reads no captions)
+        images = training_folder(concept, out_dir / "trigger-images" / concept.name, views)
         init = {"class": shape_word(concept.shape), "color": concept.color}[recipe.trigger_init]
         cfg = TIConfig(token=trigger(concept, recipe), init_word=init,
                        steps=recipe.trigger_ti_steps, seed=recipe.seed, validation_prompts=())
         learn_textual_inversion(pipe, images, run, cfg, resume=run.exists(), progress=progress)
-        for tokenizer, encoder in encoders(pipe):  # the trainer leaves the word in the pipeline: learn_lora adds it
-            pipe.unload_textual_inversion(cfg.token, tokenizer=tokenizer, text_encoder=encoder)
+        remove_embedding(pipe, cfg.token)  # the trainer leaves the word in the pipeline; learn_lora adds it
     return final
 
 

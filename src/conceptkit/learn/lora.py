@@ -146,15 +146,14 @@ def taught(pipe, embedding):
     if embedding is None:
         yield
         return
-    from ..models.embeddings import ensure_embedding
+    from ..models.embeddings import ensure_embedding, remove_embedding
 
     added = ensure_embedding(pipe, embedding, "train on a freshly loaded model")
     try:
         yield
     finally:
         if added:
-            for tokenizer, encoder in encoders(pipe):
-                pipe.unload_textual_inversion(embedding.token, tokenizer=tokenizer, text_encoder=encoder)
+            remove_embedding(pipe, embedding.token)
 
 
 @contextlib.contextmanager

@@ -239,6 +239,14 @@ def add_embedding(pipe, embedding: Embedding) -> None:
         hf_logging.set_verbosity(level)
 
 
+def remove_embedding(pipe, token: str) -> None:
+    """Take `token` out of every tokenizer / text encoder again (diffusers' unload; the table shrinks back)."""
+    from .sdxl import encoders
+
+    for tokenizer, encoder in encoders(pipe):
+        pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=encoder)
+
+
 def learned_vectors(pipe, token: str, n: int) -> list[torch.Tensor] | None:
     """The rows `token` (and `token_1` … for n vectors) hold in each text encoder's table (its dtype), or None if
     any of the names is not in the vocabulary."""

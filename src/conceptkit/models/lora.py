@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..files import atomic_write
-from .embeddings import BUNDLE_PREFIX
+from .embeddings import BUNDLE_PREFIX, bundle_entries, bundled_embeddings, ensure_embedding
 from .loading import first_line
 from .pickles import load_weights_only
 
@@ -370,8 +370,6 @@ def load_lora(pipe, path: str | Path, adapter_name: str) -> LoraInfo:
 def _teach_bundled_embeddings(pipe, file: Path, tmp: Path):
     """Add the file's bundled embeddings to the pipeline (kept if already there with the same vectors); returns the
     LoRA layers alone for diffusers' loader, which refuses other keys (a file with the same header, or a dict)."""
-    from .embeddings import bundled_embeddings, ensure_embedding
-
     state = read_state_dict(file)
     for embedding in bundled_embeddings(state, file):
         ensure_embedding(pipe, embedding, f"LoRA {file.name} bundles another '{embedding.token}': load it on a "
@@ -419,8 +417,6 @@ def save_lora(path: str | Path, unet, text_encoder=None, *, text_encoder_2=None,
     diffusers' adapter metadata (rank, alpha, targets: a plain `load_lora_weights` rebuilds the same scale) and
     `metadata` as conceptkit.* entries; `embeddings` (models.embeddings.Embedding) are bundled (bundle_emb.…).
     """
-    from .embeddings import bundle_entries
-
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
