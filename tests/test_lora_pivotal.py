@@ -131,3 +131,29 @@ def test_generate_with_a_bundling_lora_knows_its_word(bundled, sd_tiny_dir, tmp_
     assert main(["generate", "--model", str(sd_tiny_dir), "--lora", str(path), "--prompt", prompt, "--steps", "2",
                  "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "grid.png").is_file()
+
+
+def test_a_word_of_several_vectors_trains_into_the_captions_bundles_and_composes(sd_tiny_dir, concept, tmp_path):
+    from conceptkit.compose.concepts import LoraSpec, load_concepts
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    dim = pipe.text_encoder.get_input_embeddings().embedding_dim
+    vectors = torch.randn(2, dim, generator=torch.Generator().manual_seed(3))
+    words = save_embedding(tmp_path / "word.safetensors", WORD, vectors)
+    size = len(pipe.tokenizer)
+    cfg = LoRAConfig(trigger=WORD, class_word="star", prompt="a photo of {}", steps=2, batch=2, lr=1e-2,
+                     embedding=str(words), validation_prompts=())
+    result = learn_lora(pipe, concept, tmp_path / "out", cfg, progress=False)
+    vocab = pipe.tokenizer.get_vocab()
+    assert len(pipe.tokenizer) == size and WORD not in vocab and f"{WORD}_1" not in vocab  # both taken out again
+    (bundle,) = bundled_embeddings(load_file(result.path), result.path)
+    assert torch.equal(bundle.vectors, vectors)
+    # the captions hold both vectors ("<zq> <zq>_1"): with the first vector alone training differs
+    first = save_embedding(tmp_path / "first.safetensors", WORD, vectors[:1])
+    one = learn_lora(pipe, concept, tmp_path / "one", LoRAConfig(**{**cfg.__dict__, "embedding": str(first)}),
+                     progress=False)
+    layers, other = load_file(result.path), load_file(one.path)
+    assert not all(torch.equal(other[k], v) for k, v in layers.items() if not k.startswith("bundle_emb."))
+    # a composition slot writes the trigger as all its vectors
+    (loaded,) = load_concepts(pipe, [LoraSpec("x", str(result.path))])
+    assert loaded.slot.trigger == f"{WORD} {WORD}_1"

@@ -109,6 +109,20 @@ def test_at_initialisation_the_token_encodes_like_the_initializer_word(pipe):
     assert torch.allclose(quirk - learned, pipe.text_encoder.embeddings.position_embedding.weight[0].detach())
 
 
+def test_an_initialization_text_gives_one_vector_per_token_as_automatic1111(pipe):
+    # "a photo of <t>" with <t> = 3 vectors started from "red striped dog" encodes as "a photo of red striped dog"
+    cfg = TIConfig(token="<t>", init_word="red striped dog", vectors=3)
+    tok = training_tokenizer(pipe.tokenizer, cfg)
+    learned = initial_vectors(pipe.tokenizer, pipe.text_encoder, cfg)
+    assert learned.shape == (3, 768) and not torch.equal(learned[0], learned[1])
+    with spliced(pipe.text_encoder, learned, len(pipe.tokenizer)):
+        ours = encode(pipe, "a photo of <t>", tok)  # (encode writes <t> as "<t> <t>_1 <t>_2")
+    assert torch.equal(ours, encode(pipe, "a photo of red striped dog"))
+    with pytest.raises(UserError, match=r"is 3 tokens.*--vectors 3"):
+        initial_vectors(pipe.tokenizer, pipe.text_encoder, TIConfig(token="<t>", init_word="red striped dog",
+                                                                    vectors=2))
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_splicing_equals_a_resized_table(pipe, n):
     cfg = TIConfig(token="<t>", vectors=n)

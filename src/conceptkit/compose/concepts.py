@@ -150,6 +150,8 @@ def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
         pipe.delete_adapters(adapter)
     info = load_lora(pipe, spec.path, adapter)
     trigger = spec.trigger or info.trigger
+    if info.embeddings:  # a bundled word of several vectors is written "<t> <t>_1 ..." in the prompt
+        trigger = pipe.maybe_convert_prompt(trigger, pipe.tokenizer)
     class_word = spec.class_word or info.class_word
     if not class_word:
         raise UserError(f"LoRA '{spec.name}' ({spec.path}) has no class word in its metadata: pass "

@@ -178,7 +178,8 @@ class Recipe:
     seed: int = 0
     trigger_ti_steps: int = 600  # pivotal tuning: Textual Inversion steps for the trigger word first (0: a plain letter)
     trigger_ti_views: int = 16  # its images: one-object views of the concept
-    trigger_init: str = "class"  # the word it starts from: the class word ("circle") or the colour word ("yellow")
+    trigger_init: str = "class"  # the word it starts from: the class word ("circle"), the colour word ("yellow"), or
+    # the description ("yellow checkered circle": one vector per word, as AUTOMATIC1111's initialization text)
 
 
 def trigger(concept: Concept, recipe: Recipe = Recipe()) -> str:
@@ -262,8 +263,10 @@ def learn_trigger(pipe, concept: Concept, out_dir: Path, recipe: Recipe, progres
     if not final.exists():
         views = replace(recipe, pair_views=0, single_views=recipe.trigger_ti_views)  # (TI reads no captions)
         images = training_folder(concept, out_dir / "trigger-images" / concept.name, views)
-        init = {"class": shape_word(concept.shape), "color": concept.color}[recipe.trigger_init]
-        cfg = TIConfig(token=trigger(concept, recipe), init_word=init,
+        init = {"class": shape_word(concept.shape), "color": concept.color,
+                "description": concept.description}[recipe.trigger_init]
+        vectors = len(pipe.tokenizer(init, add_special_tokens=False).input_ids)  # one vector per word it starts from
+        cfg = TIConfig(token=trigger(concept, recipe), init_word=init, vectors=vectors,
                        steps=recipe.trigger_ti_steps, seed=recipe.seed, validation_prompts=())
         learn_textual_inversion(pipe, images, run, cfg, resume=run.exists(), progress=progress)
         remove_embedding(pipe, cfg.token)  # the trainer leaves the word in the pipeline; learn_lora adds it

@@ -133,10 +133,9 @@ def trigger_embedding(cfg: LoRAConfig):
     from ..models.embeddings import read_embedding
 
     embedding = read_embedding(cfg.embedding)
-    if embedding.vectors.shape[0] != 1 or embedding.token != cfg.trigger:
-        raise UserError(f"--embedding {cfg.embedding} teaches '{embedding.token}' ({embedding.vectors.shape[0]} "
-                        f"vector(s)) but the trigger is '{cfg.trigger}': pass --trigger '{embedding.token}' and a "
-                        "one-vector embedding (the captions must use the token)")
+    if embedding.token != cfg.trigger:
+        raise UserError(f"--embedding {cfg.embedding} teaches '{embedding.token}' but the trigger is "
+                        f"'{cfg.trigger}': pass --trigger '{embedding.token}' (the captions must use the token)")
     return embedding
 
 
@@ -254,7 +253,9 @@ def learn_lora(pipe, images_dir: str | Path, out_dir: str | Path, cfg: LoRAConfi
         means, stds = encode_latent_cache(pipe.vae, images)
         if cfg.latents == "mean":  # the same draws, without the posterior's spread
             stds = torch.zeros_like(stds)
-        tokens = [tokenize(tokenizer, captions, "cpu") for tokenizer, _ in encoders(pipe)]
+        # a word of several vectors is written "<t> <t>_1 ..." in the token sequence, as encode_prompt does
+        expanded = [pipe.maybe_convert_prompt(c, pipe.tokenizer) for c in captions] if embedding else captions
+        tokens = [tokenize(tokenizer, expanded, "cpu") for tokenizer, _ in encoders(pipe)]
         tokens = tokens if is_sdxl(pipe) else tokens[0]
         scaling = pipe.vae.config.scaling_factor
 

@@ -112,17 +112,18 @@ def training_tokenizer(tokenizer, cfg: TIConfig):
 def initial_vectors(tokenizer, text_encoder, cfg: TIConfig) -> torch.Tensor:
     table = text_encoder.get_input_embeddings().weight.detach().float()
     if cfg.init_word is None:
-        row = table.mean(0)
+        row = table.mean(0, keepdim=True)
     else:
         ids = tokenizer(cfg.init_word, add_special_tokens=False).input_ids
-        if len(ids) != 1:
+        if len(ids) not in (1, cfg.vectors):
             raise UserError(f"initializer word '{cfg.init_word}' is {len(ids)} tokens "
-                            f"{tokenizer.convert_ids_to_tokens(ids)}; it must be one: pass a single-token --init-word")
-        row = table[ids[0]]
+                            f"{tokenizer.convert_ids_to_tokens(ids)}: pass a single-token --init-word, or "
+                            f"--vectors {len(ids)} (one vector from each token, as AUTOMATIC1111's initialization text)")
+        row = table[ids]  # (1 or vectors, dim)
         if cfg.init_includes_pos0:
             embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4.x / 5.x
             row = row + embeddings.position_embedding.weight[0].detach().float()
-    return row.repeat(cfg.vectors, 1).clone()
+    return row.expand(cfg.vectors, -1).clone()
 
 
 def encode_latent_cache(vae, images: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -240,11 +240,16 @@ def add_embedding(pipe, embedding: Embedding) -> None:
 
 
 def remove_embedding(pipe, token: str) -> None:
-    """Take `token` out of every tokenizer / text encoder again (diffusers' unload; the table shrinks back)."""
+    """Take `token` (and `token_1` … of a word of several vectors) out of every tokenizer / text encoder again
+    (diffusers' unload, which removes only the names it is given; the table shrinks back)."""
     from .sdxl import encoders
 
     for tokenizer, encoder in encoders(pipe):
-        pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=encoder)
+        vocab, names, i = tokenizer.get_vocab(), [token], 1
+        while f"{token}_{i}" in vocab:
+            names.append(f"{token}_{i}")
+            i += 1
+        pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
 
 
 def learned_vectors(pipe, token: str, n: int) -> list[torch.Tensor] | None:
