@@ -157,3 +157,53 @@ def test_a_word_of_several_vectors_trains_into_the_captions_bundles_and_composes
     # a composition slot writes the trigger as all its vectors
     (loaded,) = load_concepts(pipe, [LoraSpec("x", str(result.path))])
     assert loaded.slot.trigger == f"{WORD} {WORD}_1"
+
+
+def test_pivotal_steps_learn_the_word_then_the_lora_with_it_bundled(sd_tiny_dir, concept, tmp_path):
+    from conceptkit.learn.pivotal import learn_pivotal_lora
+    from conceptkit.models.embeddings import read_embedding
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    size = len(pipe.tokenizer)
+    cfg = LoRAConfig(trigger=WORD, class_word="star", prompt="a photo of {}", steps=2, batch=2, lr=1e-2,
+                     validation_prompts=())
+    result = learn_pivotal_lora(pipe, concept, tmp_path / "out", cfg, 3, "red striped star", progress=False)
+    assert len(pipe.tokenizer) == size  # the word taken out again
+    word = read_embedding(tmp_path / "out" / "word")
+    assert word.token == WORD and word.vectors.shape[0] == 3  # one vector per word it started from
+    start = pipe.text_encoder.get_input_embeddings().weight[
+        pipe.tokenizer("red striped star", add_special_tokens=False).input_ids].detach()
+    assert not torch.equal(word.vectors, start)  # trained
+    (bundle,) = bundled_embeddings(load_file(result.path), result.path)
+    assert torch.equal(bundle.vectors, word.vectors) and result.info.trigger == WORD
+    # the same as the two commands: learn ti, then learn lora --embedding
+    two = learn_lora(pipe, concept, tmp_path / "two", LoRAConfig(**{**cfg.__dict__,
+                                                                   "embedding": str(tmp_path / "out" / "word")}),
+                     progress=False)
+    assert all(torch.equal(v, load_file(two.path)[k]) for k, v in load_file(result.path).items())
+
+
+def test_pivotal_steps_refuse_a_trigger_the_vocabulary_has_before_writing(sd_tiny_dir, concept, tmp_path):
+    from conceptkit.learn.pivotal import learn_pivotal_lora
+
+    pipe = load_pipeline(str(sd_tiny_dir))
+    cfg = LoRAConfig(trigger="star", class_word="star", prompt="a photo of {}", steps=1, validation_prompts=())
+    with pytest.raises(UserError, match=r"--trigger 'star' is already in the model's vocabulary.*'<star>'"):
+        learn_pivotal_lora(pipe, concept, tmp_path / "out", cfg, 2, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pivotal_steps_with_an_embedding_is_one_line_before_loading(concept, tmp_path, capsys):
+    assert main(["learn", "lora", "--images", str(concept), "--trigger", WORD, "--pivotal-steps", "2",
+                 "--embedding", str(tmp_path), "--no-validation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--embedding and --pivotal-steps" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pivotal_steps_writes_a_lora_bundling_the_learned_word(sd_tiny_dir, concept, tmp_path):
+    assert main(["learn", "lora", "--model", str(sd_tiny_dir), "--images", str(concept), "--trigger", WORD,
+                 "--class-word", "star", "--prompt", "a photo of {}", "--pivotal-steps", "2", "--steps", "1",
+                 "--batch", "2", "--no-validation", "--out", str(tmp_path / "out")]) == 0
+    info = read_lora_info(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert info.embeddings == (WORD,) and (tmp_path / "out" / "word" / "learned_embeds.safetensors").is_file()

@@ -86,6 +86,12 @@ def register(sub) -> None:
     p.add_argument("--embedding", type=o.path, help="pivotal tuning: the trigger's word vector, learned first with "
                    "`learn ti --token TRIGGER` (pass its --out folder or file and the same --trigger); fixed while "
                    "the LoRA trains and bundled into the LoRA file, as AUTOMATIC1111/kohya do")
+    p.add_argument("--pivotal-steps", type=o.count_or_zero, default=0,
+                   help="pivotal tuning in one run: first learn the --trigger (a new token, e.g. '<sks>') as a word "
+                        "for N Textual Inversion steps into OUT/word/, then the LoRA with it (600 for the bundled "
+                        "model's concept LoRAs; 0: off)")
+    p.add_argument("--pivotal-init", type=o.prompt, help="--pivotal-steps: the word(s) the trigger starts from, one "
+                   "vector per word (default: --class-word)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_progress_log(p)
     p.add_argument("--out", type=o.path, required=True, help="output folder")
@@ -225,6 +231,10 @@ def run_lora(args) -> None:
                      if args.validation_prompt is not None else LORA_DEFAULTS.validation_prompts,
                      mixed_precision=args.mixed_precision, latents=args.latents,
                      embedding=None if args.embedding is None else str(args.embedding))
+    if args.pivotal_steps and args.embedding is not None:
+        raise UserError("--embedding and --pivotal-steps both give the trigger's word: pass one of them")
+    if args.pivotal_init is not None and not args.pivotal_steps:
+        raise UserError("--pivotal-init: the start of a word learned with --pivotal-steps N; pass that too")
     if args.embedding is not None and not Path(args.embedding).exists():
         raise UserError(f"--embedding {args.embedding} does not exist: pass the --out folder (or the file) of a "
                         f"`conceptkit learn ti --token '{cfg.trigger}'` run")
@@ -235,8 +245,14 @@ def run_lora(args) -> None:
     from ..models.loading import load_pipeline
 
     pipe = load_pipeline(args.model, config=args.config, device=process_device(args.device))
-    result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
-                        on_step=progress_log(args, cfg.steps))
+    if args.pivotal_steps:
+        from ..learn.pivotal import learn_pivotal_lora
+
+        result = learn_pivotal_lora(pipe, args.images, args.out, cfg, args.pivotal_steps, args.pivotal_init,
+                                    model_name=args.model, resume=args.resume, on_step=progress_log(args, cfg.steps))
+    else:
+        result = learn_lora(pipe, args.images, args.out, cfg, model_name=args.model, resume=args.resume,
+                            on_step=progress_log(args, cfg.steps))
     final = f"final loss {result.losses[-1]:.4f}; " if result.losses else ""
     if processes().main:
         print(f"learned LoRA '{cfg.trigger}' in {result.seconds:.0f} s ({final}wrote {result.path}); use it with: "

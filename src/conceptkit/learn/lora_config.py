@@ -59,7 +59,7 @@ class LoRAConfig:
     # (the bundled model: its VAE's posterior std is 0.31 against latents of std 1, and LoRAs trained on samples
     # learn that noise as colour speckle; README, evaluate clora)
     latents: str = "sample"
-    # pivotal tuning: a one-vector Textual Inversion file whose token is the trigger (learned first by `learn ti`,
+    # pivotal tuning: a Textual Inversion file (one or more vectors) whose token is the trigger (learned first by `learn ti`,
     # fixed while the adapters train, bundled into the LoRA file)
     embedding: str | None = None
 
