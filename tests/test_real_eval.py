@@ -393,6 +393,12 @@ def test_ui_learn_job_is_scored_when_clip_and_dino_are_set(tmp_path, clip_dir, d
     plain = UI(queue, tmp_path, ["toy"])
     plain.start_learn("toy", "LoRA", [str(upload)], "zq", "object", 20, 0)
     assert [len(j.commands) for j in queue.list() if j.kind == "lora"] == [1]
+    assert "--pivotal-steps" not in queue.list()[0].commands[0]  # (newest first)
+    # the pivotal method: the same command, the trigger learned first as a word
+    plain.start_learn("toy", "LoRA, its trigger learned first as a word (pivotal)", [str(upload)], "<zq>", "star",
+                      20, 0)
+    command = queue.list()[0].commands[0]
+    assert command[command.index("--pivotal-steps") + 1] == "600" and "--trigger=<zq>" in command
 
 
 def test_renders_and_showcase_grids_record_settings(tmp_path):

@@ -35,7 +35,10 @@ COMPOSE_METHODS = ["clora", "merge", "switch", "composite", "none", "text", "reg
 # compose's mask options the README recommends (chosen on evaluate clora's tune split)
 RECOMMENDED_MASKS = ["--mask-exclusive", "--mask-threshold", "0", "--mask-combine", "sum"]
 LEARN_KINDS = ("ti", "lora", "promptnet")
-LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora", "PromptNet fine-tune (one image)": "promptnet"}
+LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora",
+                 "LoRA, its trigger learned first as a word (pivotal)": "lora",
+                 "PromptNet fine-tune (one image)": "promptnet"}
+PIVOTAL_WORD_STEPS = "600"  # the shipped concept LoRAs' recipe (evaluate/clora.py Recipe.trigger_ti_steps)
 BUNDLED_LORAS = Path(__file__).resolve().parents[1] / "bundled" / "loras"
 BUNDLED_CONCEPTS = Path(__file__).resolve().parents[1] / "bundled" / "concepts"
 CONCEPT_OPTIONS = {"lora": "--lora", "embedding": "--embedding", "image": "--image"}  # compose's option per kind
@@ -347,6 +350,8 @@ class UI:
                        f"--prompt=a {phrase}", *common]
             if word.strip():
                 command += [f"--class-word={word.strip()}"]
+            if "pivotal" in method:  # the trigger must be a new token, e.g. <sks>
+                command += ["--pivotal-steps", PIVOTAL_WORD_STEPS]
         else:
             title = f"PromptNet {images[0].stem}"
             command = ["learn", "promptnet", "--finetune", "--image", f"{{folder}}/images/00{images[0].suffix.lower()}",
