@@ -2,6 +2,8 @@
 
 `clora` is `CLoRAConfig()`: one UNet call per step for all branches and both CFG halves (per-row adapters),
 explicit attention only in the layers whose maps are used, no autograd graph on steps without a latent update.
+`clora, whole UNet in the updates` is the same with `stop_after_maps=False` (each latent update's forward runs
+the UNet to the end, as before; the images are the same bit for bit, tests/test_clora.py).
 `reference` is `CLoRAConfig.reference()` with the same schedule: one UNet call per branch with PEFT adapter
 switching, graphs on every step, explicit attention in every layer, stale predictions, maps over both CFG halves.
 Both sample the same seeds with the same random LoRAs (PEFT `init_lora_weights=False`, UNet and text encoder);
@@ -93,6 +95,8 @@ def run_variant(variant: str, model: str, path: str, loras: int, steps: int, ima
     cfg = CLoRAConfig(steps=steps, **schedule)  # the schedule (steps, guidance, step size, iterative steps) is the same in both
     if variant == "reference":
         cfg = cfg.as_reference()
+    elif variant == "clora-whole":  # the update's forward runs the whole UNet (before stop_after_maps)
+        cfg = CLoRAConfig(**{**cfg.__dict__, "stop_after_maps": False})
     sets, updates, masks, switch_every = method_branches("clora", bp, list(names), cfg)
 
     def one_image(seed: int) -> tuple[float, int]:
@@ -167,8 +171,9 @@ def main(argv=None) -> None:
                 path = model
             for n in counts:
                 ref = measure("reference", model, path, n, args)
+                whole = measure("clora-whole", model, path, n, args)
                 ours = measure("clora", model, path, n, args)
-                rows.append((model, n, ref, ours))
+                rows.append((model, n, ref, whole, ours))
                 print(f"{model}, {n} LoRAs: done", file=sys.stderr)
     gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if gpu else f"{args.threads} CPU thread(s)"
@@ -177,8 +182,8 @@ def main(argv=None) -> None:
     print("| model | LoRAs | variant | s/image | UNet calls/image | peak RSS MB |"
           + (" peak GPU MB |" if gpu else "") + " speed-up |")
     print("|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|")
-    for model, n, ref, ours in rows:
-        for name, r in (("reference", ref), ("clora", ours)):
+    for model, n, ref, whole, ours in rows:
+        for name, r in (("reference", ref), ("clora, whole UNet in the updates", whole), ("clora", ours)):
             speed = f"{ref['seconds_per_image'] / r['seconds_per_image']:.2f}x"
             print(f"| {model} | {n} | {name} | {r['seconds_per_image']:.3f} | {r['unet_calls']} | "
                   f"{r['peak_rss_mb']:.0f} |" + (f" {r['peak_gpu_mb']:.0f} |" if gpu else "") + f" {speed} |")

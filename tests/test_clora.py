@@ -250,6 +250,25 @@ def test_batched_path_equals_the_sequential_path_on_the_bundled_model(toy_two):
     assert batched.unet_calls < sequential.unet_calls
 
 
+def test_stopping_the_update_forward_after_the_maps_changes_nothing_and_skips_later_blocks(toy_two):
+    pipe, bp = toy_two
+    cfg = CLoRAConfig(steps=6, iterative_steps=(0,), iterative_steps_steps=2, step_size=20.0)
+    ran = []  # the last up block runs in whole forwards only
+    hook = pipe.unet.up_blocks[-1].register_forward_hook(lambda *_: ran.append(1))
+    try:
+        stopped = run(pipe, bp, "clora", cfg)
+        stopped_calls, ran_stopped = stopped.unet_calls, len(ran)
+        ran.clear()
+        whole = run(pipe, bp, "clora", CLoRAConfig(**{**cfg.__dict__, "stop_after_maps": False}))
+    finally:
+        hook.remove()
+    assert stopped.trace.losses == whole.trace.losses  # the same maps, so the same loss and gradient: bitwise
+    assert torch.equal(stopped.latents, whole.latents)
+    # 3 updates + 2 refinements: 5 forwards stop early (the first runs whole: it counts the mapped layers)
+    assert stopped_calls == whole.unet_calls and len(ran) - ran_stopped == 4
+    assert CLoRAConfig.reference().stop_after_maps is False
+
+
 def loss_and_gradient(pipe, bp, execution):
     cfg = CLoRAConfig(execution=execution)
     sets, *_ = method_branches("clora", bp, ["a", "b"], cfg)

@@ -15,11 +15,32 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from ..errors import UserError
 
 
+class MapsComplete(Exception):
+    """Raised inside the UNet once a forward has every map it captures (AttentionStore.maps_only)."""
+
+
 class AttentionStore:
     def __init__(self, res: tuple[int, int]):
         self.res = res
         self.maps: list[torch.Tensor] = []  # (B, heads, Q, tokens) per captured layer, current forward
         self.seen_queries: set[int] = set()
+        self.layers: int | None = None  # maps a whole forward captures (known after the first one)
+        self.stop_early = False
+
+    def complete(self) -> None:
+        """A whole forward has run: remember how many maps it captured."""
+        self.layers = len(self.maps)
+
+    @contextlib.contextmanager
+    def maps_only(self):
+        """Within the block, a forward raises MapsComplete as soon as it has captured as many maps as a whole
+        forward does (the rest of the UNet is not run); the caller catches it. Before a whole forward has been
+        seen, forwards run to the end."""
+        self.stop_early = self.layers is not None
+        try:
+            yield
+        finally:
+            self.stop_early = False
 
     def reset(self) -> None:
         self.maps = []
@@ -60,6 +81,8 @@ class CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
         self.store.maps.append(probs.view(batch, attn.heads, *probs.shape[1:]))
+        if self.store.stop_early and len(self.store.maps) == self.store.layers:
+            raise MapsComplete
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if attn.residual_connection:

@@ -17,7 +17,7 @@ import torch
 from ..generate.loop import work_dtype
 from ..models.sdxl import added_conditioning, encode_ids, encoders, is_sdxl, time_ids
 from ..models.sdxl import tokenize as tokenize_for
-from .attention import AttentionStore
+from .attention import AttentionStore, MapsComplete
 from .config import CLoRAConfig
 from .row_lora import per_row_adapters
 
@@ -188,11 +188,12 @@ class BranchModel:
         self.calls = 0
         self.work_dtype = work_dtype(pipe.unet)  # latent updates and blending in fp32+
 
-    def __call__(self, z: torch.Tensor, t, cond_only: bool = False):
+    def __call__(self, z: torch.Tensor, t, cond_only: bool = False, maps_only: bool = False):
         """z (1, C, h, w) -> (ε_uncond (K, C, h, w) or None, ε_cond (K, C, h, w), maps (K, r_h, r_w, L)).
 
         cond_only: run the conditional rows alone (the latent update's forward, when maps come from the
-        conditional half and ε is recomputed after the update: the unconditional half would be thrown away)."""
+        conditional half and ε is recomputed after the update: the unconditional half would be thrown away).
+        maps_only (batched, with cond_only): stop the UNet once the maps are in; ε_cond is then None."""
         unet, K = self.pipe.unet, len(self.branches)
         halves = 1 if cond_only else 2
         added = self.added_conditioning(z)
@@ -202,9 +203,14 @@ class BranchModel:
             x = z.to(unet.dtype).expand(halves * K, *z.shape[1:])
             embeddings = all_embeddings[K:] if cond_only else all_embeddings
             rows = list(range(K, 2 * K)) if cond_only else list(range(2 * K))
-            with per_row_adapters([unet], plan_rows(self.branches, halves)):
-                eps = unet(x, t, encoder_hidden_states=embeddings,
-                           added_cond_kwargs=added(rows)).sample.to(self.work_dtype)
+            stop = self.store.maps_only() if (maps_only and cond_only) else contextlib.nullcontext()
+            try:
+                with per_row_adapters([unet], plan_rows(self.branches, halves)), stop:
+                    eps = unet(x, t, encoder_hidden_states=embeddings,
+                               added_cond_kwargs=added(rows)).sample.to(self.work_dtype)
+                self.store.complete()
+            except MapsComplete:
+                eps = None
             self.calls += 1
             if cond_only:
                 return None, eps, self.store.aggregate([[p] for p in range(K)])

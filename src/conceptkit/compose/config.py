@@ -49,6 +49,9 @@ class CLoRAConfig:
     fresh_predictions: bool = True  # reference: False (the DDIM step uses ε from before the last latent update)
     explicit_attention: bool = False  # reference: True (explicit softmax(QKᵀ) in every layer, not only the mapped ones)
     graphs_every_step: bool = False  # reference: True (autograd graphs even on steps without a latent update)
+    # ours: the latent update's forward stops once the last mapped layer has its map (the loss needs the maps only,
+    # and with fresh predictions its ε is thrown away): the UNet's later blocks run neither forward nor backward
+    stop_after_maps: bool = True  # reference: False
     use_text_encoder_lora: bool = True
     style_weight: float = 0.8
     # execution: "batched" = all branches and both CFG halves in one UNet call with per-row adapters;
@@ -59,7 +62,7 @@ class CLoRAConfig:
     switch_every: int = 5
 
     QUIRKS = dict(cond_only_maps=False, minmax_eps=0.0, fresh_predictions=False, execution="sequential",
-                  graphs_every_step=True, explicit_attention=True)
+                  graphs_every_step=True, explicit_attention=True, stop_after_maps=False)
 
     def __post_init__(self) -> None:
         """A bad setting fails here, naming the field, not in the sampler (tests/test_config_checks.py)."""

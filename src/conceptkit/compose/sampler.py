@@ -73,13 +73,15 @@ class Composition:
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             x = step.model_input(z)  # z itself (the same tensor) for DDIM, DPM-Solver, PNDM
-            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only)
+            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only,
+                                       maps_only=self.cond_only and self.cfg.stop_after_maps)
             loss = self.loss_of(maps)
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, x)
                 z = z - self.cfg.step_size * grad / step.model_input(torch.ones_like(z))
         eps_u = None if eps_u is None else eps_u.detach()
-        return z.detach(), eps_u, eps_c.detach(), maps.detach(), float(loss.detach())
+        eps_c = None if eps_c is None else eps_c.detach()  # None: the forward stopped after the maps
+        return z.detach(), eps_u, eps_c, maps.detach(), float(loss.detach())
 
     def before_step(self, z: torch.Tensor, step: Step) -> torch.Tensor:
         """The contrastive update of the latent the scheduler holds, on the first `max_iter_to_alter` steps."""
