@@ -46,6 +46,7 @@ ZERO_MEANS = {
     "apply_mask_after": "0: mask from the first step (the default)",
     "merge_weight": "0: a merge of nothing, the base model (a baseline)",
     "guidance_rescale": "0: no rescale (the default)",
+    "pivotal_steps": "0: no word learned first, a plain LoRA (the default)",
 }
 # options (by dest) where '' is a meaningful setting, and why; their type may be plain str
 EMPTY_MEANS = {
