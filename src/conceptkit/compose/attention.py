@@ -25,7 +25,7 @@ class AttentionStore:
         self.maps: list[torch.Tensor] = []  # (B, heads, Q, tokens) per captured layer, current forward
         self.seen_queries: set[int] = set()
         self.layers: int | None = None  # maps a whole forward captures (known after the first one)
-        self.stop_early = False
+        self.stop_at: int | None = None  # a forward raises MapsComplete once it holds this many maps
 
     def complete(self) -> None:
         """A whole forward has run: remember how many maps it captured."""
@@ -36,11 +36,11 @@ class AttentionStore:
         """Within the block, a forward raises MapsComplete as soon as it has captured as many maps as a whole
         forward does (the rest of the UNet is not run); the caller catches it. Before a whole forward has been
         seen, forwards run to the end."""
-        self.stop_early = self.layers is not None
+        self.stop_at = self.layers
         try:
             yield
         finally:
-            self.stop_early = False
+            self.stop_at = None
 
     def reset(self) -> None:
         self.maps = []
@@ -81,7 +81,7 @@ class CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
         self.store.maps.append(probs.view(batch, attn.heads, *probs.shape[1:]))
-        if self.store.stop_early and len(self.store.maps) == self.store.layers:
+        if len(self.store.maps) == self.store.stop_at:
             raise MapsComplete
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

@@ -252,25 +252,20 @@ def lora_config(concept: Concept, recipe: Recipe = Recipe(), embedding: Path | N
 
 
 def learn_trigger(pipe, concept: Concept, out_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
-    """Pivotal tuning's first stage: the trigger word <letter> by Textual Inversion (initialised from the class or the
-    colour word, the trainer's defaults otherwise) on `trigger_ti_views` one-object views; returns its embedding file."""
-    from ..learn.textual_inversion import learn_textual_inversion
-    from ..learn.ti_config import TIConfig
-    from ..models.embeddings import remove_embedding
+    """Pivotal tuning's first stage: the trigger word <letter> by Textual Inversion (learn/pivotal.py `learn_word`,
+    initialised from the class word, the colour word or the description) on `trigger_ti_views` one-object views;
+    returns its embedding file."""
+    from ..learn.pivotal import learn_word
 
     run = out_dir / "trigger-words" / concept.name
-    final = run / "learned_embeds.safetensors"
-    if not final.exists():
-        views = replace(recipe, pair_views=0, single_views=recipe.trigger_ti_views)  # (TI reads no captions)
-        images = training_folder(concept, out_dir / "trigger-images" / concept.name, views)
-        init = {"class": shape_word(concept.shape), "color": concept.color,
-                "description": concept.description}[recipe.trigger_init]
-        vectors = len(pipe.tokenizer(init, add_special_tokens=False).input_ids)  # one vector per word it starts from
-        cfg = TIConfig(token=trigger(concept, recipe), init_word=init, vectors=vectors,
-                       steps=recipe.trigger_ti_steps, seed=recipe.seed, validation_prompts=())
-        learn_textual_inversion(pipe, images, run, cfg, resume=run.exists(), progress=progress)
-        remove_embedding(pipe, cfg.token)  # the trainer leaves the word in the pipeline; learn_lora adds it
-    return final
+    if (run / "learned_embeds.safetensors").exists():
+        return run / "learned_embeds.safetensors"
+    views = replace(recipe, pair_views=0, single_views=recipe.trigger_ti_views)  # (TI reads no captions)
+    images = training_folder(concept, out_dir / "trigger-images" / concept.name, views)
+    init = {"class": shape_word(concept.shape), "color": concept.color,
+            "description": concept.description}[recipe.trigger_init]
+    return learn_word(pipe, images, run, trigger(concept, recipe), init, recipe.trigger_ti_steps, seed=recipe.seed,
+                      resume=True, progress=progress)
 
 
 def train_concept_loras(pipe, out_dir: Path, concepts=COMPOSE_TUNE + COMPOSE_TEST, model_name: str = "toy",

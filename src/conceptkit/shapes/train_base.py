@@ -277,7 +277,7 @@ class GroundingStore:
     def __init__(self, resolutions):
         self.queries = {res * res for res in resolutions}
         self.maps: list[torch.Tensor] = []
-        self.stop_early = False  # every forward runs whole (compose.attention.AttentionStore.maps_only)
+        self.stop_at = None  # every forward runs whole (compose.attention.AttentionStore.maps_only)
 
     def wants(self, queries: int) -> bool:
         return queries in self.queries
