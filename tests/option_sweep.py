@@ -47,6 +47,7 @@ ZERO_MEANS = {
     "merge_weight": "0: a merge of nothing, the base model (a baseline)",
     "guidance_rescale": "0: no rescale (the default)",
     "pivotal_steps": "0: no word learned first, a plain LoRA (the default)",
+    "reference_pairs": "0: no pair scenes with references (the default)",
 }
 # options (by dest) where '' is a meaningful setting, and why; their type may be plain str
 EMPTY_MEANS = {

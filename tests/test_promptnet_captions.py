@@ -18,8 +18,8 @@ from conceptkit.profusion.promptnet import PromptNet
 from conceptkit.profusion.prompts import prompt_batch_ids, tokenize_with_slot, training_ids
 from conceptkit.profusion.saved import load_promptnet
 from conceptkit.shapes.captions import placeholder_caption
-from conceptkit.shapes.dataset import scenes, write_image_folder
-from conceptkit.shapes.world import Obj, Scene
+from conceptkit.shapes.dataset import reference_pairs, scenes, write_image_folder
+from conceptkit.shapes.world import Obj, Scene, is_held_out
 
 PRETRAIN = {"batch": 2, "validation_prompts": (), "checkpoint_every": 100, "lr": 1e-3}
 
@@ -131,7 +131,7 @@ def test_captioned_pretraining_runs_on_each_images_caption_and_stores_captions(s
     assert load_promptnet(out, sd32).meta["captions"] == "scene"
     # every row's ids are one of the folder's captions (or its mirror image's), S* at its slot
     files = sorted(scene_dir.glob("*.png"))
-    captions = {scene_caption(s, f) for s in read_scenes(scene_dir, files) for f in (False, True)}
+    captions = {scene_caption(r.scene, f) for r in read_scenes(scene_dir, files) for f in (False, True)}
     allowed = {tuple(tokenize_with_slot(sd32.tokenizer, c, pad=False)[0].tolist()) for c in captions}
     assert len(seen) == 2
     for ids, slots in seen:
@@ -195,3 +195,124 @@ def test_cli_captioned_pretraining_from_an_exported_promptnet(scene_dir, tmp_pat
     assert main(["learn", "promptnet", "--finetune", "--image", str(scene_dir / "000000.png"), "--captions", "scene",
                  "--out", str(tmp_path / "ft")]) == 2
     assert "--captions" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pair scenes with a reference image
+
+def test_pair_captions_are_the_evaluations_two_object_prompts():
+    from conceptkit.evaluate.profusion import TEST_TRIPLES, bench_prompts
+
+    pairs = 0
+    for triple in TEST_TRIPLES[:3]:
+        for prompt in bench_prompts(triple):
+            second = prompt.requested.get("second")
+            if second is None:
+                continue
+            mine = Obj(*triple, position=prompt.requested["position"], size="medium")
+            objs = (mine, second) if mine.position == "left" else (second, mine)
+            scene = Scene(prompt.requested["background"], objs)
+            assert placeholder_caption(scene, which=objs.index(mine)) == prompt.text
+            mirrored = scene_caption(scene, flipped=True, which=objs.index(mine))
+            now = "right" if mine.position == "left" else "left"
+            assert f"a S* on the {now}" in mirrored and mirrored.startswith("a S*") == (now == "left")
+            pairs += 1
+    assert pairs == 12
+    with pytest.raises(ValueError, match="name the object"):
+        placeholder_caption(Scene("gray", objs))
+
+
+def test_reference_pairs_hold_their_references_object_beside_an_all_different_training_object():
+    items = scenes(30, seed=5, p_pair=0.3)
+    pairs = reference_pairs(items, 40, seed=5)
+    assert pairs == reference_pairs(items, 40, seed=5) and pairs != reference_pairs(items, 40, seed=6)
+    sides = set()
+    for scene, which, k in pairs:
+        assert len(items[k].objects) == 1 and len(scene.objects) == 2
+        mine, other = scene.objects[which], scene.objects[1 - which]
+        assert mine.triple == items[k].objects[0].triple
+        assert all(a != b for a, b in zip(mine.triple, other.triple)) and not is_held_out(other)
+        assert [o.position for o in scene.objects] == ["left", "right"]
+        sides.add(mine.position)
+    assert sides == {"left", "right"}
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    """3 one-object scenes and 3 pair scenes that name them as references, as `shapes sample --reference-pairs`."""
+    items = scenes(3, seed=3, p_pair=0.0)
+    return write_image_folder(tmp_path_factory.mktemp("pairs") / "images", items, seed=3,
+                              pairs=reference_pairs(items, 3, seed=3))
+
+
+def test_pair_pretraining_reads_the_reference_and_denoises_the_pair_scene(sd32, pair_dir, tmp_path, monkeypatch):
+    seen = []
+    real = trainer.promptnet_loss
+
+    def spy(*args, reference, target, ids, slot, **kwargs):
+        seen.append((reference.clone(), target.clone(), ids.clone(), torch.as_tensor(slot).clone()))
+        return real(*args, reference=reference, target=target, ids=ids, slot=slot, **kwargs)
+
+    monkeypatch.setattr(trainer, "promptnet_loss", spy)
+    out = tmp_path / "run"
+    pretrain_promptnet(sd32, pair_dir, out, PretrainConfig(steps=3, captions="scene", latents="mean",
+                                                           **{**PRETRAIN, "batch": 6}), progress=False)
+    files = sorted(pair_dir.glob("*.png"))
+    rows = read_scenes(pair_dir, files)
+    assert [r.reference for r in rows[3:]] != [None] * 3 and all(r.reference is None for r in rows[:3])
+    cache = trainer.load_file(out / "latent_cache.safetensors")["means"] * sd32.vae.config.scaling_factor
+    paired = 0
+    for reference, target, ids, slots in seen:
+        for b in range(target.shape[0]):
+            i = next(j for j in range(len(files)) if torch.equal(target[b], cache[j]))
+            read = i if rows[i].reference is None else rows[i].reference
+            assert torch.equal(reference[b], cache[read])  # PromptNet reads the one-object image
+            # and the row's prompt is the denoised scene's caption, S* for its placeholder object
+            want, slot = tokenize_with_slot(sd32.tokenizer, scene_caption(rows[i].scene, which=rows[i].which),
+                                            pad=False)
+            assert ids[b, : len(want)].tolist() == want.tolist() and int(slots[b]) == slot
+            paired += read != i
+    assert paired > 0
+    assert json.loads((out / "training.json").read_text())["config"]["captions"] == "scene"
+    assert load_promptnet(out, sd32).meta["num_referenced"] == 3
+
+
+def test_bad_pair_metadata_is_a_one_line_error(tmp_path):
+    items = scenes(2, seed=3, p_pair=0.0)
+    folder = write_image_folder(tmp_path / "images", items, seed=3, pairs=reference_pairs(items, 2, seed=3))
+    meta = folder / "metadata.jsonl"
+    lines = [json.loads(x) for x in meta.read_text().splitlines()]
+    files = sorted(folder.glob("*.png"))
+    for change, expected in [({"reference": "missing.png"}, "not an image of"), ({"placeholder": 2}, "placeholder 2"),
+                             ({"placeholder": None}, "2 objects")]:
+        meta.write_text("\n".join(json.dumps({**x, **change} if x["file_name"] == "000002.png" else x)
+                                  for x in lines) + "\n")
+        with pytest.raises(UserError, match=expected) as e:
+            read_scenes(folder, files)
+        assert "\n" not in str(e.value) and "000002.png" in str(e.value)
+
+
+def test_random_crops_refuse_reference_folders(sd32, pair_dir, tmp_path):
+    with pytest.raises(UserError, match="--crop random"):
+        pretrain_promptnet(sd32, pair_dir, tmp_path / "run", PretrainConfig(steps=1, captions="scene", crop="random",
+                                                                            **PRETRAIN), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_shapes_sample_writes_reference_pairs(tmp_path, capsys):
+    from conceptkit.cli import main
+
+    assert main(["shapes", "sample", "--n", "4", "--p-pair", "0", "--reference-pairs", "2", "--seed", "7",
+                 "--out", str(tmp_path / "d")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and len(list((tmp_path / "d").glob("*.png"))) == 6
+    assert [x.get("reference") is not None for x in lines] == [False] * 4 + [True] * 2
+    single = {x["file_name"]: x["scene"]["objects"][0] for x in lines[:4]}
+    for x in lines[4:]:
+        mine = x["scene"]["objects"][x["placeholder"]]
+        ref = single[x["reference"]]
+        assert (mine["shape"], mine["color"], mine["pattern"]) == (ref["shape"], ref["color"], ref["pattern"])
+    capsys.readouterr()
+    assert main(["shapes", "sample", "--n", "2", "--p-pair", "1", "--reference-pairs", "2",
+                 "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "--reference-pairs" in err and err.count("\n") == 1

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=o.seed, default=0)
     p.add_argument("--held-out", action="store_true", help="use the held-out attribute combinations")
     p.add_argument("--p-pair", type=o.probability, default=0.4, help="fraction of two-object scenes")
+    p.add_argument("--reference-pairs", type=o.count_or_zero, default=0, metavar="N",
+                   help="after the scenes, N two-object scenes each holding one of their one-object scenes' objects, "
+                        "that scene's file named as its reference (for learn promptnet --pretrain --captions scene)")
     p.add_argument("--out", type=o.path, required=True)
     p.set_defaults(func=run_sample, writes=("out",))
     p = shapes.add_parser("read", help="the oracle: read images back into attributes (JSON)")
@@ -49,11 +52,16 @@ def train_base_writes(args) -> list[str]:
 
 
 def run_sample(args) -> None:
-    from ..shapes.dataset import scenes, write_image_folder
+    from ..shapes.dataset import reference_pairs, scenes, write_image_folder
 
     items = scenes(args.n, seed=args.seed, held_out=args.held_out, p_pair=args.p_pair)
-    out = write_image_folder(args.out, items, seed=args.seed)
-    print(f"wrote {len(items)} images and {out / 'metadata.jsonl'}")
+    pairs = []
+    if args.reference_pairs:
+        if not any(len(s.objects) == 1 for s in items):
+            raise UserError("--reference-pairs: no one-object scene to take objects from: lower --p-pair")
+        pairs = reference_pairs(items, args.reference_pairs, seed=args.seed)
+    out = write_image_folder(args.out, items, seed=args.seed, pairs=pairs)
+    print(f"wrote {len(items) + len(pairs)} images and {out / 'metadata.jsonl'}")
 
 
 def run_read(args) -> None:

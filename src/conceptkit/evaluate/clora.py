@@ -180,6 +180,8 @@ class Recipe:
     trigger_ti_views: int = 16  # its images: one-object views of the concept
     trigger_init: str = "class"  # the word it starts from: the class word ("circle"), the colour word ("yellow"), or
     # the description ("yellow checkered circle": one vector per word, as AUTOMATIC1111's initialization text)
+    backgrounds: tuple[str, ...] = tuple(WORLD_BACKGROUNDS)  # the pair views' backgrounds, in turn (a name twice
+    # weighs it double; an odd count, so that each background meets both sides)
 
 
 def trigger(concept: Concept, recipe: Recipe = Recipe()) -> str:
@@ -205,7 +207,7 @@ def training_scenes(concept: Concept, recipe: Recipe = Recipe()) -> list[tuple[S
     "a square on the left and a z circle on the right, …"), then `single_views` one-object views."""
     word, noun = trigger(concept, recipe), shape_word(concept.shape)
     rng = random.Random(f"conceptkit-compose-{concept.name}")
-    backgrounds = list(WORLD_BACKGROUNDS)
+    backgrounds = list(recipe.backgrounds)
     out = []
     for i in range(recipe.pair_views):
         side, named_first = SIDES[i % 2], (i // 2) % 2 == 0

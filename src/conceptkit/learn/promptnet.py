@@ -318,9 +318,19 @@ METADATA_FILE = "metadata.jsonl"  # an image folder's captions: {"file_name", "t
 FLIPPED = {"left": "right", "right": "left"}  # a mirrored image's object positions
 
 
-def read_scenes(folder: Path, files: list[Path]) -> list:
+@dataclass(frozen=True)
+class SceneRow:
+    """One training image's caption source: its scene, the object S* stands for, and the image PromptNet reads
+    (its own index, or another file of the folder: metadata "reference", e.g. that object alone)."""
+    scene: object
+    which: int = 0
+    reference: int | None = None
+
+
+def read_scenes(folder: Path, files: list[Path]) -> list[SceneRow]:
     """Each file's scene (shapes.world.Scene), from the folder's metadata.jsonl; a one-line UserError when a file
-    has none, or more than one object (S* stands for a scene's one object)."""
+    has none, or several objects without a "placeholder" (the index of the object S* stands for) and a
+    "reference" (the file PromptNet reads instead: an image of that object alone)."""
     from ..shapes.world import Scene
 
     fix = ("pass a folder made by `conceptkit shapes sample --p-pair 0 --out DIR` (its metadata.jsonl gives each "
@@ -334,27 +344,38 @@ def read_scenes(folder: Path, files: list[Path]) -> list:
             except ValueError:
                 row = None
             if isinstance(row, dict) and isinstance(row.get("scene"), dict) and "file_name" in row:
-                entries[row["file_name"]] = row["scene"]
+                entries[row["file_name"]] = row
     missing = [f.name for f in files if f.name not in entries]
     if missing:
         where = f"{path} gives no scene" if path.is_file() else f"there is no {path}"
         raise UserError(f"--captions scene: {where} for {len(missing)} of the {len(files)} images in {folder} "
                         f"(e.g. {missing[0]}): {fix}")
-    scenes = []
+    index = {f.name: i for i, f in enumerate(files)}
+    rows = []
     for f in files:
+        entry = entries[f.name]
         try:
-            scene = Scene.from_dict(entries[f.name])
+            scene = Scene.from_dict(entry["scene"])
         except (KeyError, TypeError) as e:
             raise UserError(f"--captions scene: {path} has an unreadable scene for {f.name} ({e}): {fix}") from None
-        if len(scene.objects) != 1:
+        which, reference = entry.get("placeholder"), entry.get("reference")
+        if len(scene.objects) != 1 and (which is None or reference is None):
             raise UserError(f"--captions scene: {f.name} in {folder} shows {len(scene.objects)} objects, and S* stands "
-                            f"for one: {fix}")
-        scenes.append(scene)
-    return scenes
+                            f"for one: give its metadata line a \"placeholder\" (the object's index) and a "
+                            f"\"reference\" (an image of that object alone), or {fix}")
+        if reference is not None and reference not in index:
+            raise UserError(f"--captions scene: {f.name}'s reference {reference!r} is not an image of {folder}: "
+                            "put the reference image in the same folder")
+        if not isinstance(which if which is not None else 0, int) or not 0 <= (which or 0) < len(scene.objects):
+            raise UserError(f"--captions scene: {f.name}'s placeholder {which!r} is not an object of its scene "
+                            f"(0 to {len(scene.objects) - 1})")
+        rows.append(SceneRow(scene, which or 0, None if reference is None else index[reference]))
+    return rows
 
 
-def scene_caption(scene, flipped: bool = False, placeholder: str = "S*") -> str:
-    """The scene's caption with its object as S*; of the mirrored image when `flipped` (left and right swap)."""
+def scene_caption(scene, flipped: bool = False, placeholder: str = "S*", which: int | None = None) -> str:
+    """The scene's caption with its object (`which`, in a two-object scene) as S*; of the mirrored image when
+    `flipped` (left and right swap)."""
     from dataclasses import replace
 
     from ..shapes.captions import placeholder_caption
@@ -362,7 +383,7 @@ def scene_caption(scene, flipped: bool = False, placeholder: str = "S*") -> str:
     if flipped:
         scene = replace(scene, objects=tuple(replace(o, position=FLIPPED.get(o.position, o.position))
                                              for o in scene.objects))
-    return placeholder_caption(scene, placeholder)
+    return placeholder_caption(scene, placeholder, which)
 
 
 def init_promptnet(pipe, folder: str | Path, image_encoder, projection_channels: int):
@@ -407,7 +428,14 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     needs_pixels = not isinstance(encoder, LatentPatchEncoder)
     files = image_files(images_dir)
     scenes = read_scenes(Path(images_dir), files) if cfg.captions == "scene" else None
+    # PromptNet reads each row's reference image: the image itself, or another file of the folder
+    references = None
+    if scenes is not None and any(r.reference is not None for r in scenes):
+        references = torch.tensor([i if r.reference is None else r.reference for i, r in enumerate(scenes)])
     random_crops = cfg.crop == "random"
+    if random_crops and references is not None:
+        raise UserError(f"--crop random: {images_dir}'s metadata names reference images, which random crops do not "
+                        "read: pass --crop squash or center")
     if random_crops:  # read at every step: checked now, so a bad file does not stop the run hours in
         check_image_files(files, resolution, where=Path(images_dir))
         means = stds = pixels_u8 = None
@@ -435,14 +463,20 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, T, (cfg.batch,), generator=g)
+        reference, read = latents, index
+        if references is not None:  # drawn last: a folder without references draws as it always did
+            read = references[index]
+            reference = sample_latents(means, stds, read, g, scaling, cfg.latents)
+            reference = torch.where(flip[:, None, None, None], reference.flip(-1), reference)
         pixels = None
         if needs_pixels:
-            pixels = crops if random_crops else pixels_u8[index].float() / 127.5 - 1
+            pixels = crops if random_crops else pixels_u8[read].float() / 127.5 - 1
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        batch = {"reference": latents, "tokens": encoder(pixels, latents), "target": latents, "noise": noise,
+        batch = {"reference": reference, "tokens": encoder(pixels, reference), "target": latents, "noise": noise,
                  "timesteps": t}
         if scenes is not None:  # each row's own prompt (no random draws: the batch is the one captions=none draws)
-            batch["prompts"] = [scene_caption(scenes[i], f) for i, f in zip(index.tolist(), flip.tolist())]
+            batch["prompts"] = [scene_caption(scenes[i].scene, f, which=scenes[i].which)
+                                for i, f in zip(index.tolist(), flip.tolist())]
         return batch
 
     # validation shows the centre squares of random-crop runs (the same images at every validation)
@@ -450,6 +484,8 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
             "latents": cfg.latents, "captions": cfg.captions,
             "images": str(images_dir), "num_images": len(files),
+            **({"num_referenced": int((references != torch.arange(len(files))).sum())}
+               if references is not None else {}),
             **({"init_from": str(cfg.init_from)} if cfg.init_from else {})}
     unet_checkpointing = pipe.unet.is_gradient_checkpointing
     if cfg.gradient_checkpointing:

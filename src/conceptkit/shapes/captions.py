@@ -83,15 +83,28 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     return f"{body}, on a {scene.background} background"
 
 
-def placeholder_caption(scene: Scene, placeholder: str = "S*") -> str:
-    """The scene's caption with its one object replaced by the placeholder, in the form the evaluation's prompts use
+def placeholder_caption(scene: Scene, placeholder: str = "S*", which: int | None = None) -> str:
+    """The scene's caption with one object replaced by the placeholder, in the form the evaluation's prompts use
     (evaluate/ti.py COMPOSITIONAL, evaluate/profusion.py bench_prompts): 'a large S* on the left, on a brown
-    background' (the size word only for the sizes captions name; one-object scenes only)."""
-    if len(scene.objects) != 1:
-        raise ValueError(f"a scene with {len(scene.objects)} objects: the placeholder stands for a scene's one object")
-    obj = scene.objects[0]
-    size = f"{obj.size} " if obj.size in SIZES else ""
-    return f"a {size}{placeholder} {POSITION_PHRASES[obj.position]}, on a {scene.background} background"
+    background' (the size word only for the sizes captions name); in a two-object scene `which` names the object
+    the placeholder stands for, and the other is written out, left object first: 'a S* on the left and a red
+    striped circle on the right, on a white background'."""
+    if which is None:
+        if len(scene.objects) != 1:
+            raise ValueError(f"a scene with {len(scene.objects)} objects: name the object the placeholder stands for")
+        which = 0
+    if not 0 <= which < len(scene.objects):
+        raise ValueError(f"object {which} of a scene with {len(scene.objects)} objects")
+    parts = []
+    left_first = sorted(range(len(scene.objects)), key=lambda i: scene.objects[i].position != "left")
+    for i in left_first:
+        obj = scene.objects[i]
+        if i != which:
+            parts.append(object_phrase(obj))
+            continue
+        size = f"{obj.size} " if obj.size in SIZES else ""
+        parts.append(f"a {size}{placeholder} {POSITION_PHRASES[obj.position]}")
+    return " and ".join(parts) + f", on a {scene.background} background"
 
 
 def vocabulary() -> list[str]:
