@@ -117,6 +117,17 @@ def test_training_captions_name_the_concept_where_it_is_and_the_other_object_by_
         assert orders == {("left", True), ("left", False), ("right", True), ("right", False)}
 
 
+def test_the_recipes_backgrounds_are_the_pair_views_backgrounds_in_turn_each_on_both_sides():
+    concept = COMPOSE_TUNE[0]
+    weighted = ("gray", "white", "navy", "white", "brown", "white", "teal")
+    scenes = training_scenes(concept, Recipe(pair_views=28, single_views=0, backgrounds=weighted))
+    assert [s.background for s, _ in scenes] == list(weighted) * 4
+    mine = {(s.background, next(o.position for o in s.objects if o.triple == t(concept))) for s, _ in scenes}
+    assert mine == {(bg, side) for bg in weighted for side in ("left", "right")}
+    default = training_scenes(concept, Recipe(pair_views=10, single_views=0))
+    assert sorted(s.background for s, _ in default) == sorted(["gray", "navy", "brown", "teal", "white"] * 2)
+
+
 def test_bundled_loras_exist_and_carry_trigger_class_word_and_description():
     from conceptkit.models.lora import read_lora_info
 
