@@ -135,7 +135,8 @@ def register(sub) -> None:
     p.add_argument("--captions", choices=["none", "scene"],
                    help="--pretrain: the training prompt: none, --prefix S* for every image (default, official); "
                         "scene, each image's own scene caption with its object as S* ('a large S* on the left, on a "
-                        "brown background'), from the folder's metadata.jsonl (`conceptkit shapes sample --p-pair 0`)")
+                        "brown background'), from the folder's metadata.jsonl (`conceptkit shapes sample --p-pair 0`); a line "
+                        "naming a 'reference' file has PromptNet read that image (--reference-pairs)")
     p.add_argument("--init-from", type=o.path,
                    help="--pretrain: start from the weights (and image encoder) of an exported pre-trained PromptNet "
                         "folder, with a fresh optimizer (e.g. one written by --export-to); pass it again with --resume")
