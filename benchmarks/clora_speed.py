@@ -16,6 +16,7 @@ Each variant runs in its own child process (so peak memory is its own): `python 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import resource
 import sys
@@ -96,7 +97,7 @@ def run_variant(variant: str, model: str, path: str, loras: int, steps: int, ima
     if variant == "reference":
         cfg = cfg.as_reference()
     elif variant == "clora-whole":  # the update's forward runs the whole UNet (before stop_after_maps)
-        cfg = CLoRAConfig(**{**cfg.__dict__, "stop_after_maps": False})
+        cfg = dataclasses.replace(cfg, stop_after_maps=False)
     sets, updates, masks, switch_every = method_branches("clora", bp, list(names), cfg)
 
     def one_image(seed: int) -> tuple[float, int]:

@@ -1,4 +1,5 @@
 """CLoRA (ALGORITHMS.md §2) and its baselines: the §4 invariants, batched == sequential, prompt building."""
+import dataclasses
 import math
 
 import numpy as np
@@ -259,7 +260,7 @@ def test_stopping_the_update_forward_after_the_maps_changes_nothing_and_skips_la
         stopped = run(pipe, bp, "clora", cfg)
         stopped_calls, ran_stopped = stopped.unet_calls, len(ran)
         ran.clear()
-        whole = run(pipe, bp, "clora", CLoRAConfig(**{**cfg.__dict__, "stop_after_maps": False}))
+        whole = run(pipe, bp, "clora", dataclasses.replace(cfg, stop_after_maps=False))
     finally:
         hook.remove()
     assert stopped.trace.losses == whole.trace.losses  # the same maps, so the same loss and gradient: bitwise

@@ -73,8 +73,7 @@ class Composition:
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             x = step.model_input(z)  # z itself (the same tensor) for DDIM, DPM-Solver, PNDM
-            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only,
-                                       maps_only=self.cond_only and self.cfg.stop_after_maps)
+            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only, maps_only=self.cfg.stop_after_maps)
             loss = self.loss_of(maps)
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, x)

@@ -366,10 +366,11 @@ def read_scenes(folder: Path, files: list[Path]) -> list[SceneRow]:
         if reference is not None and reference not in index:
             raise UserError(f"--captions scene: {f.name}'s reference {reference!r} is not an image of {folder}: "
                             "put the reference image in the same folder")
-        if not isinstance(which if which is not None else 0, int) or not 0 <= (which or 0) < len(scene.objects):
+        which = 0 if which is None else which
+        if type(which) is not int or not 0 <= which < len(scene.objects):
             raise UserError(f"--captions scene: {f.name}'s placeholder {which!r} is not an object of its scene "
                             f"(0 to {len(scene.objects) - 1})")
-        rows.append(SceneRow(scene, which or 0, None if reference is None else index[reference]))
+        rows.append(SceneRow(scene, which, index.get(reference)))
     return rows
 
 
@@ -454,24 +455,25 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     def draw(g):
         index = torch.randint(0, len(files), (cfg.batch,), generator=g)
         flip = torch.rand(cfg.batch, generator=g) < cfg.flip_p
+        mirror = lambda x: torch.where(flip[:, None, None, None], x.flip(-1), x)  # noqa: E731 - the drawn rows
         if random_crops:
             crops = torch.stack([random_crop(files[i], resolution, g) for i in index.tolist()])
             crop_means, crop_stds = encode_images(pipe.vae, crops)
             latents = sample_latents(crop_means, crop_stds, torch.arange(cfg.batch), g, scaling, cfg.latents)
         else:
             latents = sample_latents(means, stds, index, g, scaling, cfg.latents)
-        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+        latents = mirror(latents)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, T, (cfg.batch,), generator=g)
         reference, read = latents, index
         if references is not None:  # drawn last: a folder without references draws as it always did
             read = references[index]
             reference = sample_latents(means, stds, read, g, scaling, cfg.latents)
-            reference = torch.where(flip[:, None, None, None], reference.flip(-1), reference)
+            reference = mirror(reference)
         pixels = None
         if needs_pixels:
             pixels = crops if random_crops else pixels_u8[read].float() / 127.5 - 1
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            pixels = mirror(pixels)
         batch = {"reference": reference, "tokens": encoder(pixels, reference), "target": latents, "noise": noise,
                  "timesteps": t}
         if scenes is not None:  # each row's own prompt (no random draws: the batch is the one captions=none draws)
@@ -484,8 +486,7 @@ def pretrain_promptnet(pipe, images_dir: str | Path, out_dir: str | Path, cfg: P
     meta = {"method": "profusion", "base_model": model_name, "stage": "pretrained", "pad_prompt": cfg.pad_prompt,
             "latents": cfg.latents, "captions": cfg.captions,
             "images": str(images_dir), "num_images": len(files),
-            **({"num_referenced": int((references != torch.arange(len(files))).sum())}
-               if references is not None else {}),
+            **({"num_referenced": sum(r.reference is not None for r in scenes)} if references is not None else {}),
             **({"init_from": str(cfg.init_from)} if cfg.init_from else {})}
     unet_checkpointing = pipe.unet.is_gradient_checkpointing
     if cfg.gradient_checkpointing:

@@ -37,14 +37,14 @@ def reference_pairs(items: list[Scene], n: int, seed: int = 0) -> list[tuple[Sce
         k = rng.choice(singles)
         mine = items[k].objects[0]
         while True:
-            other = Obj(rng.choice([x for x in SHAPES if x != mine.shape]),
-                        rng.choice([x for x in COLORS if x != mine.color]),
-                        rng.choice([x for x in PATTERNS if x != mine.pattern]), "left", "medium")
-            if not is_held_out(other):
+            second = (rng.choice([x for x in SHAPES if x != mine.shape]),
+                      rng.choice([x for x in COLORS if x != mine.color]),
+                      rng.choice([x for x in PATTERNS if x != mine.pattern]))
+            if not is_held_out(Obj(*second, "left", "medium")):
                 break
-        which = rng.randrange(2)
-        placed = Obj(mine.shape, mine.color, mine.pattern, "left" if which == 0 else "right", "medium")
-        other = Obj(other.shape, other.color, other.pattern, "right" if which == 0 else "left", "medium")
+        which = rng.randrange(2)  # the side (and index) of the reference's object
+        sides = ("left", "right") if which == 0 else ("right", "left")
+        placed, other = Obj(*mine.triple, sides[0], "medium"), Obj(*second, sides[1], "medium")
         objs = (placed, other) if which == 0 else (other, placed)
         offsets = tuple((rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)) for _ in objs)
         out.append((Scene(rng.choice(list(BACKGROUNDS)), objs, offsets), which, k))
