@@ -11,7 +11,8 @@ the timed span is a whole image (text encoding, the denoising loop with its late
 untimed warm-up image.
 
 Each variant runs in its own child process (so peak memory is its own): `python benchmarks/clora_speed.py`.
-`--sd15 --device cuda` times 512x512 images on a random-weight UNet and text encoder of SD 1.5's sizes instead.
+`--sd15 --device cuda` times 512x512 images on a random-weight model of SD 1.5's sizes instead
+(`conceptkit.models.fixtures.build_sd15_width`: UNet, text encoder and VAE).
 """
 from __future__ import annotations
 
@@ -51,33 +52,8 @@ def add_random_lora(pipe, name: str, seed: int) -> None:
                                              init_lora_weights=False), adapter_name=name)
 
 
-def sd15_pipeline(fixture: str, device: str):
-    """SD 1.5-sized random-weight UNet and text encoder with the fixture's tokenizer, tiny VAE (8x) and scheduler."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from conceptkit.models.fixtures import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, SD1_CROSS_ATTENTION_DIM
-    from conceptkit.models.loading import load_pipeline
-
-    small = load_pipeline(fixture, device="cpu")
-    torch.manual_seed(0)
-    # UNet2DConditionModel's defaults are SD 1.5's blocks (320/640/1280/1280, 2 layers, 8 heads) but 1280-dim
-    # conditioning; SD 1.5 conditions on 768 dims and samples 64x64 latents (512x512 images).
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=SD1_CROSS_ATTENTION_DIM)
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
-    pipe = StableDiffusionPipeline(unet=unet, vae=small.vae, text_encoder=text_encoder, tokenizer=small.tokenizer,
-                                   scheduler=small.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def run_variant(variant: str, model: str, path: str, loras: int, steps: int, images: int, threads: int,
-                device: str, sd15: bool, schedule: dict, queue) -> None:
+                device: str, schedule: dict, queue) -> None:
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one per added LoRA, expected
     from conceptkit.compose.config import CLoRAConfig
@@ -86,7 +62,7 @@ def run_variant(variant: str, model: str, path: str, loras: int, steps: int, ima
     from conceptkit.generate.loop import decode
     from conceptkit.models.loading import load_pipeline
 
-    pipe = sd15_pipeline(path, device) if sd15 else load_pipeline(path, device=device)
+    pipe = load_pipeline(path, device=device)
     names = "abcd"[:loras]
     for i, name in enumerate(names):
         add_random_lora(pipe, name, 100 + i)
@@ -125,7 +101,7 @@ def measure(variant: str, model: str, path: str, loras: int, args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=run_variant, args=(variant, model, path, loras, args.steps, args.images, args.threads,
-                                                  args.device, args.sd15, schedule(args), queue))
+                                                  args.device, schedule(args), queue))
     child.start()
     result = queue.get()
     child.join()
@@ -152,12 +128,12 @@ def main(argv=None) -> None:
     parser.add_argument("--loras", default="2,4", help="numbers of LoRAs composed (at most 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sd15", action="store_true",
-                        help="only: SD 1.5-sized random UNet and text encoder, 512x512, 2 LoRAs (use with --device cuda)")
+                        help="only: SD 1.5-sized random model, 512x512, 2 LoRAs (use with --device cuda)")
     args = parser.parse_args(argv)
 
-    from conceptkit.models.fixtures import build_tiny_sd
+    from conceptkit.models.fixtures import build_sd15_width, build_tiny_sd
 
-    models = ["sd15-random"] if args.sd15 else args.models.split(",")
+    models = ["sd15-width"] if args.sd15 else args.models.split(",")
     counts = [2] if args.sd15 else [int(n) for n in args.loras.split(",")]
     if any(not 1 <= n <= 4 for n in counts):
         parser.error("--loras: each number must be 1 to 4")
@@ -165,9 +141,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fixture = None
         for model in models:
-            if model in ("sd-fixture", "sd15-random"):
+            if model == "sd-fixture":
                 fixture = fixture or str(build_tiny_sd(Path(tmp) / "sd", seed=0))
                 path = fixture
+            elif model == "sd15-width":
+                path = str(build_sd15_width(Path(tmp) / "sd15", seed=0))
             else:
                 path = model
             for n in counts:

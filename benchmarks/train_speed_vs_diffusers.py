@@ -36,6 +36,13 @@ scripts' defaults). LoRA: rank 4 = alpha, UNet attention projections only (`--no
 the UNet alone unless `--train_text_encoder`), instance prompt "a photo of zwx" for every image, latents sampled
 from the VAE posterior, no flips, no prior preservation.
 
+On a GPU (`--device cuda --model sd15`, the issue's GPU check; benchmarks/gpu_speed.sh runs it): both tools on
+`conceptkit.models.fixtures.build_sd15_width`'s random-weight SD 1.5-sized folder, 512 px (`--resolution`), the
+same images upscaled, float32 for both; the ratio is of wall time (a GPU step's time is not the process's CPU
+time), and each run's peak GPU memory is the most `nvidia-smi` reports in use while it runs (sampled every 0.2 s:
+both tools are measured the same way, neither is instrumented). On the CPU the peak memory column is the run's
+peak RSS (its own rusage, from os.wait4).
+
 Per-step time without start-up: every variant runs at two step counts, each run in its own subprocess, all
 variants interleaved round by round; per round s/step = (t_long - t_short) / (long - short), start-up =
 t_short - short x s/step; medians over the rounds. Time is the child's CPU time (user + system, from
@@ -45,18 +52,19 @@ assert no timings (tests/test_train_speed_vs_diffusers.py checks the patchers on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -219,14 +227,15 @@ def blob_sha(path: Path) -> str:
 
 def commands(work: Path, steps: int, out: Path, args) -> dict[tuple[str, str], list[str]]:
     """The four runs' command lines, for STEPS steps, writing to OUT."""
-    model, images, py = str(work / "model"), str(work / "images"), sys.executable
-    common_d = ["--pretrained_model_name_or_path", model, "--resolution", "64", "--train_batch_size", "4",
+    model, images, py = args.model_folder, str(work / "images"), sys.executable
+    size, batch = str(args.resolution), str(args.batch)
+    common_d = ["--pretrained_model_name_or_path", model, "--resolution", size, "--train_batch_size", batch,
                 "--max_train_steps", str(steps), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
                 "--checkpointing_steps", str(NO_SAVE), "--mixed_precision", "no", "--seed", "0",
                 "--dataloader_num_workers", "0", "--output_dir", str(out)]
     common_c = [py, "-m", "conceptkit", "learn"]
-    shared_c = ["--model", model, "--device", "cpu", "--images", images, "--steps", str(steps), "--batch", "4",
-                "--resolution", "64", "--seed", "0", "--checkpoint-every", str(NO_SAVE), "--no-validation",
+    shared_c = ["--model", model, "--device", args.device, "--images", images, "--steps", str(steps), "--batch",
+                batch, "--resolution", size, "--seed", "0", "--checkpoint-every", str(NO_SAVE), "--no-validation",
                 "--mixed-precision", "no", "--out", str(out)]
     return {
         ("ti", "diffusers"): [py, str(work / "scripts" / SCRIPTS["ti"]), *common_d, "--train_data_dir", images,
@@ -254,27 +263,62 @@ def check_done(method: str, tool: str, steps: int, out: Path, log: str) -> None:
         assert any(p.suffix == ".safetensors" for p in out.rglob("*")), "no .safetensors written"
 
 
-def timed_run(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float, str]:
-    """Run CMD to the end; its CPU seconds (user + system, children included) and wall seconds, and its output."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+class GPUMemoryPeak:
+    """The most GPU memory in use (MB, every process: runs here are one at a time) while the block runs, sampled from
+    nvidia-smi every 0.2 s in a thread."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            self.peak = max([self.peak, *(float(x) for x in out.split())])
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_run(cmd: list[str], env: dict, log_path: Path, gpu: bool = False) -> tuple[float, float, float, str]:
+    """Run CMD to the end; its CPU seconds (user + system, its children included), wall seconds, peak memory in MB
+    (GPU memory in use with GPU, else the process's peak RSS) and its output."""
     began = time.perf_counter()
-    with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    with open(log_path, "w") as log, (GPUMemoryPeak() if gpu else contextlib.nullcontext()) as gpu_peak:
+        child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - began
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = log_path.read_text(errors="replace")
-    if rc != 0:
+    if child.returncode != 0:
         tail = "\n".join(text.splitlines()[-30:])
-        sys.exit(f"failed ({rc}): {' '.join(cmd)}\n--- last lines of {log_path}:\n{tail}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return cpu, wall, text
+        sys.exit(f"failed ({child.returncode}): {' '.join(cmd)}\n--- last lines of {log_path}:\n{tail}")
+    peak = gpu_peak.peak if gpu else usage.ru_maxrss / 1024
+    return usage.ru_utime + usage.ru_stime, wall, peak, text
 
 
-def prepare(work: Path, scripts: Path, concept: str | None) -> dict:
+BUILD_MODEL = """import sys
+import torch
+from conceptkit.models.fixtures import build_sd15_width
+from conceptkit.models.loading import load_pipeline
+
+kind, folder = sys.argv[1:]
+if kind == "sd15":
+    build_sd15_width(folder)  # float32
+else:
+    pipe = load_pipeline("toy", device="cpu").to(torch.float32)
+    assert all(p.dtype == torch.float32 for p in pipe.text_encoder.parameters())
+    pipe.save_pretrained(folder, safe_serialization=True)
+"""
+
+
+def prepare(work: Path, scripts: Path, concept: str | None, model: str = "toy") -> dict:
     """The patched scripts, the float32 model folder and the images, under WORK; what was used."""
-    import torch
-
-    from conceptkit.models.loading import load_pipeline
     from conceptkit.shapes.concepts import CONCEPTS, concept_folder
 
     (work / "scripts").mkdir(parents=True)
@@ -287,10 +331,13 @@ def prepare(work: Path, scripts: Path, concept: str | None) -> dict:
         used[name] = blob_sha(src)
     (work / "scripts" / "_transforms_standin.py").write_text(STANDIN)
 
-    pipe = load_pipeline("toy", device="cpu")
-    pipe.to(torch.float32)
-    pipe.save_pretrained(work / "model", safe_serialization=True)
-    assert all(p.dtype == torch.float32 for p in pipe.text_encoder.parameters())
+    if model in ("toy", "sd15"):
+        # in a child process: this one stays free of torch, since a run's peak RSS starts at its parent's at fork
+        subprocess.run([sys.executable, "-c", BUILD_MODEL, model, str(work / "model")], check=True)
+        used["model_folder"] = str(work / "model")
+        used["model"] = {"toy": "bundled model (float32 copy)", "sd15": "random-weight SD 1.5-sized model"}[model]
+    else:  # a float32 diffusers folder (e.g. benchmarks/gpu_speed.sh's SD 1.5-sized one, built once for all checks)
+        used["model_folder"], used["model"] = model, f"the folder {model}"
 
     chosen = [c for c in CONCEPTS if concept in (None, c.name)]
     if not chosen:
@@ -318,20 +365,31 @@ def main() -> None:
     ap.add_argument("--concept", help="bundled concept set (default: the first)")
     ap.add_argument("--lr-ti", type=float, default=5e-3, help="both TI runs (conceptkit's default)")
     ap.add_argument("--lr-lora", type=float, default=1e-3, help="both LoRA runs (conceptkit's default)")
+    ap.add_argument("--model", default="toy",
+                    help="toy: the bundled model (default); sd15: random weights of SD 1.5's sizes (for --device "
+                         "cuda); or a float32 diffusers folder")
+    ap.add_argument("--resolution", type=int, help="training images' size (default: 64 for toy, 512 for sd15)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--work", type=Path, help="keep the work folder (scripts, model, logs) here; default: a temp")
     ap.add_argument("--json", type=Path, help="also write every run's times here")
     args = ap.parse_args()
     if not 0 < args.steps_short < args.steps_long:
         sys.exit("--steps-short must be positive and less than --steps-long")
+    args.resolution = args.resolution or (64 if args.model == "toy" else 512)
+    gpu = args.device == "cuda"
 
     work = args.work or Path(tempfile.mkdtemp(prefix="train-speed-"))
     if args.work and args.work.exists():
         sys.exit(f"--work {args.work}: exists; pass a new folder")
     try:
-        used = prepare(work, args.scripts, args.concept)
+        used = prepare(work, args.scripts, args.concept, args.model)
+        args.model_folder = used["model_folder"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+               "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+        if not gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         (work / "logs").mkdir()
         methods = [args.only] if args.only else ["ti", "lora"]
         variants = [(m, t) for m in methods for t in ("diffusers", "conceptkit")]
@@ -341,17 +399,18 @@ def main() -> None:
                 for v in variants:
                     out = work / "out" / f"{v[0]}-{v[1]}-{steps}-r{r}"
                     cmd = commands(work, steps, out, args)[v]
-                    cpu, wall, log = timed_run(cmd, env, work / "logs" / f"{out.name}.log")
+                    cpu, wall, peak, log = timed_run(cmd, env, work / "logs" / f"{out.name}.log", gpu)
                     check_done(*v, steps, out, log)
-                    runs[(v, steps)].append((cpu, wall))
+                    runs[(v, steps)].append((cpu, wall, peak))
                     shutil.rmtree(out, ignore_errors=True)
                     print(f"round {r + 1}/{args.rounds}: {v[0]} {v[1]:10s} {steps:4d} steps: CPU {cpu:7.2f} s, "
-                          f"wall {wall:7.2f} s", file=sys.stderr, flush=True)
+                          f"wall {wall:7.2f} s, peak {peak:7.0f} MB", file=sys.stderr, flush=True)
         report(args, used, variants, runs)
         if args.json:
             args.json.write_text(json.dumps({"used": used, "args": {k: str(v) for k, v in vars(args).items()},
                                              "runs": [{"method": v[0], "tool": v[1], "steps": s, "cpu_s": c,
-                                                       "wall_s": w} for (v, s), rr in runs.items() for c, w in rr]},
+                                                       "wall_s": w, "peak_mb": m} for (v, s), rr in runs.items()
+                                                      for c, w, m in rr]},
                                             indent=1))
     finally:
         if not args.work:
@@ -361,6 +420,8 @@ def main() -> None:
 def report(args, used: dict, variants, runs) -> None:
     short, long = args.steps_short, args.steps_long
     span = long - short
+    gpu = args.device == "cuda"
+    main_k = 1 if gpu else 0  # the ratio's time: wall on a GPU, the process's CPU time on the (shared) CPUs
 
     def per_round(v, k):  # k 0: CPU, 1: wall; per round (s/step, start-up s)
         slopes = [(b[k] - a[k]) / span for a, b in zip(runs[(v, short)], runs[(v, long)])]
@@ -370,35 +431,43 @@ def report(args, used: dict, variants, runs) -> None:
     def med(xs):
         return statistics.median(xs)
 
+    if gpu:
+        import torch
+
+        where = f"{torch.cuda.get_device_name()} (float32)"
+    else:
+        where = f"{args.threads} thread(s)"
     print(f"diffusers {_diffusers_version()} example scripts (git blob {used[SCRIPTS['ti']][:10]} "
-          f"{SCRIPTS['ti']}, {used[SCRIPTS['lora']][:10]} {SCRIPTS['lora']}) vs conceptkit; bundled model "
-          f"(float32 copy), concept {used['concept']}, 64 px, batch 4, {args.threads} thread(s), s/step = "
+          f"{SCRIPTS['ti']}, {used[SCRIPTS['lora']][:10]} {SCRIPTS['lora']}) vs conceptkit; {used['model']}, "
+          f"concept {used['concept']}, {args.resolution} px, batch {args.batch}, {where}, s/step = "
           f"(t_{long} - t_{short}) / {span}, {args.rounds} interleaved round(s), medians; torchvision: "
           f"{used['torchvision']}\n")
-    print("| method | tool | CPU s/step (min-max) | wall s/step (min-max) | start-up CPU s | start-up wall s | "
-          "conceptkit / diffusers (CPU) | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    memory = "peak GPU MB in use" if gpu else "peak RSS MB"
+    print(f"| method | tool | CPU s/step (min-max) | wall s/step (min-max) | start-up CPU s | start-up wall s | "
+          f"{memory} (long run) | conceptkit / diffusers ({'wall' if gpu else 'CPU'}) | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         cpu, cpu_start = per_round(v, 0)
         wall, wall_start = per_round(v, 1)
         ratio, target = "", ""
         if v[1] == "conceptkit":
-            base = med(per_round((v[0], "diffusers"), 0)[0])
-            ratio, target = f"{med(cpu) / base:.2f}" if base > 0 else "n/a", "<= 0.5"
+            ours = med(per_round(v, main_k)[0])
+            base = med(per_round((v[0], "diffusers"), main_k)[0])
+            ratio, target = f"{ours / base:.2f}" if base > 0 else "n/a", "<= 0.5"
         name = {("ti", "diffusers"): "`textual_inversion.py`", ("ti", "conceptkit"): "`learn ti`",
                 ("lora", "diffusers"): "`train_dreambooth_lora.py`", ("lora", "conceptkit"): "`learn lora`"}[v]
         print(f"| {v[0].upper() if v[0] == 'ti' else 'LoRA'} | {name} | {med(cpu):.3f} ({min(cpu):.3f}-"
               f"{max(cpu):.3f}) | {med(wall):.3f} ({min(wall):.3f}-{max(wall):.3f}) | {med(cpu_start):.1f} | "
-              f"{med(wall_start):.1f} | {ratio} | {target} |")
+              f"{med(wall_start):.1f} | {max(r[2] for r in runs[(v, long)]):.0f} | {ratio} | {target} |")
     print("\n| method | tool | steps | median CPU s | median wall s |")
     print("|---|---|---|---|---|")
     for v in variants:
         for s in (short, long):
             rr = runs[(v, s)]
-            print(f"| {v[0]} | {v[1]} | {s} | {med(c for c, _ in rr):.2f} | {med(w for _, w in rr):.2f} |")
-    if any(slope <= 0 for v in variants for slope in per_round(v, 0)[0]):
-        print("\nA round gave s/step <= 0: the extra steps of the long runs took less than the start-up's spread "
-              "(about a CPU second here); widen --steps-long - --steps-short.")
+            print(f"| {v[0]} | {v[1]} | {s} | {med(r[0] for r in rr):.2f} | {med(r[1] for r in rr):.2f} |")
+    if any(slope <= 0 for v in variants for slope in per_round(v, main_k)[0]):
+        print("\nA round gave s/step <= 0: the extra steps of the long runs took less than the start-up's spread; "
+              "widen --steps-long - --steps-short.")
     print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 

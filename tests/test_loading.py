@@ -305,3 +305,19 @@ def test_loading_and_sampling_never_open_a_socket(network_calls, hub_cache, sd_t
         images = sample(load_pipeline(model, config=config))
         assert images.shape == (1, 64, 64, 3)
     assert network_calls == []
+
+
+def test_the_sd15_width_fixture_has_sd15s_parameter_counts(tmp_path):
+    """benchmarks/gpu_speed.sh times SD 1.5-sized work on this random-weight model: its UNet, VAE and text encoder
+    must be SD 1.5's sizes (built on the meta device: no memory, no weights)."""
+    import torch
+
+    from conceptkit.models.fixtures import sd15_width_pipeline, write_sd_clip_tokenizer
+
+    tokenizer = write_sd_clip_tokenizer(tmp_path / "tokenizer")
+    with torch.device("meta"):
+        pipe = sd15_width_pipeline(tokenizer)
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 512

@@ -2,6 +2,7 @@
 apply to the text it expects and fail loudly, not silently, when a script no longer has it (fake script text here;
 the real scripts are not part of the repository)."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +80,38 @@ def test_transforms_standin(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(t.RandomCrop(32)(t.Resize(32)(same))), pixels[:, :32])
     assert np.array_equal(np.asarray(t.RandomHorizontalFlip(p=1.0)(img)), pixels[:, ::-1])
     assert np.array_equal(np.asarray(t.RandomHorizontalFlip(p=0.0)(img)), pixels)
+
+
+def test_timed_run_reports_the_childs_own_peak_memory_and_refuses_a_failed_run(tmp_path):
+    # each run's peak RSS is its own (os.wait4), not the largest of every child so far (RUSAGE_CHILDREN); a child
+    # starts at its parent's peak, so the benchmark's own process stays small (no torch): measured from one like it
+    probe = f"""import importlib.util, sys
+spec = importlib.util.spec_from_file_location("bench", {str(_PATH)!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+big = [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"]
+small = [sys.executable, "-c", "pass"]
+print(bench.timed_run(big, {{}}, __import__("pathlib").Path({str(tmp_path / "big.log")!r}))[2],
+      bench.timed_run(small, {{}}, __import__("pathlib").Path({str(tmp_path / "small.log")!r}))[2])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    big_peak, small_peak = map(float, out.split())
+    assert big_peak > 300 and small_peak < 100, (big_peak, small_peak)
+    with pytest.raises(SystemExit, match="failed \\(3\\)"):
+        bench.timed_run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], {}, tmp_path / "x.log")
+
+
+def test_gpu_memory_peak_is_the_most_nvidia_smi_reported_while_the_block_ran(tmp_path, monkeypatch):
+    # a stand-in nvidia-smi reporting 100, then 2500, then 700 MB in use on one GPU
+    counter, fake = tmp_path / "n", tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nn=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n"
+                    "case $n in 0) echo 100;; 1) echo 2500;; *) echo 700;; esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    import time
+
+    with bench.GPUMemoryPeak() as peak:
+        deadline = time.time() + 10
+        while (not counter.exists() or int(counter.read_text()) < 4) and time.time() < deadline:
+            time.sleep(0.05)
+    assert peak.peak == 2500

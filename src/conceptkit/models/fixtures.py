@@ -4,6 +4,8 @@
   open_clip_torch wheel, so tokenization matches real SD without downloading anything.
 - `build_tiny_sd` writes a tiny random-weight StableDiffusionPipeline folder (SD 1.x block layout, 768-dim text
   conditioning, 8x VAE, real tokenizer): small and fast enough for unit tests.
+- `build_sd15_width` writes a random-weight folder of SD 1.5's full sizes (860M-parameter UNet, ViT-L/14 text
+  encoder, SD's VAE): for speed checks at 512 px on a GPU (benchmarks/gpu_speed.sh), too slow for unit tests.
 - `write_single_file` writes a pipeline as one original-layout (LDM / AUTOMATIC1111) `.safetensors` checkpoint, the
   format `StableDiffusionPipeline.from_single_file` reads.
 """
@@ -156,6 +158,46 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch, quiet_loading_bars():
         pipe = tiny_sd_pipeline(write_sd_clip_tokenizer(Path(scratch) / "tokenizer"), seed)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def sd15_width_pipeline(tokenizer_folder: str | Path, seed: int = 0):
+    """A random-weight StableDiffusionPipeline of SD 1.5's sizes (in memory), seeded per component: the diffusers
+    classes' defaults are SD 1.5's blocks (UNet 320/640/1280/1280, 2 layers, 8 heads; VAE 128/256/512/512), given
+    SD 1.5's 768-dim conditioning, 64x64 latents (512 px) and CLIP ViT-L/14's text encoder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=SD1_CROSS_ATTENTION_DIM)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        sample_size=512, scaling_factor=SD1_VAE_SCALING_FACTOR)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=SD1_CROSS_ATTENTION_DIM, intermediate_size=3072,
+        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=SD1_CROSS_ATTENTION_DIM, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+        scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd15_width(folder: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight SD 1.5-sized diffusers folder (float32, about 4.3 GB) to `folder`; returns it."""
+    import tempfile
+
+    from conceptkit.models.loading import quiet_loading_bars
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch, quiet_loading_bars():
+        pipe = sd15_width_pipeline(write_sd_clip_tokenizer(Path(scratch) / "tokenizer"), seed)
         pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
