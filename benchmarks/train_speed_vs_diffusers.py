@@ -275,9 +275,13 @@ class GPUMemoryPeak:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout
-            self.peak = max([self.peak, *(float(x) for x in out.split())])
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, check=True).stdout
+                self.peak = max([self.peak, *(float(x) for x in out.split())])
+            except (OSError, subprocess.CalledProcessError, ValueError):  # no readable nvidia-smi: say so, not 0
+                self.peak = float("nan")
+                return
             self._stop.wait(0.2)
 
     def __exit__(self, *exc):
