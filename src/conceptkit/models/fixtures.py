@@ -130,18 +130,21 @@ def tiny_text_encoder():
 
 def tiny_sd_pipeline(tokenizer_folder: str | Path, seed: int = 0):
     """A tiny random-weight StableDiffusionPipeline with SD 1.x's architecture (in memory), seeded per component."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     torch.manual_seed(seed)
     unet = tiny_unet()
     torch.manual_seed(seed + 1)
     vae = tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = tiny_text_encoder()
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    return sd1_pipeline(unet, vae, tiny_text_encoder(), tokenizer_folder)
+
+
+def sd1_pipeline(unet, vae, text_encoder, tokenizer_folder: str | Path):
+    """A StableDiffusionPipeline of these components with SD 1.x's tokenizer files and scheduler, no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
         scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -149,25 +152,31 @@ def tiny_sd_pipeline(tokenizer_folder: str | Path, seed: int = 0):
     return pipe
 
 
-def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny seeded SD 1.x-architecture diffusers folder to `folder`; returns the folder."""
+def write_sd_folder(folder: str | Path, make_pipeline, seed: int) -> Path:
+    """Save make_pipeline(tokenizer_folder, seed) as a diffusers folder at `folder` (SD 1.x's real tokenizer files,
+    rebuilt offline); returns the folder."""
     import tempfile
 
     from conceptkit.models.loading import quiet_loading_bars
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch, quiet_loading_bars():
-        pipe = tiny_sd_pipeline(write_sd_clip_tokenizer(Path(scratch) / "tokenizer"), seed)
+        pipe = make_pipeline(write_sd_clip_tokenizer(Path(scratch) / "tokenizer"), seed)
         pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny seeded SD 1.x-architecture diffusers folder to `folder`; returns the folder."""
+    return write_sd_folder(folder, tiny_sd_pipeline, seed)
 
 
 def sd15_width_pipeline(tokenizer_folder: str | Path, seed: int = 0):
     """A random-weight StableDiffusionPipeline of SD 1.5's sizes (in memory), seeded per component: the diffusers
     classes' defaults are SD 1.5's blocks (UNet 320/640/1280/1280, 2 layers, 8 heads; VAE 128/256/512/512), given
     SD 1.5's 768-dim conditioning, 64x64 latents (512 px) and CLIP ViT-L/14's text encoder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=SD1_CROSS_ATTENTION_DIM)
@@ -180,26 +189,12 @@ def sd15_width_pipeline(tokenizer_folder: str | Path, seed: int = 0):
         vocab_size=CLIP_VOCAB_SIZE, hidden_size=SD1_CROSS_ATTENTION_DIM, intermediate_size=3072,
         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
         projection_dim=SD1_CROSS_ATTENTION_DIM, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
-        scheduler=PNDMScheduler(**SD1_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd1_pipeline(unet, vae, text_encoder, tokenizer_folder)
 
 
 def build_sd15_width(folder: str | Path, seed: int = 0) -> Path:
     """Write a random-weight SD 1.5-sized diffusers folder (float32, about 4.3 GB) to `folder`; returns it."""
-    import tempfile
-
-    from conceptkit.models.loading import quiet_loading_bars
-
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory() as scratch, quiet_loading_bars():
-        pipe = sd15_width_pipeline(write_sd_clip_tokenizer(Path(scratch) / "tokenizer"), seed)
-        pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return write_sd_folder(folder, sd15_width_pipeline, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
