@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 21, one script sized for a lent GPU's 15 minutes (start-up included): on a random-weight
+# The GPU check of issue 21, one script planned to fit a lent GPU's 15 minutes (an estimate until it runs on one): on a random-weight
 # model of SD 1.5's sizes at 512 px (conceptkit.models.fixtures.build_sd15_width, built once), float32,
 #   1. a TI step and a LoRA step, `learn ti` / `learn lora` against diffusers' textual_inversion.py and
 #      train_dreambooth_lora.py (benchmarks/train_speed_vs_diffusers.py: wall s/step, peak GPU memory in use);
