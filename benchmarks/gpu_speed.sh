@@ -19,14 +19,13 @@
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 \
 #       transformers==5.23.0 huggingface-hub==2.4.0 peft==0.21.2 accelerate==1.16.0 open_clip_torch==3.3.0
 #   mkdir .gpu-scripts   # and put textual_inversion.py and train_dreambooth_lora.py there
-# then run `bash benchmarks/gpu_speed.sh .gpu-scripts $OUT` with carry [".whl", ".gpu-scripts"] (about 22 MB of
+# then run `bash benchmarks/gpu_speed.sh .gpu-scripts $OUT` with carry [".whl", ".gpu-scripts"] (about 23 MB of
 # wheels beside the 32 MB checkout, under the 64 MiB a call carries): a .whl folder is installed to /tmp/site first.
 set -euo pipefail
 scripts=${1:?usage: bash benchmarks/gpu_speed.sh SCRIPTS [OUT] (SCRIPTS: the folder of textual_inversion.py and train_dreambooth_lora.py)}
 out=${2:-${OUT:-gpu-speed}}
-if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
-py=${PYTHON:-python3}
-if [ -d .whl ] && [ ! -x .venv/bin/python ]; then
+if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
+if [ -d .whl ] && [ ! -x .venv/bin/python ]; then  # a lent machine: its python3 plus the carried wheels
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -225,9 +225,9 @@ def blob_sha(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def commands(work: Path, steps: int, out: Path, args) -> dict[tuple[str, str], list[str]]:
-    """The four runs' command lines, for STEPS steps, writing to OUT."""
-    model, images, py = args.model_folder, str(work / "images"), sys.executable
+def commands(work: Path, model: str, steps: int, out: Path, args) -> dict[tuple[str, str], list[str]]:
+    """The four runs' command lines on the diffusers folder MODEL, for STEPS steps, writing to OUT."""
+    images, py = str(work / "images"), sys.executable
     size, batch = str(args.resolution), str(args.batch)
     common_d = ["--pretrained_model_name_or_path", model, "--resolution", size, "--train_batch_size", batch,
                 "--max_train_steps", str(steps), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
@@ -388,7 +388,6 @@ def main() -> None:
         sys.exit(f"--work {args.work}: exists; pass a new folder")
     try:
         used = prepare(work, args.scripts, args.concept, args.model)
-        args.model_folder = used["model_folder"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
@@ -402,7 +401,7 @@ def main() -> None:
             for steps in (args.steps_short, args.steps_long):
                 for v in variants:
                     out = work / "out" / f"{v[0]}-{v[1]}-{steps}-r{r}"
-                    cmd = commands(work, steps, out, args)[v]
+                    cmd = commands(work, used["model_folder"], steps, out, args)[v]
                     cpu, wall, peak, log = timed_run(cmd, env, work / "logs" / f"{out.name}.log", gpu)
                     check_done(*v, steps, out, log)
                     runs[(v, steps)].append((cpu, wall, peak))

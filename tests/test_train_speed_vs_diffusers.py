@@ -2,8 +2,10 @@
 apply to the text it expects and fail loudly, not silently, when a script no longer has it (fake script text here;
 the real scripts are not part of the repository)."""
 import importlib.util
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +109,7 @@ def test_gpu_memory_peak_is_the_most_nvidia_smi_reported_while_the_block_ran(tmp
     fake.write_text(f"#!/bin/sh\nn=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n"
                     "case $n in 0) echo 100;; 1) echo 2500;; *) echo 700;; esac\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
-    import time
-
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with bench.GPUMemoryPeak() as peak:
         deadline = time.time() + 10
         while (not counter.exists() or int(counter.read_text()) < 4) and time.time() < deadline:
