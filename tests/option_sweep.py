@@ -33,6 +33,7 @@ ZERO_MEANS = {
     "refine_steps": "0: ProFusion without fusion sub-steps (plain sampling)",
     "refine_eta": "η 0: a deterministic fusion sub-step",
     "refine_emb_scale": "λ 0: S* left out of the fusion sub-step",
+    "emb_scale": "s 0: S* left out of the main step",
     "guidance_scale": "0: the unconditional prediction",
     "ref_guidance_scale": "0: no reference prompt (what --no-fusion uses)",
     "refine_guidance": "0: unguided fusion sub-step",

@@ -25,6 +25,7 @@ ZERO_MEANS = {
     "minmax_eps": "0: the reference quirk", "apply_mask_after": "0: the default", "mask_threshold": "0: any map > 0",
     "style_weight": "0: the style LoRA off", "merge_weight": "0: the base model", "ref_guidance_scale": "0: no r",
     "refine_steps": "0: plain sampling", "refine_eta": "η 0: deterministic", "refine_emb_scale": "λ 0: no S*",
+    "emb_scale": "s 0: no S* in the main step",
     "refine_guidance_scale": "0: unguided sub-step", "validation_images": "0: no validation images",
     "rotate": "0: no rotation", "translate": "0: no translation",
 }

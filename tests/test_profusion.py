@@ -153,12 +153,12 @@ def by_hand(pipe, saved, reference, prompt, cfg, seed, extras=(), start=None):
                 x = x - e * s2 * math.sqrt(1 - a) / (1 - a1) \
                     + math.sqrt(s2) * z * math.sqrt((1 - a) * (2 - 2 * a1 - s2)) / (1 - a1)
         u = unet(x, t, negative).sample
-        c = unet(x, t, with_word(x, t, 1.0)).sample
+        c = unet(x, t, with_word(x, t, cfg.emb_scale)).sample
         out = u + cfg.guidance_scale * (c - u)
         if cfg.ref_guidance_scale:
             out = out + cfg.ref_guidance_scale * (unet(x, t, ref).sample - u)
         for xr, tk, w in more:
-            out = out + cfg.guidance_scale * w / cfg.guidance_scale * (unet(x, t, with_word(x, t, 1.0, xr, tk)).sample - u)
+            out = out + cfg.guidance_scale * w / cfg.guidance_scale * (unet(x, t, with_word(x, t, cfg.emb_scale, xr, tk)).sample - u)
         x = sched.step(out, t, x, eta=0.0).prev_sample
     return x
 
@@ -456,7 +456,7 @@ W = {"guidance_scale": 3.0, "ref_guidance_scale": 1.5, "refine_guidance_scale": 
 def test_fusion_config_defaults_are_the_notebook_fusion_call():
     cfg = FusionConfig()
     assert (cfg.steps, cfg.guidance_scale, cfg.ref_guidance_scale, cfg.refine_steps, cfg.refine_eta,
-            cfg.refine_emb_scale, cfg.refine_guidance_scale) == (50, 7.0, 5.0, 1, 1.0, 0.6, 7.0)
+            cfg.refine_emb_scale, cfg.refine_guidance_scale, cfg.emb_scale) == (50, 7.0, 5.0, 1, 1.0, 0.6, 7.0, 1.0)
     plain = FusionConfig.plain()
     assert (plain.guidance_scale, plain.ref_guidance_scale, plain.refine_steps) == (5.0, 0.0, 0)
     assert FusionConfig.reference().execution == "reference" and cfg.execution == "batched"
@@ -481,6 +481,16 @@ def test_ref_prompt_with_zero_weight_changes_nothing(sd64, saved64, reference):
                       FusionConfig.plain(steps=STEPS, ref_prompt="a dog on the grass", ref_guidance_scale=3.0),
                       gens(3))
     assert (weighted - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_emb_scale_scales_the_word_in_the_main_step(sd64, saved64, reference, fusion):
+    base = FusionConfig(steps=STEPS, **W) if fusion else FusionConfig.plain(steps=STEPS)
+    cfg = replace(base, emb_scale=1.3)
+    got = sample(sd64, saved64, reference, PROMPTS[:1], cfg, gens(3))
+    with torch.no_grad():
+        close(got, by_hand(sd64, saved64, reference, PROMPTS[0], cfg, 3), SAMPLE_TOL)
+    assert (got - sample(sd64, saved64, reference, PROMPTS[:1], base, gens(3))).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("refine_steps", [1, 2])

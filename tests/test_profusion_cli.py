@@ -428,7 +428,7 @@ def test_generate_uses_the_settings_a_promptnet_folder_recommends(finetuned, gen
 
 FUSION_OPTIONS = {"guidance_scale": "guidance_scale", "ref_guidance_scale": "ref_guidance_scale",
                   "refine_steps": "refine_steps", "refine_eta": "refine_eta", "refine_emb_scale": "refine_emb_scale",
-                  "refine_guidance_scale": "refine_guidance"}  # FusionConfig field: generate's option dest
+                  "refine_guidance_scale": "refine_guidance", "emb_scale": "emb_scale"}  # FusionConfig field: dest
 
 
 def generate_options():
@@ -443,21 +443,24 @@ def stated_defaults(dest: str) -> dict:
     nothing (the notebook's fusion call), and with --no-fusion (when it says)."""
     text = " ".join(generate_options()[dest].help.split())
     no_fusion = re.search(r"--no-fusion: ([\d.]+)", text)
-    return {"bundled": float(re.search(r"([\d.]+) for the bundled PromptNet", text)[1]),
+    bundled = float(re.search(r"([\d.]+) for the bundled PromptNet", text)[1])
+    return {"bundled": bundled,
             "notebook": float(re.search(r"else ([\d.]+) as in the notebook's fusion call", text)[1]),
-            "no_fusion": float(no_fusion[1]) if no_fusion else None}
+            "no_fusion": float(no_fusion[1]) if no_fusion else bundled if "the same with --no-fusion" in text
+            else None}
 
 
 def test_generate_help_states_the_fusion_defaults_that_apply(toy):
     from conceptkit.models.loading import BUNDLED_PROMPTNET
-    from conceptkit.profusion.sampling import FusionConfig, recommended_fusion
+    from conceptkit.profusion.sampling import FusionConfig, recommended_fusion, recommended_plain
 
-    applied = recommended_fusion(load_promptnet(BUNDLED_PROMPTNET, toy))
+    saved = load_promptnet(BUNDLED_PROMPTNET, toy)
+    applied = recommended_fusion(saved)
     for field, dest in FUSION_OPTIONS.items():
         stated = stated_defaults(dest)
         assert stated["bundled"] == getattr(applied, field), field
         assert stated["notebook"] == getattr(FusionConfig(), field), field
-        plain = getattr(FusionConfig.plain(), field)
+        plain = getattr(recommended_plain(saved), field)
         assert (stated["no_fusion"] if stated["no_fusion"] is not None else stated["notebook"]) == plain, field
     # the bundled PromptNet recommends its own w_f and w2: the old help's "default 7" and "default 5" were wrong
     assert (applied.refine_guidance_scale, applied.ref_guidance_scale) != (FusionConfig().refine_guidance_scale,

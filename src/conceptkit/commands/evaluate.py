@@ -93,12 +93,14 @@ def register(sub) -> None:
     g.add_argument("--refine-eta", type=o.eta)
     g.add_argument("--refine-emb-scale", type=o.small_weight)
     g.add_argument("--refine-guidance", type=o.guidance_scale)
+    g.add_argument("--emb-scale", type=o.small_weight, help="s: S*'s output scale in the main step (plain sampling "
+                                                            "too; default: the PromptNet's recommended value)")
     g.add_argument("--class-word", type=o.name)
     g.add_argument("--ref-prompt", type=o.prompt, help="a fixed reference prompt r (e.g. 'a photo of an object'; "
                                                        "default: the prompt with S* replaced by the class word)")
     p.add_argument("--sweep", action="append", type=o.sweep, metavar="KEY=V1,V2,...",
                    help="sample fusion (fine-tuned) at each value, on the tune split; repeat for a grid of every "
-                        "combination. KEY: refine_emb_scale (lambda), refine_guidance_scale (w_f), "
+                        "combination. KEY: refine_emb_scale (lambda), refine_guidance_scale (w_f), emb_scale (s), "
                         "ref_guidance_scale (w2), guidance_scale (w1), refine_steps (m), refine_eta (eta), ref_prompt "
                         "(r: a fixed reference prompt, e.g. 'a photo of an object'; none = S* replaced by the class "
                         "word; only used when w2 > 0), class_word. Each object is fine-tuned once; plain sampling "
@@ -315,7 +317,7 @@ def run_profusion(args) -> None:
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
-             "class_word": args.class_word, "ref_prompt": args.ref_prompt}
+             "emb_scale": args.emb_scale, "class_word": args.class_word, "ref_prompt": args.ref_prompt}
     overrides = {k: v for k, v in given.items() if v is not None}
     if sweep is not None:
         from ..evaluate.profusion import sweep_profusion

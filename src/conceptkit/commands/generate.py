@@ -46,6 +46,9 @@ def register(sub) -> None:
                    help=f"η of the fusion sub-step, in [0, sqrt(2)] ({default_text('refine_eta')})")
     g.add_argument("--refine-emb-scale", type=o.small_weight,
                    help=f"λ: S* output scale in the fusion sub-step ({default_text('refine_emb_scale')})")
+    g.add_argument("--emb-scale", type=o.small_weight,
+                   help=f"s: S* output scale in the main step, > 1 emphasises the image's word against the prompt's "
+                        f"other words ({default_text('emb_scale')})")
     g.add_argument("--refine-guidance", type=o.guidance_scale,
                    help=f"w_f: guidance in the fusion sub-step ({default_text('refine_guidance_scale')})")
     g.add_argument("--ref-guidance-scale", type=o.guidance_scale,
@@ -131,6 +134,7 @@ def generate_with_promptnet(pipe, prompts: list[str], args, extra_images: list[t
     given = {"guidance_scale": args.guidance_scale, "ref_guidance_scale": args.ref_guidance_scale,
              "refine_steps": args.refine_steps, "refine_eta": args.refine_eta,
              "refine_emb_scale": args.refine_emb_scale, "refine_guidance_scale": args.refine_guidance,
+             "emb_scale": args.emb_scale,
              "class_word": args.class_word, "ref_prompt": args.ref_prompt, "placeholder": args.placeholder,
              "negative_prompt": args.negative_prompt, "start_timestep": args.start_timestep}
     out = generate_from_image(pipe, prompts, promptnet=args.promptnet or bundled_promptnet_path(args.model),

@@ -2,7 +2,7 @@
 checked before anything loads (no torch import here, so a bad --sweep fails at once, in one line).
 
 KEY is a FusionConfig field (profusion/fusion_config.py) or its usual symbol: λ `refine_emb_scale` (lambda),
-w_f `refine_guidance_scale` (w_f, refine_guidance), w2 `ref_guidance_scale` (w2), w1 `guidance_scale` (w1),
+w_f `refine_guidance_scale` (w_f, refine_guidance), s `emb_scale` (s: S*'s scale in the main step), w2 `ref_guidance_scale` (w2), w1 `guidance_scale` (w1),
 m `refine_steps` (m), η `refine_eta` (eta), r `ref_prompt` (a fixed reference prompt such as "a photo of an
 object"; `none` = the prompt with S* replaced by the class word) and `class_word`. Several --sweep options give
 every combination of their values (a Cartesian grid). Values are separated by commas, so a value holds no comma.
@@ -18,6 +18,7 @@ from ..errors import UserError
 SWEEPABLE: dict[str, v.Number | None] = {
     "refine_emb_scale": v.SMALL_WEIGHT,
     "refine_guidance_scale": v.GUIDANCE,
+    "emb_scale": v.SMALL_WEIGHT,
     "ref_guidance_scale": v.GUIDANCE,
     "guidance_scale": v.GUIDANCE,
     "refine_steps": v.COUNT_OR_ZERO,
@@ -27,8 +28,8 @@ SWEEPABLE: dict[str, v.Number | None] = {
 }
 ALIASES = {"lambda": "refine_emb_scale", "λ": "refine_emb_scale", "w_f": "refine_guidance_scale",
            "wf": "refine_guidance_scale", "refine_guidance": "refine_guidance_scale", "w2": "ref_guidance_scale",
-           "w1": "guidance_scale", "m": "refine_steps", "eta": "refine_eta", "η": "refine_eta", "r": "ref_prompt"}
-SYMBOLS = {"refine_emb_scale": "λ", "refine_guidance_scale": "w_f", "ref_guidance_scale": "w2",
+           "w1": "guidance_scale", "m": "refine_steps", "eta": "refine_eta", "η": "refine_eta", "r": "ref_prompt", "s": "emb_scale"}
+SYMBOLS = {"refine_emb_scale": "λ", "refine_guidance_scale": "w_f", "emb_scale": "s", "ref_guidance_scale": "w2",
            "guidance_scale": "w1", "refine_steps": "m", "refine_eta": "η", "ref_prompt": "r", "class_word": "class"}
 MAX_SETTINGS = 64
 

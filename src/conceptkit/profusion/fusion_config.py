@@ -32,6 +32,9 @@ class FusionConfig:
     refine_eta: float = 1.0
     refine_emb_scale: float = 0.6  # λ
     refine_guidance_scale: float = 7.0  # w_f
+    # S*'s encoder-output scale in the main step (1: the notebook's; > 1 emphasises the image's word against the
+    # prompt's other words, as AUTOMATIC1111's "(S*:1.3)"); plain sampling uses it too
+    emb_scale: float = 1.0
     negative_prompt: str = ""
     class_word: str = "object"  # r = the prompt with S* replaced by this word ("a person" in the official code)
     ref_prompt: str | None = None  # overrides the derived r
@@ -47,7 +50,7 @@ class FusionConfig:
         v.check_config(self, {"steps": v.COUNT, "guidance_scale": v.GUIDANCE, "ref_guidance_scale": v.GUIDANCE,
                               "refine_steps": v.COUNT_OR_ZERO, "refine_eta": v.ETA,
                               "refine_emb_scale": v.SMALL_WEIGHT, "refine_guidance_scale": v.GUIDANCE,
-                              "start_timestep": START_TIMESTEP},
+                              "emb_scale": v.SMALL_WEIGHT, "start_timestep": START_TIMESTEP},
                        optional=("start_timestep",))
         v.check_text(self, ("class_word", "ref_prompt", "placeholder"), optional=("ref_prompt",))
         v.check_choice(self, "execution", ("batched", "reference"))
@@ -64,7 +67,9 @@ class FusionConfig:
 
 # the settings a PromptNet folder may recommend (promptnet.json `fusion_settings`)
 RECOMMENDABLE = ("guidance_scale", "ref_guidance_scale", "refine_steps", "refine_eta", "refine_emb_scale",
-                 "refine_guidance_scale")
+                 "refine_guidance_scale", "emb_scale")
+# the recommended settings that plain sampling (--no-fusion) takes too: how strongly to read the folder's S*
+PLAIN_RECOMMENDABLE = ("emb_scale",)
 
 
 def bundled_recommendation() -> dict:
@@ -87,6 +92,9 @@ def default_text(name: str) -> str:
     folder's recommendation, the bundled PromptNet's value, else the notebook's) and with --no-fusion."""
     notebook, plain = getattr(FusionConfig(), name), getattr(FusionConfig.plain(), name)
     bundled = bundled_recommendation().get(name, notebook)
-    no_fusion = f"; --no-fusion: {_show(plain)}" if plain != notebook else ""
+    if name in PLAIN_RECOMMENDABLE:
+        no_fusion = "; the same with --no-fusion"
+    else:
+        no_fusion = f"; --no-fusion: {_show(plain)}" if plain != notebook else ""
     return (f"default: the PromptNet folder's recommended value, {_show(bundled)} for the bundled PromptNet, "
             f"else {_show(notebook)} as in the notebook's fusion call{no_fusion}")

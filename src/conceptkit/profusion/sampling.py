@@ -5,6 +5,8 @@ Per DDIM step t (η = 0 for the main step):
   (b) fusion, `refine_steps` = m times: S* = PromptNet(x_ref, t, tokens, x_t);
       ε̃ = ε(x_t; ∅) + w_f [ε(x_t; c with S* scaled by λ) − ε(x_t; ∅)];  x_t ← fusion_update(x_t, ε̃, z ~ generator)
   (a) S* again on the (refined) x_t;  ε̂ = ε(∅) + w1 [ε(c) − ε(∅)] + w2 [ε(r) − ε(∅)];  x_{t−1} = DDIM(ε̂, t, x_t)
+      (c with S*'s encoder output scaled by s = `emb_scale`: 1 in the official code; the bundled PromptNet
+      recommends more, see its model card)
 c is the prompt with S*, r the reference prompt (S* replaced by a class word), ∅ the negative prompt.
 
 Execution (`batched`, the default): one UNet call per stage — [∅, c_λ] in a fusion sub-step (the reference branch,
@@ -41,7 +43,7 @@ from ..errors import UserError
 from ..generate.loop import Step, decode, denoise, initial_noise, sampler
 from ..generate.loop import work_dtype as loop_work_dtype
 from .fusion import MAX_ETA, fusion_update, to_epsilon
-from .fusion_config import FusionConfig
+from .fusion_config import PLAIN_RECOMMENDABLE, FusionConfig
 from .prompts import check_placeholder, encode_plain, encode_with_word, tokenize_with_slot
 from .saved import SavedPromptNet, unet_attention_applied
 
@@ -50,6 +52,13 @@ def recommended_fusion(saved: SavedPromptNet) -> FusionConfig:
     """The notebook's fusion call with the settings the PromptNet's folder recommends on top (promptnet.json
     `fusion_settings`; the bundled one's model card says why it has its own)."""
     return replace(FusionConfig(), **saved.meta.get("fusion_settings", {}))
+
+
+def recommended_plain(saved: SavedPromptNet) -> FusionConfig:
+    """The notebook's plain sampling with the folder's recommended S* scale (`emb_scale`): how strongly its word must
+    be read does not depend on the fusion sub-step."""
+    settings = saved.meta.get("fusion_settings", {})
+    return FusionConfig.plain(**{k: settings[k] for k in PLAIN_RECOMMENDABLE if k in settings})
 
 
 @dataclass
@@ -180,7 +189,7 @@ class Evaluator:
         return sum(w / total * g for w, g in zip(weights, guided))
 
     def main_output(self, x, t):
-        conds = self.prompts_with_words(x, t, 1.0)
+        conds = self.prompts_with_words(x, t, self.cfg.emb_scale)
         weights = [extra.weight for extra in self.extras]
         if self.cfg.execution == "batched":
             ref = self.cond.ref
@@ -361,7 +370,7 @@ def generate_from_image(pipe, prompts: list[str] | str, *, promptnet, image: str
     if image is None:
         raise UserError(f"no reference image: pass --image FILE (the PromptNet in {saved.folder} was not "
                         "fine-tuned on one)")
-    base = recommended_fusion(saved) if fusion else FusionConfig.plain()
+    base = recommended_fusion(saved) if fusion else recommended_plain(saved)
     cfg = replace(base, steps=steps, scheduler=scheduler, **settings)
     check_config(cfg)
     check_extra_weights([w for _, w in extra_images])
