@@ -80,13 +80,19 @@ def test_prompt_batch_ids_are_each_prompts_ids_padded_to_the_longest(sd32):
     assert padded.shape == (2, tok.model_max_length)
 
 
-# Computed with the code before per-row prompts (commit 166b9bf) on this fixture, seed 0, one thread.
+# Computed with the code before per-row prompts (commit 166b9bf) on this fixture, seed 0, one thread. Equal to the
+# last bit on the machine they were computed on; another CPU's float kernels round differently (an AMD EPYC gives
+# 1.18315566 for 1.18315399: 1.4e-6 relative; the first pre-training loss 4.8e-6, the second, after an AdamW step,
+# 9.6e-4), so they are compared to OLD_REL (OLD_STEP_REL after a step).
+# What the comparison must catch moves them far more: padding the prompt or not changes the loss by 3e-3.
 OLD_LOSS = {False: 1.1831539869308472, True: 1.186856985092163}
 OLD_PRETRAIN_LOSSES = [1.264800786972046, 1.1132501363754272]
+OLD_REL = 5e-5
+OLD_STEP_REL = 5e-3
 
 
 @pytest.mark.parametrize("pad", [False, True])
-def test_the_fixed_prompt_loss_is_bit_identical_to_the_old_code_and_equals_per_row_copies(sd32, pad):
+def test_the_fixed_prompt_loss_is_the_old_codes_and_equals_per_row_copies(sd32, pad):
     encoder = LatentPatchEncoder()
     torch.manual_seed(0)
     net = PromptNet.from_unet(sd32.unet, encoder.embed_dim, 768)
@@ -97,14 +103,17 @@ def test_the_fixed_prompt_loss_is_bit_identical_to_the_old_code_and_equals_per_r
     with torch.no_grad():
         loss = promptnet_loss(sd32, scheduler, net, ids=ids, slot=slot, l2_reg=0.0, **batch).item()
         per_row = promptnet_loss(sd32, scheduler, net, ids=rows, slot=slots, l2_reg=0.0, **batch).item()
-    assert loss == OLD_LOSS[pad]
-    assert per_row == loss
+    assert loss == pytest.approx(OLD_LOSS[pad], rel=OLD_REL)
+    assert per_row == loss  # the same machine: bit-identical
 
 
-def test_captions_none_pretraining_is_bit_identical_to_the_old_code(sd32, images_dir, tmp_path):
+def test_captions_none_pretraining_is_the_old_codes(sd32, images_dir, tmp_path):
     result = pretrain_promptnet(sd32, images_dir, tmp_path / "run", PretrainConfig(steps=2, **PRETRAIN),
                                 progress=False)
-    assert result.losses == OLD_PRETRAIN_LOSSES
+    first, second = result.losses
+    assert first == pytest.approx(OLD_PRETRAIN_LOSSES[0], rel=OLD_REL)  # the batch, prompt and weights at step 0
+    # after one AdamW step the CPUs' rounding is amplified (9.6e-4 relative between the two machines above)
+    assert second == pytest.approx(OLD_PRETRAIN_LOSSES[1], rel=OLD_STEP_REL)
     assert json.loads((tmp_path / "run" / "training.json").read_text())["config"]["captions"] == "none"
 
 
