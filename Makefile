@@ -47,8 +47,11 @@ chromium:
 	  $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null \
 	  || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
 
+# The suite runs in one process per core (pytest-xdist; each test keeps to one torch thread, conftest.py), a test
+# file per process at a time so that its module fixtures are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: setup
 	$(VENV)/bin/conceptkit ui

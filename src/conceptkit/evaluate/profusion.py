@@ -48,7 +48,7 @@ from ..learn.promptnet_config import FinetuneConfig
 from ..learn.textual_inversion import learn_textual_inversion
 from ..learn.ti_config import TIConfig
 from ..models.loading import bundled_promptnet_path, load_pipeline
-from ..profusion.sampling import FusionConfig, generate_profusion, recommended_fusion, recommended_plain
+from ..profusion.sampling import FusionConfig, generate_profusion, recommended_fusion
 from ..profusion.saved import load_promptnet
 from ..shapes.captions import POSITION_PHRASES, object_phrase
 from ..shapes.render import render
@@ -343,8 +343,8 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
     pretrained = load_promptnet(promptnet or bundled_promptnet_path(model), pipe)
     fusion = replace(fusion or recommended_fusion(pretrained), **(fusion_overrides or {}), steps=steps)
     notebook = FusionConfig(steps=steps, class_word=fusion.class_word)
-    plain = replace(recommended_plain(pretrained), steps=steps, class_word=fusion.class_word,
-                    emb_scale=fusion.emb_scale)
+    # plain reads S* as strongly as fusion's main step does (a folder's recommended emb_scale, or the override)
+    plain = FusionConfig.plain(steps=steps, class_word=fusion.class_word, emb_scale=fusion.emb_scale)
     rows = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     finetune_seconds, per_object, showcase, cases = {}, {}, [], []
@@ -441,8 +441,7 @@ def sweep_profusion(model: str = "toy", promptnet: str | Path | None = None, *, 
         configs = [replace(base, **s) for s in settings]
     except ValueError as e:
         raise UserError(f"--sweep: {e}") from None
-    plain = replace(recommended_plain(pretrained), steps=steps, class_word=base.class_word,
-                    emb_scale=base.emb_scale)
+    plain = FusionConfig.plain(steps=steps, class_word=base.class_word, emb_scale=base.emb_scale)
     keys = [effective(c.__dict__) for c in configs]
     first = {}
     same_as = [first.setdefault(k, i) for i, k in enumerate(keys)]
