@@ -6,8 +6,14 @@ colour goes").
 2. PromptNet: S* of the large centred reference of every shape x colour x pattern (one draw of x_ref, one x_t shared
    by all, t = 800 and 400, concatenated), cosine between references that differ in one attribute only, and the
    colour x colour table of mean cosines over the shape x pattern pairs.
+3. The objective (`--objective PATTERNS`): what the denoising loss that TI, LoRAs and PromptNet minimise (MSE on the
+   model's target, t uniform) charges for the wrong colour. For each named shape's large centred object of colour c
+   on gray (posterior-mean latent), L(c') is the base model's loss with the canonical caption naming colour c'
+   (24 timesteps 10..990 x 2 noise draws, the same for every c'); the table is gap(c -> c') = L(c') - L(c), x1000,
+   the mean over the shapes. A small gap is a wrong colour the objective hardly tells from the right one.
 
-    python benchmarks/promptnet_colour_geometry.py [--promptnet DIR]   # default: the bundled PromptNet (~1 min)
+    python benchmarks/promptnet_colour_geometry.py [--promptnet DIR] [--objective checkered,plain]
+    # default: the bundled PromptNet, no objective table (~1 min; the objective adds ~3.5 min per pattern)
 """
 from __future__ import annotations
 
@@ -58,10 +64,36 @@ def words(pipe, saved, folder: Path) -> dict[tuple, torch.Tensor]:
     return out
 
 
+def objective_gaps(pipe, pattern: str) -> dict[str, list[float]]:
+    """{true colour: [mean over shapes of L(written colour) - L(true colour), for each colour]}."""
+    from conceptkit.shapes.captions import caption
+
+    colours, scheduler = list(COLORS), pipe.scheduler
+    t = torch.linspace(10, 990, 24).long().repeat(2)
+    gaps = {c: [0.0] * len(colours) for c in colours}
+    for shape in NAMED_SHAPES:
+        scenes = [Scene("gray", (Obj(shape, c, pattern, position="center", size="large"),), ((0, 0),)) for c in colours]
+        ids = pipe.tokenizer([caption(s) for s in scenes], padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        conds = pipe.text_encoder(ids)[0]
+        for c, scene in zip(colours, scenes):
+            image = torch.from_numpy(render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            x0 = (pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor).expand(len(t), -1, -1, -1)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+            noisy = scheduler.add_noise(x0, noise, t)
+            target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+            losses = [float((pipe.unet(noisy, t, conds[k:k + 1].expand(len(t), -1, -1)).sample - target).pow(2).mean())
+                      for k in range(len(colours))]
+            for k, loss in enumerate(losses):
+                gaps[c][k] += (loss - losses[colours.index(c)]) / len(NAMED_SHAPES)
+    return gaps
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--promptnet", help="a PromptNet folder (default: the bundled one)")
     ap.add_argument("--out", default="outputs/promptnet-colour-geometry", help="the rendered references")
+    ap.add_argument("--objective", default="", help="patterns (comma-separated) for the objective's colour gaps")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     pipe = load_pipeline("toy")
@@ -79,6 +111,15 @@ def main(argv=None) -> None:
         print(f"| {name} | {statistics.mean(sims):.3f} | {len(sims)} |")
     table("PromptNet: mean cosine of S* between colours (same shape and pattern)", colours,
           lambda a, b: statistics.mean(float(s[(sh, a, p)] @ s[(sh, b, p)]) for sh in NAMED_SHAPES for p in PATTERNS))
+    for pattern in filter(None, args.objective.split(",")):
+        with torch.no_grad():
+            gaps = objective_gaps(pipe, pattern)
+        table(f"The objective, {pattern} objects on gray: L(written colour) - L(true colour), x1000 (row: true)",
+              colours, lambda a, b: 1000 * gaps[a][colours.index(b)])
+        print("\n| true colour | the wrong colour it is cheapest to write | gap x1000 |\n|---|---|---|")
+        for c in colours:
+            gap, nearest = min((g, w) for g, w in zip(gaps[c], colours) if w != c)
+            print(f"| {c} | {nearest} | {1000 * gap:.1f} |")
 
 
 if __name__ == "__main__":

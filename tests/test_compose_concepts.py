@@ -16,6 +16,8 @@ from conceptkit.errors import UserError
 from conceptkit.models.embeddings import save_embedding
 from conceptkit.models.loading import BUNDLED_PROMPTNET, load_pipeline
 from conceptkit.profusion.prompts import encode_with_word, tokenize_with_slot
+from conceptkit.profusion.sampling import recommended_plain
+from conceptkit.profusion.saved import load_promptnet
 from conceptkit.shapes.render import render
 from conceptkit.shapes.world import Obj, Scene
 
@@ -71,17 +73,28 @@ def test_each_kind_has_its_phrase_and_its_tokens_in_the_groups(pipe):
     assert pf_slot == slot and pf_ids[1 : 1 + len(bp.ids[3])].tolist() == bp.ids[3]
 
 
+class FixedWord:
+    """A word source that gives the same word for every latent, read at emb_scale (as an ImageWord is)."""
+
+    def __init__(self, word, emb_scale):
+        self.word, self.emb_scale = word, emb_scale
+
+    def __call__(self, x, t):
+        return self.word
+
+
+@pytest.mark.parametrize("emb_scale", [1.0, 1.3])
 @pytest.mark.parametrize("execution", ["batched", "sequential"])
-def test_a_word_row_is_profusions_own_encoding_of_its_word(pipe, execution):
+def test_a_word_row_is_profusions_own_encoding_of_its_word(pipe, execution, emb_scale):
     bp = branch_prompts(pipe.tokenizer, "a {a} on the left", [ConceptSlot("a", "S*", "object", "image")])
     word = torch.randn(pipe.text_encoder.get_input_embeddings().weight.shape[1])
     branches = Branches(bp.prompts, ["", ""], [{}, {}], bp.words, bp.ids)
     cfg = CLoRAConfig(execution=execution)
-    rows = WordRows(pipe, branches, cfg, None, {"a": lambda x, t: word})
+    rows = WordRows(pipe, branches, cfg, None, {"a": FixedWord(word, emb_scale)})
     got = rows(encode_branches(pipe, branches, cfg, None), torch.zeros(1, 4, 16, 16), 500)
     ids, slot = tokenize_with_slot(pipe.tokenizer, bp.prompts[1])
-    with torch.no_grad():
-        want = encode_with_word(pipe.text_encoder, ids[None], torch.tensor([slot]), word[None])[0]
+    with torch.no_grad():  # ProFusion's plain sampling at scale s (profusion/sampling.py)
+        want = encode_with_word(pipe.text_encoder, ids[None], torch.tensor([slot]), word[None], emb_scale)[0]
     torch.testing.assert_close(got[3], want)
     plain = encode_branches(pipe, branches, cfg, None)
     torch.testing.assert_close(got[:3], plain[:3])  # the other rows are untouched
@@ -89,6 +102,8 @@ def test_a_word_row_is_profusions_own_encoding_of_its_word(pipe, execution):
 
 def test_an_image_word_follows_the_latent(pipe, files):
     (concept,) = load_concepts(pipe, [ImageSpec("moon", str(files["image"]))], BUNDLED_PROMPTNET)
+    # read as the folder recommends ProFusion's own sampling to read it
+    assert concept.word.emb_scale == recommended_plain(load_promptnet(BUNDLED_PROMPTNET, pipe)).emb_scale != 1.0
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
     assert concept.word(x1, 500).shape == (pipe.text_encoder.get_input_embeddings().weight.shape[1],)

@@ -150,6 +150,9 @@ class WordRows:
         self.slots = [(i, position, name) for i, p in enumerate(self.branch_rows)
                       for name, position in branches.words[p].items()]
         self.sources = {name: sources[name] for _, _, name in self.slots}
+        # how strongly the word is read: the encoder's output row at the slot times the source's emb_scale (an
+        # ImageWord: its PromptNet folder's recommended s, as ProFusion's own sampling reads it)
+        self.scales = {name: getattr(source, "emb_scale", 1.0) for name, source in self.sources.items()}
 
     @torch.no_grad()
     def __call__(self, embeddings: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
@@ -170,6 +173,10 @@ class WordRows:
                 with active_adapters(self.pipe, adapters), \
                         self.spliced(te, positions, torch.stack([w for _, w in mine]), torch.zeros_like(positions)):
                     encoded.append(te(self.ids[i : i + 1])[0][0])
+        for i, position, name in self.slots:
+            if self.scales[name] != 1.0:
+                encoded[i] = encoded[i].clone()
+                encoded[i][position] *= self.scales[name]
         out = embeddings.clone()
         for p, e in zip(self.branch_rows, encoded):
             out[self.K + p] = e.to(out.dtype)

@@ -2,7 +2,8 @@
 
 A composition (compose/) can hold an image as one of its concepts: the branch of that concept has a word slot, and
 at every model call S* = PromptNet(x_ref, t, tokens, x_t) is computed from the latent being denoised, exactly as
-ProFusion's plain sampling does (§3.6 a, S* at scale 1), and spliced into that branch's prompt (profusion/prompts.py).
+ProFusion's plain sampling does (§3.6 a), and spliced into that branch's prompt (profusion/prompts.py); the encoder's
+output at the word is read at the folder's recommended scale (`emb_scale`, s), as plain sampling reads it.
 S* is a condition, not a path for gradients: CLoRA's latent update differentiates the UNet, not PromptNet.
 """
 from __future__ import annotations
@@ -19,9 +20,12 @@ class ImageWord:
         from ..learn.images import load_reference_image
         from .sampling import reference_latents
 
+        from .sampling import recommended_plain
+
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         reference = load_reference_image(image, size)
         self.promptnet = saved.promptnet
+        self.emb_scale = recommended_plain(saved).emb_scale  # compose/branches.py WordRows scales the word's row
         with torch.no_grad():
             # a PromptNet trained on posterior samples gets one (fixed: the same word for every seed)
             self.x_ref = reference_latents(pipe, saved, reference, [torch.Generator().manual_seed(seed)])
