@@ -9,6 +9,7 @@ are read too (no other colour is written there).
 Seeds start at 9,000,000, which no evaluation uses: this diagnoses a miss on the test objects, it chooses nothing.
 
     python benchmarks/profusion_colour_leak.py [--seeds 8] [--colors yellow,orange]   # ~1 min per object
+    # --reference-background white: each reference rendered on another background (the evaluation's: gray)
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from conceptkit.evaluate.profusion import TEST_TRIPLES, at, prepare
+from conceptkit.evaluate.profusion import TEST_TRIPLES, at, prepare, test_scene
 from conceptkit.models.loading import bundled_promptnet_path, load_pipeline
 from conceptkit.profusion.sampling import generate_profusion, recommended_plain
 from conceptkit.profusion.saved import load_promptnet
 from conceptkit.shapes.captions import object_phrase
 from conceptkit.shapes.oracle import read
+from conceptkit.shapes.render import render
 
 SEED0 = 9_000_000
 FAR = ("blue", "cyan", "green")
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--colors", default="", help="only the test objects of these colours (comma-separated)")
     ap.add_argument("--emb-scale", type=float, help="s (default: the PromptNet folder's recommended value)")
+    ap.add_argument("--reference-background", help="render each reference on this background instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     pipe = load_pipeline("toy")
@@ -64,7 +67,8 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(cfg, emb_scale=args.emb_scale)
     wanted = set(filter(None, args.colors.split(",")))
     objects = [t for t in TEST_TRIPLES if not wanted or t[1] in wanted]
-    print(f"S* alone, 30 steps, s = {cfg.emb_scale}, {args.seeds} seeds from {SEED0}\n")
+    print(f"S* alone, 30 steps, s = {cfg.emb_scale}, {args.seeds} seeds from {SEED0}, references on "
+          f"{args.reference_background or test_scene(objects[0]).background}\n")
     print("| test object | one-object prompts: colour kept (wrong colours) | two-object, as written: kept (wrong) "
           "| of the wrong, the second's written colour | two-object, second's colour replaced: kept (wrong) |")
     print("|---|---|---|---|---|")
@@ -72,6 +76,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for triple in objects:
             case = prepare(triple, Path(tmp), pipe.unet.config.sample_size * pipe.vae_scale_factor, "moved")
+            if args.reference_background:
+                scene = dataclasses.replace(test_scene(triple), background=args.reference_background)
+                reference = torch.from_numpy(render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+                case = dataclasses.replace(case, reference=reference)
             one = [p for p in case.prompts if "second" not in p.requested]
             two = [p for p in case.prompts if "second" in p.requested]
             arms = {"one": ([p.text for p in one], [None] * len(one), [None] * len(one)),
