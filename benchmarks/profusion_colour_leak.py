@@ -10,6 +10,7 @@ Seeds start at 9,000,000, which no evaluation uses: this diagnoses a miss on the
 
     python benchmarks/profusion_colour_leak.py [--seeds 8] [--colors yellow,orange]   # ~1 min per object
     # --reference-background white: each reference rendered on another background (the evaluation's: gray)
+    # --promptnet DIR: another PromptNet folder (its recommended s unless --emb-scale)
 """
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ def main(argv=None) -> None:
     ap.add_argument("--colors", default="", help="only the test objects of these colours (comma-separated)")
     ap.add_argument("--emb-scale", type=float, help="s (default: the PromptNet folder's recommended value)")
     ap.add_argument("--reference-background", help="render each reference on this background instead")
+    ap.add_argument("--promptnet", help="a PromptNet folder (default: the bundled one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     pipe = load_pipeline("toy")
-    saved = load_promptnet(bundled_promptnet_path("toy"), pipe)
+    saved = load_promptnet(args.promptnet or bundled_promptnet_path("toy"), pipe)
     cfg = dataclasses.replace(recommended_plain(saved), steps=30)
     if args.emb_scale is not None:
         cfg = dataclasses.replace(cfg, emb_scale=args.emb_scale)
