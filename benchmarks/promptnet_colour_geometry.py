@@ -65,24 +65,23 @@ def words(pipe, saved, folder: Path) -> dict[tuple, torch.Tensor]:
 
 
 def objective_gaps(pipe, pattern: str) -> dict[str, list[float]]:
-    """{true colour: [mean over shapes of L(written colour) - L(true colour), for each colour]}."""
+    """{true colour: [mean over shapes of L(written colour) - L(true colour), for each colour]}; L is Textual
+    Inversion's own training loss (learn/textual_inversion.py ti_loss) on one batch of fixed timesteps and noise."""
+    from conceptkit.learn.textual_inversion import Batch, ti_loss
     from conceptkit.shapes.captions import caption
 
-    colours, scheduler = list(COLORS), pipe.scheduler
+    colours = list(COLORS)
     t = torch.linspace(10, 990, 24).long().repeat(2)
     gaps = {c: [0.0] * len(colours) for c in colours}
     for shape in NAMED_SHAPES:
         scenes = [Scene("gray", (Obj(shape, c, pattern, position="center", size="large"),), ((0, 0),)) for c in colours]
         ids = pipe.tokenizer([caption(s) for s in scenes], padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        conds = pipe.text_encoder(ids)[0]
         for c, scene in zip(colours, scenes):
             image = torch.from_numpy(render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
             x0 = (pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor).expand(len(t), -1, -1, -1)
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
-            noisy = scheduler.add_noise(x0, noise, t)
-            target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-            losses = [float((pipe.unet(noisy, t, conds[k:k + 1].expand(len(t), -1, -1)).sample - target).pow(2).mean())
+            losses = [float(ti_loss(pipe, pipe.scheduler, Batch(x0, noise, t, torch.full((len(t),), k)), ids))
                       for k in range(len(colours))]
             for k, loss in enumerate(losses):
                 gaps[c][k] += (loss - losses[colours.index(c)]) / len(NAMED_SHAPES)

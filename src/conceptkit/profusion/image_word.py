@@ -18,9 +18,7 @@ from .saved import SavedPromptNet
 class ImageWord:
     def __init__(self, pipe, saved: SavedPromptNet, image: str | Path, seed: int = 0):
         from ..learn.images import load_reference_image
-        from .sampling import reference_latents
-
-        from .sampling import recommended_plain
+        from .sampling import recommended_plain, reference_latents
 
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         reference = load_reference_image(image, size)
