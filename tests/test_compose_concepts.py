@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conceptkit.compose.branches import Branches, WordRows, encode_branches
-from conceptkit.compose.concepts import EmbeddingSpec, ImageSpec, LoraSpec, load_concepts
+from conceptkit.compose.concepts import EmbeddingSpec, ImageSpec, LoraSpec, WordsSpec, load_concepts
 from conceptkit.compose.config import CLoRAConfig
 from conceptkit.compose.prompts import WORD_ID, ConceptSlot, branch_prompts
 from conceptkit.compose.run import compose
@@ -45,9 +45,13 @@ def test_specs_parse_and_refuse_in_one_line():
     assert EmbeddingSpec.parse("moon=m.safetensors") == EmbeddingSpec("moon", "m.safetensors")
     assert ImageSpec.parse("moon=m.png:moon") == ImageSpec("moon", "m.png", "moon")
     assert LoraSpec.parse("a=a.safetensors::cat") == LoraSpec("a", "a.safetensors", None, "cat")
+    assert WordsSpec.parse("b=pink  striped cross") == WordsSpec("b", "pink striped cross")
+    assert WordsSpec.parse("b=pink object:cross") == WordsSpec("b", "pink object", "cross")
     for cls, spec, words in [(EmbeddingSpec, "moon", "--embedding 'moon': write NAME=FILE[:TOKEN[:CLASS]]"),
                              (ImageSpec, "moon=m.png:a:b", "--image 'moon=m.png:a:b': too many ':' fields"),
-                             (ImageSpec, "moon=", "--image 'moon=': write NAME=FILE[:CLASS]")]:
+                             (ImageSpec, "moon=", "--image 'moon=': write NAME=FILE[:CLASS]"),
+                             (WordsSpec, "b= ", "--words 'b= ': write NAME=TEXT[:CLASS]"),
+                             (WordsSpec, "pink cross", "--words 'pink cross': write NAME=TEXT[:CLASS]")]:
         with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]").replace("'", "'")) as e:
             cls.parse(spec)
         assert "\n" not in str(e.value)
@@ -71,6 +75,24 @@ def test_each_kind_has_its_phrase_and_its_tokens_in_the_groups(pipe):
     # the same ids as ProFusion's tokenization of that prompt
     pf_ids, pf_slot = tokenize_with_slot(tok, bp.prompts[3])
     assert pf_slot == slot and pf_ids[1 : 1 + len(bp.ids[3])].tolist() == bp.ids[3]
+
+
+def test_words_say_themselves_in_their_own_branch_and_their_class_word_elsewhere(pipe):
+    tok = pipe.tokenizer
+    a, b = load_concepts(pipe, [WordsSpec("a", "pink striped cross"), WordsSpec("b", "blue object", "circle")])
+    assert (a.slot.class_word, b.slot.class_word, a.adapter, b.adapter) == ("cross", "circle", None, None)
+    assert b.slot.description == "blue object"  # --method text writes it as given
+    bp = branch_prompts(tok, "a {a} and a {b}", [a.slot, b.slot])
+    assert bp.prompts == ["a cross and a circle", "a pink striped cross and a circle", "a cross and a blue object"]
+    own = tok(bp.prompts[1]).input_ids
+    # the group (and the mask) of the words' branch is all of its words; elsewhere it is the class word
+    assert tok.convert_ids_to_tokens([own[i] for i in bp.groups[0][1]]) == ["pink</w>", "striped</w>", "cross</w>"]
+    assert bp.mask_indices[1] == bp.groups[0][1]
+    assert tok.convert_ids_to_tokens([tok(bp.prompts[2]).input_ids[i] for i in bp.groups[0][2]]) == ["cross</w>"]
+    assert bp.text_prompt == "a pink striped cross and a blue object"
+    with pytest.raises(UserError, match="<nowhere>") as e:
+        load_concepts(pipe, [WordsSpec("a", "a <nowhere> cross")])
+    assert "\n" not in str(e.value)
 
 
 class FixedWord:
@@ -168,6 +190,13 @@ def test_compose_cli_mixes_kinds(files, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "compose.json").read_text())
     assert [c["kind"] for c in summary["concepts"]] == ["lora", "embedding", "image"]
+    code = main(["compose", "--model", "toy", "--prompt", "a {star} on the left and a {cross} on the right",
+                 "--lora", f"star={STAR}", "--words", "cross=pink dotted cross", "--steps", "2", "--iterative-steps",
+                 "", "--out", str(tmp_path / "words")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "words" / "compose.json").read_text())
+    assert [(c["kind"], c["token"]) for c in summary["concepts"]] == [("lora", "z"), ("words", "pink dotted cross")]
+    assert summary["branch_prompts"][2] == "a object on the left and a pink dotted cross on the right"
     assert Image.open(out / "clora" / "s0.png").size == (64, 64)
     assert main(["compose", "--model", "toy", "--prompt", "a {moon}", "--embedding", "moon"]) == 2
     err = capsys.readouterr().err.strip()

@@ -232,3 +232,55 @@ def test_evaluate_profusion_refuses_in_one_line_before_anything_loads(argv, mess
 def test_sweep_profusion_refuses_the_test_split():
     with pytest.raises(UserError, match="tune split only"):
         pf.sweep_profusion("toy", settings=[{"refine_emb_scale": 0.4}], split="test")
+
+
+# ------------------------------------------------------------------------------------ composed
+
+
+def test_composed_gives_the_second_object_its_own_branch_and_samples_the_rest_plainly(tmp_path, monkeypatch):
+    """`composed`: each two-object prompt becomes a template with the image and the second object as two concepts
+    (S*'s branch never says the second object's colour or pattern); one-object prompts go to plain sampling."""
+    from PIL import Image
+
+    import conceptkit.compose.run as compose_run
+    from conceptkit.compose.prompts import ConceptSlot, branch_prompts
+    from conceptkit.models.loading import load_pipeline
+    from conceptkit.profusion.saved import SavedPromptNet
+
+    case = pf.prepare(TRIPLE, tmp_path, 64, "moved")
+    calls, plain_calls = [], []
+    blank = Image.new("RGB", (64, 64))
+
+    def fake_compose(pipe, template, specs, *, methods, seeds, cfg, promptnet):
+        calls.append((template, specs, seeds, cfg, promptnet))
+        return type("Composed", (), {"images": {"clora": [blank] * len(seeds)}})()
+
+    def fake_plain(pipe, saved, reference, prompts, cfg, *, seed, num_images, batch_size, progress):
+        plain_calls.append((prompts, seed, num_images))
+        return type("Out", (), {"images": [blank] * num_images})()
+
+    monkeypatch.setattr(compose_run, "compose", fake_compose)
+    monkeypatch.setattr(pf, "generate_profusion", fake_plain)
+    saved = SavedPromptNet(None, None, {}, None, tmp_path)
+    plain = FusionConfig.plain(steps=30, class_word="object", emb_scale=1.3)
+    pipe = type("Pipe", (), {"unet": None})()  # no fine-tuned UNet weights to apply
+    images = pf.composed(pipe, saved, case, plain, 2, 100, tmp_path / "out")
+    assert len(images) == 2 * len(case.prompts) and len(list((tmp_path / "out").glob("*.png"))) == len(images)
+    two = [p for p in case.prompts if "second" in p.requested]
+    assert [c[0] for c in calls] == [p.text.replace("S*", "{image}").replace(
+        f"{p.requested['second'].color} {p.requested['second'].pattern} {p.requested['second'].shape}", "{second}")
+        for p in two]
+    assert all("{image}" in c[0] and "{second}" in c[0] and c[2] == [100, 101] for c in calls)
+    assert all(c[3].mask_exclusive and c[3].mask_combine == "sum" and c[3].guidance_scale == plain.guidance_scale
+               for c in calls)
+    assert [pr for pr, _, _ in plain_calls] == [[p.text] for p in case.prompts if "second" not in p.requested]
+    # S*'s own branch says none of the second object's words; the second object's branch says all of them
+    template, specs = calls[0][0], calls[0][1]
+    second = two[0].requested["second"]
+    tok = load_pipeline("toy").tokenizer
+    slots = [ConceptSlot(s.name, s.text if s.kind == "words" else "S*", s.class_word or "object", s.kind)
+             for s in specs]
+    bp = branch_prompts(tok, template, slots)
+    image_branch = bp.prompts[1 + [s.name for s in specs].index("image")]
+    assert second.color not in image_branch and second.pattern not in image_branch
+    assert f"{second.color} {second.pattern}" in bp.prompts[1 + [s.name for s in specs].index("second")]

@@ -10,7 +10,7 @@ from .options import add_model
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compose", help="several concepts (LoRAs, embeddings, images) in one image: CLoRA and the "
+    p = sub.add_parser("compose", help="several concepts (LoRAs, embeddings, images, words) in one image: CLoRA and the "
                                        "baselines")
     add_model(p)
     p.add_argument("--prompt", type=o.prompt, required=True, help='template with a slot per concept: "a {cat} and a {dog} on the grass"')
@@ -23,6 +23,10 @@ def register(sub) -> None:
     g.add_argument("--image", type=o.spec, action="append", metavar="NAME=FILE[:CLASS]",
                    help="one image of the concept: its branch's prompt holds PromptNet's word S* for it (ProFusion; "
                         "class word default 'object')")
+    g.add_argument("--words", type=o.spec, action="append", metavar="NAME=TEXT[:CLASS]",
+                   help="a concept written in words, e.g. 'cross=pink striped cross': its branch's prompt says the "
+                        "words and no adapter runs, so beside a learned concept the words' colour stays on their own "
+                        "object (class word default: the last word)")
     g.add_argument("--promptnet", type=o.path, help="the PromptNet for --image (default with the bundled model: the bundled one)")
     p.add_argument("--style-lora", type=o.path, metavar="FILE[:WEIGHT]", help="a style LoRA on every branch (weight 0.8)")
     p.add_argument("--method", type=o.names, default="clora", help="clora, reference, merge, switch, composite, none, "
@@ -63,11 +67,11 @@ def compose_config(args, defaults: dict | None = None):
 
 
 def concept_specs(args) -> list:
-    """The --lora, --embedding and --image options as concept specs (compose/concepts.py)."""
-    from ..compose.concepts import EmbeddingSpec, ImageSpec, LoraSpec
+    """The --lora, --embedding, --image and --words options as concept specs (compose/concepts.py)."""
+    from ..compose.concepts import EmbeddingSpec, ImageSpec, LoraSpec, WordsSpec
 
     return ([LoraSpec.parse(s) for s in args.lora or []] + [EmbeddingSpec.parse(s) for s in args.embedding or []]
-            + [ImageSpec.parse(s) for s in args.image or []])
+            + [ImageSpec.parse(s) for s in args.image or []] + [WordsSpec.parse(s) for s in args.words or []])
 
 
 def run(args) -> None:

@@ -66,7 +66,8 @@ def register(sub) -> None:
     p.add_argument("--model", type=o.path, default="toy")
     p.add_argument("--promptnet", type=o.path, help="the pre-trained PromptNet (default: the bundled one)")
     p.add_argument("--methods", type=o.names, help="comma-separated (default: fusion,fusion_notebook,plain,pretrained,"
-                                     "pretrained_plain,ti)")
+                                     "pretrained_plain,ti; also composed, pretrained_composed: plain sampling with a "
+                                     "two-object prompt's second object composed beside S* by CLoRA)")
     p.add_argument("--objects", type=o.objects, default=8, help="held-out test objects (at most 8)")
     p.add_argument("--split", choices=["test", "tune"],
                    help="test (the default): 8 held-out objects and seeds, report these; tune: 4 objects seen in "
@@ -291,7 +292,7 @@ def run_clora(args) -> None:
 
 def run_profusion(args) -> None:
     from ..evaluate.base import write_json
-    from ..evaluate.profusion import METHODS, evaluate_profusion, table
+    from ..evaluate.profusion import DEFAULT_METHODS, METHODS, evaluate_profusion, table
 
     if args.threads:
         import torch
@@ -299,7 +300,7 @@ def run_profusion(args) -> None:
         torch.set_num_threads(args.threads)
     from ..evaluate.profusion_sweep import grid, parse_sweep
 
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(DEFAULT_METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r}: pass some of {', '.join(METHODS)}")

@@ -5,7 +5,11 @@
 - a Textual Inversion embedding, `--embedding NAME=FILE[:TOKEN[:CLASS]]`: the token is added to the tokenizer and
   text encoder (diffusers' loader), its branch's prompt says the token, and no adapter runs;
 - a ProFusion image, `--image NAME=FILE[:CLASS]` with a PromptNet: its branch's prompt has a word slot where
-  PromptNet's S* for the current latent is spliced in at every step (profusion/image_word.py).
+  PromptNet's S* for the current latent is spliced in at every step (profusion/image_word.py);
+- words, `--words NAME=TEXT[:CLASS]` ("cross=pink striped cross"): its branch's prompt says TEXT and no adapter
+  runs. Beside a learned concept this keeps the words' attributes off the learned concept's object: in one prompt
+  a written colour spreads onto a learned word's object (README, ProFusion, "What the pink is"), while here the
+  learned concept's branch says only CLASS and the masks give each object's pixels to its own branch.
 In every other branch a concept is its CLASS word. CLoRA's contrastive update and masks work on the branches'
 attention maps, so they treat every kind alike.
 """
@@ -101,7 +105,27 @@ class ImageSpec:
         return _parse(cls, spec, 1)
 
 
-ConceptSpec = LoraSpec | EmbeddingSpec | ImageSpec
+@dataclass(frozen=True)
+class WordsSpec:
+    """`name=text[:class word]`: a concept written in words; the class word defaults to the text's last word."""
+    name: str
+    text: str
+    class_word: str | None = None
+    kind: ClassVar[str] = "words"
+    OPTION: ClassVar[str] = "--words"
+    FORM: ClassVar[str] = "NAME=TEXT[:CLASS]"
+    EXAMPLE: ClassVar[str] = "'cross=pink striped cross'"
+
+    @classmethod
+    def parse(cls, spec: str) -> "WordsSpec":
+        name, sep, rest = spec.partition("=")
+        text, _, class_word = rest.partition(":")
+        if not sep or not name or not text.strip():
+            raise UserError(f"{cls.OPTION} {spec!r}: write {cls.FORM}, e.g. {cls.EXAMPLE}")
+        return cls(name, " ".join(text.split()), class_word.strip() or None)
+
+
+ConceptSpec = LoraSpec | EmbeddingSpec | ImageSpec | WordsSpec
 
 
 @dataclass
@@ -109,7 +133,8 @@ class Concept:
     """A loaded concept: its slot (phrases and kind), the file, and what its branch runs."""
     slot: ConceptSlot
     file: str
-    token: str | None  # LoRA: its trigger; embedding: its token; image: the placeholder its word slot shows
+    token: str | None  # LoRA: its trigger; embedding: its token; image: the placeholder its word slot shows; words:
+    # the text
     adapter: str | None = None  # LoRA: the adapter's name in the pipeline
     weight: float = 1.0  # LoRA: the adapter's scale
     word: object | None = None  # image: its ImageWord
@@ -127,8 +152,8 @@ def load_concepts(pipe, specs: list[ConceptSpec], promptnet=None) -> list[Concep
     """Load every concept into `pipe` (LoRA adapters, embedding tokens; PromptNet words for images). `promptnet`: a
     PromptNet folder or a loaded SavedPromptNet, needed when an image is among the concepts."""
     if not specs:
-        raise UserError("no concept given: pass --lora NAME=FILE (or --embedding / --image NAME=FILE) for each "
-                        "{NAME} slot of the prompt")
+        raise UserError("no concept given: pass --lora NAME=FILE (or --embedding / --image NAME=FILE, --words "
+                        "NAME=TEXT) for each {NAME} slot of the prompt")
     if len(specs) > MAX_CONCEPTS:
         raise UserError(f"{len(specs)} concepts given; compose takes at most {MAX_CONCEPTS}")
     names = [s.name for s in specs]
@@ -138,8 +163,8 @@ def load_concepts(pipe, specs: list[ConceptSpec], promptnet=None) -> list[Concep
     saved = None
     if any(s.kind == "image" for s in specs):
         saved = _promptnet(pipe, promptnet)
-    return [{"lora": _load_lora, "embedding": _load_embedding, "image": _load_image}[s.kind](pipe, s, saved)
-            for s in specs]
+    loaders = {"lora": _load_lora, "embedding": _load_embedding, "image": _load_image, "words": _load_words}
+    return [loaders[s.kind](pipe, s, saved) for s in specs]
 
 
 def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
@@ -208,3 +233,11 @@ def _load_image(pipe, spec: ImageSpec, saved) -> Concept:
     word = ImageWord(pipe, saved, spec.path)
     slot = ConceptSlot(spec.name, DEFAULT_PLACEHOLDER, spec.class_word or DEFAULT_IMAGE_CLASS, "image")
     return Concept(slot, spec.path, DEFAULT_PLACEHOLDER, word=word)
+
+
+def _load_words(pipe, spec: WordsSpec, _saved) -> Concept:
+    from ..models.embeddings import check_prompt_tokens
+
+    check_prompt_tokens(pipe.tokenizer, [spec.text])
+    class_word = spec.class_word or spec.text.split()[-1]
+    return Concept(ConceptSlot(spec.name, spec.text, class_word, "words", spec.text), "", spec.text)

@@ -25,15 +25,16 @@ SLOT = re.compile(r"\{([^{}]*)\}")
 
 
 WORD_ID = 0  # the dummy token id at a word slot (as profusion/prompts.py's tokenize_with_slot)
-KINDS = ("lora", "embedding", "image")
+KINDS = ("lora", "embedding", "image", "words")
 
 
 @dataclass(frozen=True)
 class ConceptSlot:
     name: str  # the slot name in the template
-    trigger: str | None  # LoRA: its trigger word(s), e.g. "sks"; embedding: its token(s); image: the placeholder
+    trigger: str | None  # LoRA: its trigger word(s), e.g. "sks"; embedding: its token(s); image: the placeholder;
+    # words: the text ("pink striped cross")
     class_word: str  # the plain noun, e.g. "cat"
-    kind: str = "lora"  # lora | embedding | image
+    kind: str = "lora"  # lora | embedding | image | words
     description: str | None = None  # the concept in plain words ("yellow checkered circle"), for --method text
 
     def phrase(self, with_trigger: bool) -> str:

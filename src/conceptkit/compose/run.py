@@ -14,13 +14,13 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..generate.loop import decode
 from .branches import encode_branches
-from .concepts import ConceptSpec, EmbeddingSpec, ImageSpec, LoraSpec, load_concepts
+from .concepts import ConceptSpec, EmbeddingSpec, ImageSpec, LoraSpec, WordsSpec, load_concepts
 from .config import METHODS, CLoRAConfig
 from .prompts import branch_prompts
 from .sampler import method_branches, sample
 from .trace_images import trace_grids
 
-__all__ = ["Composed", "EmbeddingSpec", "ImageSpec", "LoraSpec", "compose"]  # the specs: one kind of concept each
+__all__ = ["Composed", "EmbeddingSpec", "ImageSpec", "LoraSpec", "WordsSpec", "compose"]  # the specs: one kind of concept each
 
 
 @dataclass

@@ -25,7 +25,9 @@ by object (`*_se_objects`, the mean per object), the conservative one with few o
 Methods: `fusion` (fine-tuned PromptNet, fusion sampling with the PromptNet's recommended settings, see
 `profusion.sampling.recommended_fusion`), `fusion_notebook` (the same with the notebook's fusion call, §3.7), `plain`
 (fine-tuned, plain sampling), `pretrained` (the pre-trained PromptNet without fine-tuning, fusion sampling),
-`pretrained_plain`, and `ti` (Textual Inversion on the same single image, its default recipe, DDIM with CFG 7.5).
+`pretrained_plain`, `composed` and `pretrained_composed` (plain sampling's S*, fine-tuned or not, with a
+two-object prompt's second object composed beside it by CLoRA instead of written into S*'s prompt: `composed`),
+and `ti` (Textual Inversion on the same single image, its default recipe, DDIM with CFG 7.5).
 `sweep_profusion` samples fusion (fine-tuned, once per object) at each setting of a grid, on the tune split only.
 """
 from __future__ import annotations
@@ -57,8 +59,10 @@ from .profusion_sweep import effective, label
 from .similarity import mean_se
 from .ti import COMPOSITIONAL
 
-METHODS = ("fusion", "fusion_notebook", "plain", "pretrained", "pretrained_plain", "ti")
-FINETUNED = ("fusion", "fusion_notebook", "plain")
+METHODS = ("fusion", "fusion_notebook", "plain", "pretrained", "pretrained_plain", "composed", "pretrained_composed",
+           "ti")
+DEFAULT_METHODS = ("fusion", "fusion_notebook", "plain", "pretrained", "pretrained_plain", "ti")
+FINETUNED = ("fusion", "fusion_notebook", "plain", "composed")
 PROMPT_SETS = ("moved", "compositional")
 # two-object prompts: (S*'s side, background); the second object takes the other side
 TWO_OBJECT = (("left", "white"), ("right", "brown"), ("left", "navy"), ("right", "teal"))
@@ -304,6 +308,46 @@ def sample(pipe, saved, case: Case, cfg: FusionConfig, seeds: int, seed0: int, f
                               out_dir=folder).images
 
 
+def composed(pipe, saved, case: Case, plain: FusionConfig, seeds: int, seed0: int, folder: Path,
+             second_class: str | None = None) -> list:
+    """Plain sampling's S*, but in a two-object prompt the second object is a concept of its own, written in words
+    (compose --words), beside the image's S* (compose --image): CLoRA's masks give each object's pixels to its own
+    branch, and S*'s branch never says the second object's colour or pattern (in one prompt they spread onto S*'s
+    object: README, ProFusion, "What the pink is"). CLoRA's settings are `evaluate clora`'s recommended ones, chosen
+    on its tune split; guidance and s as plain sampling's. One-object prompts: plain sampling, unchanged.
+    second_class: the word S*'s branch says for the second object (None: its shape word)."""
+    from ..compose.concepts import ImageSpec, WordsSpec
+    from ..compose.config import CLoRAConfig
+    from ..compose.run import compose
+    from ..profusion.saved import unet_attention_applied
+    from ..shapes.captions import shape_word
+
+    cfg = CLoRAConfig(steps=plain.steps, guidance_scale=plain.guidance_scale, iterative_steps=(0,),
+                      iterative_steps_steps=10, mask_exclusive=True, mask_threshold=0.0, mask_combine="sum")
+    words_only = replace(saved, unet_attention=None)  # applied around the call: every branch gets it, as in plain
+    images = []
+    for k, prompt in enumerate(case.prompts):
+        second = prompt.requested.get("second")
+        if second is None:
+            images += generate_profusion(pipe, saved, case.reference, [prompt.text], plain, seed=seed0,
+                                         num_images=seeds, batch_size=seeds, progress=False).images
+            continue
+        words = f"{second.color} {second.pattern} {shape_word(second.shape)}"
+        placeholder = plain.placeholder
+        if prompt.text.count(words) != 1 or prompt.text.count(placeholder) != 1:
+            raise ValueError(f"cannot find the second object {words!r} and {placeholder} in {prompt.text!r}")
+        template = prompt.text.replace(placeholder, "{image}").replace(words, "{second}")
+        specs = [ImageSpec("image", str(case.reference_path), plain.class_word),
+                 WordsSpec("second", words, second_class or shape_word(second.shape))]
+        with unet_attention_applied(pipe.unet, saved.unet_attention):
+            images += compose(pipe, template, specs, methods=["clora"], seeds=[seed0 + j for j in range(seeds)],
+                              cfg=cfg, promptnet=words_only).images["clora"]
+    for i, image in enumerate(images):
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i // seeds:02d}-s{seed0 + i % seeds}.png")
+    return images
+
+
 def split_of(split: str) -> tuple[tuple, int]:
     if split not in ("test", "tune"):
         raise UserError(f"split {split!r}: pass test or tune")
@@ -327,7 +371,7 @@ def finetune_summary(seconds: dict[str, float]) -> dict:
             "finetune_seconds_per_object": {k: round(v, 1) for k, v in seconds.items()}}
 
 
-def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, *, methods=METHODS, seeds: int = 4,
+def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, *, methods=DEFAULT_METHODS, seeds: int = 4,
                        steps: int = 50, finetune: FinetuneConfig | None = None, fusion: FusionConfig | None = None,
                        fusion_overrides: dict | None = None,
                        ti: TIConfig | None = None, objects: int = len(TEST_TRIPLES), split: str = "test",
@@ -375,7 +419,10 @@ def evaluate_profusion(model: str = "toy", promptnet: str | Path | None = None, 
             else:
                 saved = tuned if method in FINETUNED else pretrained
                 cfg = {"fusion": fusion, "pretrained": fusion, "fusion_notebook": notebook}.get(method, plain)
-                result = sample(pipe, saved, case, cfg, seeds, seed0, case.folder / method)
+                if method in ("composed", "pretrained_composed"):
+                    result = composed(pipe, saved, case, cfg, seeds, seed0, case.folder / method)
+                else:
+                    result = sample(pipe, saved, case, cfg, seeds, seed0, case.folder / method)
             seconds[method] += time.perf_counter() - t0
             here[method] = rows_of(case, result, seeds, seed0)
             rows[method] += here[method]
@@ -526,6 +573,8 @@ def write_showcase(rows, methods: list[str], seeds: int, path: Path, settings: S
 NAMES = {"fusion": "fusion sampling (fine-tuned)", "fusion_notebook": "fusion sampling, notebook settings (fine-tuned)",
          "plain": "plain sampling (fine-tuned)",
          "pretrained": "pre-trained, no fine-tuning (fusion)", "pretrained_plain": "pre-trained, no fine-tuning (plain)",
+         "composed": "plain sampling (fine-tuned), a second object composed (CLoRA, --words)",
+         "pretrained_composed": "pre-trained, no fine-tuning (plain), a second object composed",
          "ti": "Textual Inversion on the one image"}
 HEADER = ("| {first} | preservation | (shape / colour / pattern) | adherence | background | position | size | "
           "second object | preservation + adherence | ± SE (object × seed) | ± SE (object) |{extra} s / image |")
