@@ -147,6 +147,12 @@ def test_compose_slots_take_every_kind_of_concept(tmp_path):
     command = job.commands[0]
     assert command[command.index("--lora") + 1] == f"a={offered[lora][1]}"
     assert command[command.index("--image") + 1] == f"b={offered[image][1]}"
+    # words typed into a slot: text, one --words argument (a ':' would start a class word: dropped), never a path
+    ui.start_compose("toy", "a {a} and a {b}", "a", lora, "b", "Words: pink:dotted  cross", "", None, ["clora"], 2, 0)
+    (command,) = [j.commands[0] for j in queue.list() if "--words" in j.commands[0]]
+    assert command[command.index("--words") + 1] == "b=pink dotted cross"
+    _, message = ui.start_compose("toy", "a {a} and a {b}", "a", lora, "b", "Words:  ", "", None, ["clora"], 2, 0)
+    assert "write the concept after 'Words:'" in message and len(queue.list()) == 2
 
 
 def test_generate_calls_the_python_api_and_shows_the_command(tmp_path, monkeypatch):

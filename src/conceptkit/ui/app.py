@@ -41,7 +41,8 @@ LEARN_METHODS = {"Textual Inversion": "ti", "LoRA": "lora",
 PIVOTAL_WORD_STEPS = "600"  # the shipped concept LoRAs' recipe (evaluate/clora.py Recipe.trigger_ti_steps)
 BUNDLED_LORAS = Path(__file__).resolve().parents[1] / "bundled" / "loras"
 BUNDLED_CONCEPTS = Path(__file__).resolve().parents[1] / "bundled" / "concepts"
-CONCEPT_OPTIONS = {"lora": "--lora", "embedding": "--embedding", "image": "--image"}  # compose's option per kind
+CONCEPT_OPTIONS = {"lora": "--lora", "embedding": "--embedding", "image": "--image", "words": "--words"}  # per kind
+WORDS_PREFIX = "Words: "  # a Compose slot typed as "Words: pink striped cross" is a concept written in words
 CSS = """
 .ck-bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; margin: 4px 0}
 .ck-bar > div {height: 100%; background: #2563eb}
@@ -100,6 +101,17 @@ def offered(choices: dict[str, str], label: str) -> str:
     if label not in choices:
         raise ValueError(f"{label!r} is not one of the offered choices: pick one from the list")
     return choices[label]
+
+
+def slot_concept(choices: dict[str, tuple[str, str]], label: str) -> tuple[str, str]:
+    """A Compose slot's (kind, file or text): an offered concept, or words typed as "Words: pink striped cross"
+    (text only: it reaches compose as one --words argument, never as a path)."""
+    if label.startswith(WORDS_PREFIX):
+        text = " ".join(label[len(WORDS_PREFIX):].replace(":", " ").split())
+        if not text:
+            raise ValueError(f"write the concept after '{WORDS_PREFIX.strip()}', e.g. '{WORDS_PREFIX}pink striped cross'")
+        return "words", text
+    return offered(choices, label)
 
 
 def check_images(files: list[str] | None, at_least: int) -> list[Path]:
@@ -383,8 +395,8 @@ class UI:
                       recommended_masks=True, temperature=0.5, text_encoder_lora=True):
         try:
             self.check_model(model)
-            slots = [(n.strip(), offered(self.concepts(), c), w) for n, c, w in ((n1, c1, w1), (n2, c2, w2), (n3, c3, w3))
-                     if n.strip() and c]
+            slots = [(n.strip(), slot_concept(self.concepts(), c), w)
+                     for n, c, w in ((n1, c1, w1), (n2, c2, w2), (n3, c3, w3)) if n.strip() and c]
             if any(not (isinstance(w, (int, float)) and 0 <= w <= 100) for *_, w in slots):
                 raise ValueError("a concept weight must be a number from 0 to 100 (1: the LoRA as trained)")
             if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -576,7 +588,8 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                         with gr.Row():
                             slots.append(gr.Textbox(slot, label=f"Slot {i + 1}", scale=1))
                             slots.append(gr.Dropdown(names, value=default, label=f"Concept {i + 1} (LoRA, "
-                                                     "embedding or image)", scale=3))
+                                                     f"embedding or image; or type '{WORDS_PREFIX}pink striped "
+                                                     "cross')", allow_custom_value=True, scale=3))
                     methods = gr.CheckboxGroup(COMPOSE_METHODS, value=["clora", "merge"],
                                                label="Methods (CLoRA and the baselines)")
                     with gr.Row():
