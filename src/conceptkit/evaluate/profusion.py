@@ -326,7 +326,7 @@ def composed(pipe, saved, case: Case, plain: FusionConfig, seeds: int, seed0: in
                       iterative_steps_steps=10, mask_exclusive=True, mask_threshold=0.0, mask_combine="sum")
     words_only = replace(saved, unet_attention=None)  # applied around the call: every branch gets it, as in plain
     images = []
-    for k, prompt in enumerate(case.prompts):
+    for prompt in case.prompts:
         second = prompt.requested.get("second")
         if second is None:
             images += generate_profusion(pipe, saved, case.reference, [prompt.text], plain, seed=seed0,
