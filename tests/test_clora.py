@@ -234,11 +234,11 @@ def test_blend_of_equal_predictions_is_that_prediction():
 
 # ---------------------------------------------------------------- the sampler
 
-def run(pipe, bp, method, cfg, seed=0, adapters=("a", "b")):
+def run(pipe, bp, method, cfg, seed=0, adapters=("a", "b"), lora_ends=None):
     sets, updates, masks, switch = method_branches(method, bp, list(adapters), cfg)
     return sample(pipe, sets, cfg, groups=bp.groups if updates else None,
                   mask_indices=bp.mask_indices if masks else None, generator=torch.Generator().manual_seed(seed),
-                  switch_every=switch)
+                  switch_every=switch, lora_ends=lora_ends)
 
 
 def test_batched_path_equals_the_sequential_path_on_the_bundled_model(toy_two):
@@ -268,6 +268,86 @@ def test_stopping_the_update_forward_after_the_maps_changes_nothing_and_skips_la
     # 3 updates + 2 refinements: 5 forwards stop early (the first runs whole: it counts the mapped layers)
     assert stopped_calls == whole.unet_calls and len(ran) - ran_stopped == 4
     assert CLoRAConfig.reference().stop_after_maps is False
+
+
+def test_lora_end_is_diffusers_control_guidance_end_rule():
+    from conceptkit.compose.config import lora_acts
+
+    assert [lora_acts(i, 30, 0.5) for i in range(30)] == [True] * 15 + [False] * 15
+    assert all(lora_acts(i, 30, 1.0) for i in range(30))
+    assert [lora_acts(i, 6, 1 / 3) for i in range(6)] == [True, True] + [False] * 4
+    with pytest.raises(ValueError, match="lora_end"):
+        CLoRAConfig(lora_end=0)
+
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_a_branch_model_with_an_adapter_off_runs_the_others_as_before(toy_two, execution):
+    pipe, _ = toy_two
+    cfg = CLoRAConfig(execution=execution)
+    prompts = ["a circle on the left", "a zwx circle on the left"]
+    both = Branches(prompts, ["", ""], [{"b": 0.8}, {"a": 1.0, "b": 0.8}])  # b plays a style LoRA
+    b_only = Branches(prompts, ["", ""], [{"b": 0.8}, {"b": 0.8}])
+    embeddings = encode_branches(pipe, both, cfg, "b")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def eps(branches, **kw):
+        store = AttentionStore((8, 8))
+        with capturing(pipe.unet, store), torch.no_grad():
+            return BranchModel(pipe, branches, embeddings, cfg, store)(z, torch.tensor(500), **kw)[:2]
+
+    off, reference, on = eps(both, off=frozenset({"a"})), eps(b_only), eps(both)
+    for got, want in zip(off, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (on[1][1] - off[1][1]).abs().max() > 1e-3  # concept a's branch: its LoRA was on, then off
+    torch.testing.assert_close(on[1][0], off[1][0], atol=1e-5, rtol=1e-5)  # the base branch never had it
+
+
+def test_the_sampler_turns_each_lora_off_after_its_end(toy_two, monkeypatch):
+    pipe, bp = toy_two
+    cfg = CLoRAConfig(steps=6, max_iter_to_alter=2, iterative_steps=())
+    calls = []
+    call = BranchModel.__call__
+    monkeypatch.setattr(BranchModel, "__call__", lambda self, *a, **kw: calls.append(kw.get("off", frozenset())) or
+                        call(self, *a, **kw))
+
+    def offs(cfg, **kw):
+        calls.clear()
+        result = run(pipe, bp, "clora", cfg, **kw)
+        return [sorted(o) for o in calls], result
+
+    # steps 0 and 1: the latent update's forward, then the prediction; steps 2-5: the prediction only
+    got, half = offs(dataclasses.replace(cfg, lora_end=0.5))
+    assert got == [[]] * 5 + [["a", "b"]] * 3
+    got, _ = offs(cfg, lora_ends={"b": 0.5})  # one LoRA's own end; the other at the config's (1)
+    assert got == [[]] * 5 + [["b"]] * 3
+    got, _ = offs(dataclasses.replace(cfg, lora_end=0.5), lora_ends={"a": 1.0})  # its own end wins
+    assert got == [[]] * 5 + [["b"]] * 3
+    got, whole = offs(cfg)
+    assert got == [[]] * 8
+    assert not torch.allclose(whole.latents, half.latents, atol=1e-3)
+
+
+def test_generate_lora_end_runs_the_unet_without_its_loras_after_it(toy_two):
+    from conceptkit.generate.loop import Step
+    from conceptkit.generate.plain import PromptModel, adapters_disabled
+
+    pipe, _ = toy_two
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ended = PromptModel(pipe, ["a circle on the left"], None, 7.5, lora_end=0.5, steps=4)
+    plain = PromptModel(pipe, ["a circle on the left"], None, 7.5)
+
+    def at(model, i):
+        with torch.no_grad():
+            return model(z, Step(i, torch.tensor(500), pipe.scheduler, None))
+
+    with adapters_disabled(pipe.unet):
+        base = at(plain, 3)
+    lora = at(plain, 3)
+    assert (lora - base).abs().max() > 1e-3  # the LoRA is on outside the context
+    torch.testing.assert_close(at(ended, 1), lora)  # step 2 of 4: inside the first half
+    torch.testing.assert_close(at(ended, 2), base)  # step 3 of 4: past it
+    with pytest.raises(ValueError, match="steps"):
+        PromptModel(pipe, ["a circle"], None, 7.5, lora_end=0.5)
 
 
 def loss_and_gradient(pipe, bp, execution):
@@ -604,7 +684,7 @@ def test_regional_blend_takes_each_branch_on_its_own_half():
     class Stub:
         work_dtype = torch.float32
 
-        def __call__(self, x, t, cond_only=False):
+        def __call__(self, x, t, cond_only=False, off=frozenset()):
             return eps_c - 5, eps_c, torch.rand(K, 8, 8, 77)  # attention maps that would give other masks
 
     comp = Composition([Stub()], CLoRAConfig(guidance_scale=1.0), groups=None, mask_indices=[[], [1], [2]],
@@ -653,11 +733,16 @@ def test_lora_spec_weight_after_at_and_compose_options_reach_the_config():
     assert LoraSpec.parse("a=runs@v2/a.safetensors") == LoraSpec("a", "runs@v2/a.safetensors")
     with pytest.raises(UserError, match="weight after '@'"):
         LoraSpec.parse("a=a.safetensors@heavy")
+    assert LoraSpec.parse("a=a.safetensors:zwx@0.8:0.5") == LoraSpec("a", "a.safetensors", "zwx", weight=0.8, end=0.5)
+    assert LoraSpec.parse("a=a.safetensors@0.8").end is None
+    for bad in ("0", "1.5", "late"):
+        with pytest.raises(UserError, match="share of the steps"):
+            LoraSpec.parse(f"a=a.safetensors@0.8:{bad}")
     args = build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=a.safetensors", "--out", "x",
                                       "--temperature", "0.2", "--guidance-rescale", "0.7", "--no-text-encoder-lora",
-                                      "--mask-exclusive", "--mask-combine", "sum"])
+                                      "--mask-exclusive", "--mask-combine", "sum", "--lora-end", "0.6"])
     cfg = compose_config(args)
-    assert (cfg.temperature, cfg.guidance_rescale, cfg.use_text_encoder_lora) == (0.2, 0.7, False)
+    assert (cfg.temperature, cfg.guidance_rescale, cfg.use_text_encoder_lora, cfg.lora_end) == (0.2, 0.7, False, 0.6)
     assert (cfg.mask_exclusive, cfg.mask_combine) == (True, "sum")
     default = compose_config(build_parser().parse_args(["compose", "--prompt", "a {a}", "--lora", "a=x", "--out", "x"]))
     assert default == CLoRAConfig()

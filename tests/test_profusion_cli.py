@@ -270,6 +270,8 @@ ERRORS = {
                                        "--crop, --gradient-checkpointing, --ema-decay: --pretrain options"),
     "start-timestep-plain-generate": (GEN + ["--prompt", "a circle", "--start-timestep", "500"],
                                       "are ProFusion options: pass --promptnet DIR or --image FILE"),
+    "lora-end-with-an-image": (GEN + ["--promptnet", "{ft}", "--prompt", "S*", "--lora-end", "0.5"],
+                               "--lora-end works with plain sampling"),
 }
 
 

@@ -198,7 +198,7 @@ def test_profusion_tab_passes_extra_images_and_the_start_timestep(tmp_path):
     assert not any(a in ("--extra-image", "--start-timestep") for c in plain.commands for a in c)
 
 
-def test_compose_weights_masks_temperature_and_text_encoder_become_compose_options(tmp_path):
+def test_compose_weights_masks_temperature_text_encoder_and_lora_end_become_compose_options(tmp_path):
     from conceptkit.ui.app import UI
     from conceptkit.ui.jobs import JobQueue
 
@@ -207,14 +207,18 @@ def test_compose_weights_masks_temperature_and_text_encoder_become_compose_optio
     offered = ui.concepts()
     a, b = [label for label, (kind, _) in offered.items() if kind == "lora"][:2]
     ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 0.8, 1.0, 1.0,
-                     True, 0.2, False)
+                     True, 0.2, False, 0.5)
     (job,) = queue.list()
     command = job.commands[0]
+    assert command[command.index("--lora-end") + 1] == "0.5"
     assert f"a={offered[a][1]}@0.8" in command and f"b={offered[b][1]}" in command
     assert command[command.index("--temperature") + 1] == "0.2" and "--no-text-encoder-lora" in command
     assert "--mask-exclusive" in command and command[command.index("--mask-threshold") + 1] == "0"
     ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 1.0, 1.0, 1.0, False)
     (command,) = [j.commands[0] for j in queue.list() if j.commands[0] != command]
-    assert "--mask-exclusive" not in command and "--no-text-encoder-lora" not in command
+    assert "--mask-exclusive" not in command and "--no-text-encoder-lora" not in command and "--lora-end" not in command
     _, message = ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, -1.0)
     assert "weight must be a number" in message and len(queue.list()) == 2
+    _, message = ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 1.0, 1.0, 1.0,
+                                  True, 0.5, True, 0)
+    assert "steps share" in message and len(queue.list()) == 2

@@ -65,6 +65,7 @@ SEED = Number(int, 0, 2**32 - 1)  # numpy's and A1111's range; torch seeds are d
 SIZE = Number(int, 8, 8192, multiple_of=8)  # pixels: the VAE downsamples by 8
 RATE = Number(float, 0, 1, lo_open=True)  # Adam learning rates: a step of 1 per element is already far too big
 PROBABILITY = Number(float, 0, 1)
+SHARE = Number(float, 0, 1, lo_open=True)  # a share that cannot be empty (the steps a LoRA is active on)
 GUIDANCE = Number(float, 0, 100)  # classifier-free guidance scales (0: the unconditional prediction)
 WEIGHT = Number(float, 0, 1_000_000)  # non-negative factors: regularisation, latent step size, LoRA alpha
 SMALL_WEIGHT = Number(float, 0, 100)  # LoRA merge/style weights, embedding scales

@@ -114,6 +114,9 @@ def add_compose_settings(p: argparse.ArgumentParser, defaults: dict | None = Non
     g.add_argument("--no-text-encoder-lora", dest="use_text_encoder_lora", action="store_false", default=None,
                    help="run each LoRA on the UNet only, its text-encoder layers off (default: both, where the file "
                         "has them)")
+    g.add_argument("--lora-end", type=o.share,
+                   help="the concept LoRAs' UNet layers act on this first share of the steps, the base UNet after "
+                        f"it, the prompts unchanged (diffusers' control_guidance_end rule; default {d.lora_end:g})")
     g.add_argument("--max-iter-to-alter", type=o.count_or_zero, help="update the latent on the first N steps (default: half)")
     g.add_argument("--iterative-steps", type=o.step_list, help="steps with extra refinement, comma-separated (default "
                                              f"{','.join(map(str, d.iterative_steps))}; '' for none)")

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--lora", type=o.path, action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA file or `learn lora` folder (diffusers or kohya layout), at WEIGHT (default 1); "
                         "repeatable")
+    p.add_argument("--lora-end", type=o.share, default=1.0,
+                   help="the LoRAs' UNet layers act on this first share of the steps, the base UNet after it "
+                        "(diffusers' control_guidance_end rule; default 1: every step)")
     g = p.add_argument_group("ProFusion (ALGORITHMS.md §3.6): the image's word S* in the prompt")
     g.add_argument("--promptnet", type=o.path, help="a PromptNet folder (`learn promptnet`, `convert promptnet`) or an "
                                                     "official ProFusion checkpoint, converted in memory (default with "
@@ -88,6 +91,8 @@ def run(args) -> None:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    if (args.promptnet or args.image) and args.lora_end != 1:
+        raise UserError("--lora-end works with plain sampling: leave it out with --promptnet/--image")
     if (args.promptnet or args.image) and launched_processes() > 1:
         raise UserError("ProFusion generation (--promptnet/--image) runs in one process: launch it without "
                         "accelerate/torchrun")
@@ -104,7 +109,7 @@ def run(args) -> None:
                    steps=args.steps, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
                    scheduler=args.scheduler,
                    height=args.height, width=args.width, out_dir=args.out, low_memory=args.low_memory or None,
-                   procs=processes(), bf16=args.bf16, compile=args.compile)
+                   procs=processes(), bf16=args.bf16, compile=args.compile, lora_end=args.lora_end)
     if processes().main:
         print(f"wrote {len(out.paths)} images to {Path(args.out).resolve()} (grid: {out.grid_path.resolve()})")
 

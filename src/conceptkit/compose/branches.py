@@ -10,7 +10,7 @@ pooled embedding and the time ids.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -192,16 +192,24 @@ class BranchModel:
         self.embeddings, self.pooled = embeddings if isinstance(embeddings, tuple) else (embeddings, None)
         self.pipe, self.branches, self.cfg, self.store = pipe, branches, cfg, store
         self.word_rows = word_rows
+        self.without: dict[frozenset, Branches] = {frozenset(): branches}  # the branches with some adapters off
         self.calls = 0
         self.work_dtype = work_dtype(pipe.unet)  # latent updates and blending in fp32+
 
-    def __call__(self, z: torch.Tensor, t, cond_only: bool = False, maps_only: bool = False):
+    def __call__(self, z: torch.Tensor, t, cond_only: bool = False, maps_only: bool = False,
+                 off: frozenset = frozenset()):
         """z (1, C, h, w) -> (ε_uncond (K, C, h, w) or None, ε_cond (K, C, h, w), maps (K, r_h, r_w, L)).
 
         cond_only: run the conditional rows alone (the latent update's forward, when maps come from the
         conditional half and ε is recomputed after the update: the unconditional half would be thrown away).
-        maps_only (batched, with cond_only): stop the UNet once the maps are in; ε_cond is then None."""
+        maps_only (batched, with cond_only): stop the UNet once the maps are in; ε_cond is then None.
+        off: adapters whose UNet layers are off at this call (past their CLoRAConfig.lora_end); the prompts, as
+        encoded, unchanged."""
         unet, K = self.pipe.unet, len(self.branches)
+        if off not in self.without:
+            self.without[off] = replace(self.branches, adapters=[{a: w for a, w in b.items() if a not in off}
+                                                                 for b in self.branches.adapters])
+        branches = self.without[off]
         halves = 1 if cond_only else 2
         added = self.added_conditioning(z)
         all_embeddings = self.embeddings if self.word_rows is None else self.word_rows(self.embeddings, z, t)
@@ -212,7 +220,7 @@ class BranchModel:
             rows = list(range(K, 2 * K)) if cond_only else list(range(2 * K))
             stop = self.store.maps_only() if (maps_only and cond_only) else contextlib.nullcontext()
             try:
-                with per_row_adapters([unet], plan_rows(self.branches, halves)), stop:
+                with per_row_adapters([unet], plan_rows(branches, halves)), stop:
                     eps = unet(x, t, encoder_hidden_states=embeddings,
                                added_cond_kwargs=added(rows)).sample.to(self.work_dtype)
                 self.store.complete()
@@ -224,7 +232,7 @@ class BranchModel:
             rows = [[K + p] if self.cfg.cond_only_maps else [p, K + p] for p in range(K)]
             return eps[:K], eps[K:], self.store.aggregate(rows)
         uncond, cond, maps = [], [], []
-        for p, adapters in enumerate(self.branches.adapters):
+        for p, adapters in enumerate(branches.adapters):
             self.store.reset()
             index = [K + p] if cond_only else [p, K + p]
             with active_adapters(self.pipe, adapters, text_encoder=False):

@@ -1,7 +1,8 @@
 """The concepts a composition holds, one per {slot} of the template, of any kind:
 
-- a LoRA, `--lora NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT]`: its branch runs the adapter (UNet, and the text encoder
-  where the file has weights for it) at WEIGHT (default 1) and its prompt says "TRIGGER CLASS";
+- a LoRA, `--lora NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT[:END]]`: its branch runs the adapter (UNet, and the text
+  encoder where the file has weights for it) at WEIGHT (default 1), its UNet layers on the first END share of the
+  steps (default --lora-end's, 1), and its prompt says "TRIGGER CLASS";
 - a Textual Inversion embedding, `--embedding NAME=FILE[:TOKEN[:CLASS]]`: the token is added to the tokenizer and
   text encoder (diffusers' loader), its branch's prompt says the token, and no adapter runs;
 - a ProFusion image, `--image NAME=FILE[:CLASS]` with a PromptNet: its branch's prompt has a word slot where
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import UserError
-from ..values import SMALL_WEIGHT
+from ..values import SHARE, SMALL_WEIGHT
 from .prompts import ConceptSlot
 
 MAX_CONCEPTS = 4
@@ -46,18 +47,20 @@ def _parse(cls, spec: str, fields: int):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """`name=path[:trigger[:class word]][@weight]` from the command line. `description`: the concept in plain words,
-    for `--method text` (default: the LoRA file's `description` metadata). `weight`: the adapter's scale in every
-    branch that runs it (A1111's <lora:name:0.8>)."""
+    """`name=path[:trigger[:class word]][@weight[:end]]` from the command line. `description`: the concept in plain
+    words, for `--method text` (default: the LoRA file's `description` metadata). `weight`: the adapter's scale in
+    every branch that runs it (A1111's <lora:name:0.8>). `end`: the share of the steps its UNet layers act on
+    (None: CLoRAConfig.lora_end)."""
     name: str
     path: str
     trigger: str | None = None
     class_word: str | None = None
     description: str | None = None
     weight: float = 1.0
+    end: float | None = None
     kind: ClassVar[str] = "lora"
     OPTION: ClassVar[str] = "--lora"
-    FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT]"
+    FORM: ClassVar[str] = "NAME=FILE[:TRIGGER[:CLASS]][@WEIGHT[:END]]"
     EXAMPLE: ClassVar[str] = "cat=cat.safetensors:sks:cat@0.8"
 
     @classmethod
@@ -65,11 +68,17 @@ class LoraSpec:
         head, at, tail = spec.rpartition("@")
         if not at or "/" in tail or "\\" in tail:  # no weight; an '@' inside the file's path
             return _parse(cls, spec, 2)
+        weight, colon, end = tail.partition(":")
         try:
-            weight = SMALL_WEIGHT.parse(tail)
+            weight = SMALL_WEIGHT.parse(weight)
         except ValueError as e:
             raise UserError(f"{cls.OPTION} {spec!r}: the weight after '@' must be a number: {e}") from None
-        return replace(_parse(cls, head, 2), weight=weight)
+        try:
+            end = SHARE.parse(end) if colon else None
+        except ValueError as e:
+            raise UserError(f"{cls.OPTION} {spec!r}: the end after '@{tail.partition(':')[0]}:' is the share of the "
+                            f"steps the LoRA acts on: {e}") from None
+        return replace(_parse(cls, head, 2), weight=weight, end=end)
 
 
 @dataclass(frozen=True)
@@ -137,11 +146,13 @@ class Concept:
     # the text
     adapter: str | None = None  # LoRA: the adapter's name in the pipeline
     weight: float = 1.0  # LoRA: the adapter's scale
+    end: float | None = None  # LoRA: the share of the steps its UNet layers act on (None: CLoRAConfig.lora_end)
     word: object | None = None  # image: its ImageWord
 
     def describe(self) -> dict:
         return {"name": self.slot.name, "kind": self.slot.kind, "file": self.file, "token": self.token,
-                "class_word": self.slot.class_word, "description": self.slot.description}
+                "class_word": self.slot.class_word, "description": self.slot.description,
+                **({"end": self.end} if self.end is not None else {})}
 
 
 def adapter_name(name: str) -> str:
@@ -183,7 +194,7 @@ def _load_lora(pipe, spec: LoraSpec, _saved) -> Concept:
                         f"--lora {spec.name}={spec.path}:TRIGGER:CLASS (e.g. :sks:dog)")
     description = spec.description or info.metadata.get("description") or None
     return Concept(ConceptSlot(spec.name, trigger, class_word, "lora", None if description is None else str(description)),
-                   spec.path, trigger, adapter=adapter, weight=spec.weight)
+                   spec.path, trigger, adapter=adapter, weight=spec.weight, end=spec.end)
 
 
 def _embedding_class_word(path: Path) -> str | None:

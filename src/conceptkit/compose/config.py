@@ -13,6 +13,12 @@ from .. import values as v
 METHODS = ("clora", "merge", "switch", "composite", "none", "text", "regional")
 
 
+def lora_acts(step: int, steps: int, end: float) -> bool:
+    """Whether a LoRA with end share `end` acts at step `step` (0-based) of `steps`: diffusers' control_guidance_end
+    rule, (step + 1) / steps <= end."""
+    return (step + 1) / steps <= end + 1e-9
+
+
 @dataclass
 class CLoRAConfig:
     steps: int = 50
@@ -53,6 +59,11 @@ class CLoRAConfig:
     # and with fresh predictions its ε is thrown away): the UNet's later blocks run neither forward nor backward
     stop_after_maps: bool = True  # reference: False
     use_text_encoder_lora: bool = True
+    # ours: the concept LoRAs' UNet layers act on the first `lora_end` share of the steps only, by diffusers'
+    # control_guidance_end rule (step i of n while (i + 1) / n <= lora_end); after that the branches keep their
+    # prompts (a learned trigger word keeps working) and the base UNet draws the detail. A concept LoRA's errors can
+    # live in its low-noise steps, where the object's fine texture is drawn (README, "Does it work?").
+    lora_end: float = 1.0
     style_weight: float = 0.8
     # execution: "batched" = all branches and both CFG halves in one UNet call with per-row adapters;
     # "sequential" = the official structure (one batch-2 call per branch with adapter switching)
@@ -68,7 +79,7 @@ class CLoRAConfig:
         """A bad setting fails here, naming the field, not in the sampler (tests/test_config_checks.py)."""
         v.check_config(self, {"steps": v.COUNT, "guidance_scale": v.GUIDANCE, "guidance_rescale": v.PROBABILITY,
                               "step_size": v.WEIGHT, "max_iter_to_alter": v.COUNT_OR_ZERO,
-                              "iterative_steps_steps": v.COUNT_OR_ZERO, "temperature": v.POSITIVE,
+                              "iterative_steps_steps": v.COUNT_OR_ZERO, "temperature": v.POSITIVE, "lora_end": v.SHARE,
                               "attn_res": v.Number(int, 1, 1024), "minmax_eps": v.PROBABILITY,
                               "apply_mask_after": v.COUNT_OR_ZERO, "mask_threshold": v.PROBABILITY,
                               "style_weight": v.SMALL_WEIGHT, "merge_weight": v.SMALL_WEIGHT, "switch_every": v.COUNT},

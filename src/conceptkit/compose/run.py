@@ -85,6 +85,7 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
     by_name = {c.slot.name: c for c in loaded}
     adapters = [by_name[slot.name].adapter for slot in bp.concepts]
     weights = [by_name[slot.name].weight for slot in bp.concepts]
+    ends = {c.adapter: c.end for c in loaded if c.adapter and c.end is not None}
     words = {c.slot.name: c.word for c in loaded if c.word is not None}
     result = Composed({}, list(seeds), {}, {}, {}, concepts=[by_name[slot.name].describe() for slot in bp.concepts])
     for method in methods:
@@ -100,7 +101,7 @@ def compose(pipe, template: str, concepts: list[ConceptSpec], *, methods: list[s
             r = sample(pipe, sets, run_cfg, groups=bp.groups if updates else None,
                        mask_indices=bp.mask_indices if masks else None, generator=g, embeddings=embeddings,
                        height=height, width=width, switch_every=switch_every, record=save_maps, style=style_name,
-                       words=words, regions=regions, fixed_masks=method == "regional")
+                       words=words, regions=regions, fixed_masks=method == "regional", lora_ends=ends)
             images.append(decode(pipe, r.latents)[0])
             seconds += r.seconds
             calls = r.unet_calls
@@ -130,13 +131,16 @@ def image_settings(pipe, result: Composed, bp, cfg: CLoRAConfig, negative_prompt
 
     concepts = ", ".join(f"{c['name']}: {c['kind']} {Path(str(c['file'])).name if c.get('file') else c.get('token')}"
                          for c in result.concepts)
+    ends = ", ".join(f"{c['name']}: {c['end']:g}" for c in result.concepts if c.get("end") is not None)
+    extra = {"Concepts": concepts, **({"LoRA end": f"{cfg.lora_end:g}"} if cfg.lora_end != 1 else {}),
+             **({"LoRA ends": ends} if ends else {})}
     settings = {}
     for method, images in result.images.items():
         for seed, image in zip(result.seeds, images):
             settings[(method, seed)] = Settings(
                 prompt=bp.merged_prompt, negative_prompt=negative_prompt or None, steps=cfg.steps,
                 sampler=cfg.scheduler, cfg_scale=cfg.guidance_scale, seed=seed, width=image.width,
-                height=image.height, model=model_name(pipe), extra={"Method": method, "Concepts": concepts})
+                height=image.height, model=model_name(pipe), extra={"Method": method, **extra})
     return settings
 
 

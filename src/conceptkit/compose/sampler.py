@@ -29,7 +29,7 @@ from ..generate.loop import Step, Trace, denoise, guide, initial_noise, latent_s
 from ..models.sdxl import is_sdxl
 from .attention import AttentionStore, capturing, default_attn_res
 from .branches import BranchModel, Branches, WordRows, encode_branches
-from .config import CLoRAConfig, METHODS
+from .config import CLoRAConfig, METHODS, lora_acts
 from .contrastive import clora_loss
 from .masks import attention_masks, blend, region_masks
 from .prompts import BranchPrompts
@@ -49,7 +49,7 @@ class Composition:
 
     def __init__(self, models: list[BranchModel], cfg: CLoRAConfig, *, groups: list[list[list[int]]] | None,
                  mask_indices: list[list[int]] | None, latent_hw: tuple[int, int], switch_every: int | None = None,
-                 fixed_masks: torch.Tensor | None = None):
+                 fixed_masks: torch.Tensor | None = None, lora_ends: dict[str, float] | None = None):
         self.models, self.cfg, self.groups, self.mask_indices = models, cfg, groups, mask_indices
         self.fixed_masks = fixed_masks  # (K, 1, C, h, w): regional composition's masks, used at every step
         self.latent_hw, self.switch_every = latent_hw, switch_every
@@ -58,6 +58,11 @@ class Composition:
         # the K conditional rows: half the forward and half the backward of the official all-rows graph.
         self.cond_only = cfg.cond_only_maps and cfg.fresh_predictions
         self.stale = None  # the official code's predictions from before the last update (§5), when kept
+        self.lora_ends = lora_ends or {}  # {concept adapter: the share of the steps its UNet layers act on}
+
+    def off_at(self, step: Step) -> frozenset:
+        """The concept adapters whose UNet layers are off at this step."""
+        return frozenset(a for a, end in self.lora_ends.items() if not lora_acts(step.index, self.cfg.steps, end))
 
     def model_at(self, step: Step) -> BranchModel:
         return self.models[(step.index // self.switch_every) % len(self.models)] if self.switch_every else self.models[0]
@@ -73,7 +78,8 @@ class Composition:
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             x = step.model_input(z)  # z itself (the same tensor) for DDIM, DPM-Solver, PNDM
-            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only, maps_only=self.cfg.stop_after_maps)
+            eps_u, eps_c, maps = model(x, step.t, cond_only=self.cond_only, maps_only=self.cfg.stop_after_maps,
+                                       off=self.off_at(step))
             loss = self.loss_of(maps)
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, x)
@@ -98,14 +104,15 @@ class Composition:
 
     def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         cfg, model = self.cfg, self.model_at(step)
+        off = self.off_at(step)
         if self.stale is not None:
             eps_u, eps_c, maps = self.stale
         elif step.index < self.update_until:  # fresh predictions on the updated latent
-            eps_u, eps_c, maps = model(x, step.t)
+            eps_u, eps_c, maps = model(x, step.t, off=off)
         else:
             graphs = cfg.graphs_every_step  # the official code builds autograd graphs even here (§2.8)
             with torch.enable_grad() if graphs else torch.no_grad():
-                eps_u, eps_c, maps = model(x.detach().requires_grad_(graphs), step.t)
+                eps_u, eps_c, maps = model(x.detach().requires_grad_(graphs), step.t, off=off)
             eps_u, eps_c, maps = eps_u.detach(), eps_c.detach(), maps.detach()
         K, channels = eps_u.shape[:2]
         if self.fixed_masks is not None:
@@ -124,14 +131,17 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
            mask_indices: list[list[int]] | None, generator: torch.Generator, style: str | None = None,
            height: int | None = None, width: int | None = None, switch_every: int | None = None,
            record: bool = False, embeddings: list[torch.Tensor] | None = None,
-           words: dict | None = None, regions: list[str] | None = None, fixed_masks: bool = False) -> SampleResult:
+           words: dict | None = None, regions: list[str] | None = None, fixed_masks: bool = False,
+           lora_ends: dict[str, float] | None = None) -> SampleResult:
     """Denoise one latent. `branch_sets` has one entry, or (switch) one per adapter, used in turn.
 
     groups=None turns latent updates off; mask_indices=None blends the branches uniformly. `embeddings`: the
     branch sets' `encode_branches` output, when the caller samples several seeds with the same prompts. `words`:
     {concept name: its word source (profusion/image_word.py's ImageWord)} for branches with word slots.
     fixed_masks=True (regional): branch 0 is the base prompt and branch i its concept i's, blended with the fixed
-    region masks of masks.region_masks(regions) instead of attention masks.
+    region masks of masks.region_masks(regions) instead of attention masks. `lora_ends`: {concept adapter: the
+    share of the steps its UNet layers act on} (CLoRAConfig.lora_end: the one for adapters not named; a style LoRA
+    acts on every step).
     """
     began = time.perf_counter()
     latent_hw = latent_size(pipe, height, width)
@@ -143,11 +153,14 @@ def sample(pipe, branch_sets: list[Branches], cfg: CLoRAConfig, *, groups: list[
         embeddings = [encode_branches(pipe, b, cfg, style) for b in branch_sets]
     models = [BranchModel(pipe, b, e, cfg, store, WordRows(pipe, b, cfg, style, words or {}) if b.words else None)
               for b, e in zip(branch_sets, embeddings)]
+    concept_adapters = {a for b in branch_sets for branch in b.adapters for a in branch} - {style}
+    ends = {a: (lora_ends or {}).get(a, cfg.lora_end) for a in concept_adapters}
     fixed = None
     if fixed_masks:
         fixed = region_masks(regions, len(branch_sets[0]) - 1, latent_hw, z.shape[1])
     composition = Composition(models, cfg, groups=groups, mask_indices=mask_indices, latent_hw=latent_hw,
-                              switch_every=switch_every, fixed_masks=fixed)
+                              switch_every=switch_every, fixed_masks=fixed,
+                              lora_ends={a: end for a, end in ends.items() if end < 1})
     trace = Trace(keep_maps=record)
     with capturing(pipe.unet, store, explicit_everywhere=cfg.explicit_attention):
         z = denoise(composition, z, schedule, before_step=composition.before_step, generators=[generator],

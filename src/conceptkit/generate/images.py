@@ -71,6 +71,7 @@ def generate(
     desc: str = "generate",
     bf16: bool = False,
     compile: bool = False,
+    lora_end: float = 1.0,
 ) -> Generated:
     """Generate `num_images` images per prompt; with out_dir, write them as PNGs plus grid.png.
 
@@ -83,7 +84,8 @@ def generate(
     and only the main one writes the files. desc: the progress bar's label.
 
     bf16 (generate/autocast.py) and compile (generate/compiled.py): opt-in speed-ups of the UNet; off, the images
-    are exactly those of a run without them."""
+    are exactly those of a run without them. lora_end: the loaded LoRAs' UNet layers act on this first share of the
+    steps only (`--lora-end`, compose's rule)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
@@ -106,7 +108,8 @@ def generate(
     with memory_savers(pipe, low_memory), compiled_unet(pipe.unet, compile), bf16_unet(pipe.unet, bf16):
         for batch in batches:
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in batch]
-            model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale, size=(height, width))
+            model = PromptModel(pipe, [p for p, _ in batch], negative_prompt, guidance_scale, size=(height, width),
+                                lora_end=lora_end, steps=steps)
             schedule = sampler(scheduler, pipe, steps)
             latents = initial_noise(pipe, generators, latent_hw, schedule)
             latents = denoise(model, latents, schedule, generators=generators, progress=bar)
@@ -116,7 +119,8 @@ def generate(
         images = procs.gather(images)
     result = Generated(images, [p for p, _ in jobs], [s for _, s in jobs])
     result.settings = [settings_for(pipe, p, seed=s, steps=steps, sampler=scheduler, cfg_scale=guidance_scale,
-                                    image=img, negative_prompt=negative_prompt)
+                                    image=img, negative_prompt=negative_prompt,
+                                    **({"LoRA end": f"{lora_end:g}"} if lora_end != 1 else {}))
                        for (p, s), img in zip(jobs, images)]
     if out_dir is not None and (not several or procs.main):
         save(result, out_dir, columns=num_images)

@@ -392,7 +392,7 @@ class UI:
 
     # Compose: a job
     def start_compose(self, model, template, n1, c1, n2, c2, n3, c3, methods, steps, seed, w1=1.0, w2=1.0, w3=1.0,
-                      recommended_masks=True, temperature=0.5, text_encoder_lora=True):
+                      recommended_masks=True, temperature=0.5, text_encoder_lora=True, lora_end=1.0):
         try:
             self.check_model(model)
             slots = [(n.strip(), slot_concept(self.concepts(), c), w)
@@ -401,6 +401,8 @@ class UI:
                 raise ValueError("a concept weight must be a number from 0 to 100 (1: the LoRA as trained)")
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError("the temperature must be a number above 0 (0.5: the paper's)")
+            if not (isinstance(lora_end, (int, float)) and 0 < lora_end <= 1):
+                raise ValueError("the LoRA steps share must be above 0 and at most 1 (1: every step)")
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if len(slots) < 2:
@@ -416,7 +418,8 @@ class UI:
                     for a in (CONCEPT_OPTIONS[kind], f"{n}={path}" + (f"@{float(w):g}" if kind == "lora" and w != 1 else ""))]
         command += ["--method", ",".join(methods), "--steps", str(int(steps)), "--seed", str(int(seed)),
                     "--temperature", f"{float(temperature):g}", *(RECOMMENDED_MASKS if recommended_masks else []),
-                    *([] if text_encoder_lora else ["--no-text-encoder-lora"]), "--save-maps", "--out", "{out}"]
+                    *([] if text_encoder_lora else ["--no-text-encoder-lora"]),
+                    *([] if lora_end == 1 else ["--lora-end", f"{float(lora_end):g}"]), "--save-maps", "--out", "{out}"]
         job = self.queue.submit("compose", f"Compose {' + '.join(n for n, *_ in slots)}", [command])
         return gr.update(choices=job_choices(self.queue, ("compose",)), value=job.id), f"Queued ({job.id})."
 
@@ -601,6 +604,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                         recommended_masks = gr.Checkbox(True, label="Exclusive masks (recommended; off: the paper's)")
                         temperature = gr.Number(0.5, label="Temperature τ")
                         text_encoder_lora = gr.Checkbox(True, label="LoRAs on the text encoder too")
+                        lora_end = gr.Number(1.0, label="LoRAs act on this first share of the steps (1: all)")
                     compose_go = gr.Button("Compose", variant="primary", elem_id="compose-button")
                     compose_msg = gr.HTML(elem_id="compose-message")
                 with gr.Column():
@@ -616,7 +620,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                     compose_cmds = gr.Markdown()
             compose_tab.select(lambda: [gr.update(choices=list(ui.concepts()))] * 3, None, slots[1::2], queue=False)
             compose_go.click(ui.start_compose, [model, template, *slots, methods, compose_steps, compose_seed, *weights,
-                                                recommended_masks, temperature, text_encoder_lora],
+                                                recommended_masks, temperature, text_encoder_lora, lora_end],
                              [compose_job, compose_msg])
 
         with gr.Tab("ProFusion", id="profusion"):
