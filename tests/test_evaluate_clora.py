@@ -177,3 +177,40 @@ def test_concept_loras_learn_their_word_first_and_bundle_it(tmp_path):
                                 progress=False)
     info = read_lora_info(plain[concept.name])
     assert info.trigger == TRIGGERS[concept.name] and info.embeddings == ()
+
+
+def test_a_lora_end_is_chosen_by_its_score_ties_to_the_longer_end():
+    from conceptkit.evaluate.clora import choose_end
+
+    assert choose_end({1.0: 0.5, 0.67: 0.9, 0.5: 0.9}) == 0.67
+    assert choose_end({1.0: 0.8, 0.67: 0.8, 0.5: 0.8}) == 1.0
+    assert choose_end({1.0: 0.0, 0.5: 0.1}) == 0.5
+
+
+def test_calibration_samples_the_loras_own_training_captions_at_training_seeds_and_keeps_the_best_end(monkeypatch):
+    import re
+    from types import SimpleNamespace
+
+    from conceptkit.evaluate import clora
+
+    seen = []
+
+    def fake_compose(pipe, template, specs, *, methods, seeds, cfg):
+        # draws the concept where the caption puts it only when the LoRA stops at half the steps; else a pink one
+        (spec,) = specs
+        seen.append((template, spec.end, tuple(seeds)))
+        side = re.search(r"\{x\} on the (left|right)", template).group(1)
+        color = CIRCLE.color if spec.end == 0.5 else "pink"
+        image = Image.fromarray(render(Scene("gray", (Obj(CIRCLE.shape, color, CIRCLE.pattern, side, "medium"),))))
+        return SimpleNamespace(images={"merge": [image] * len(seeds)})
+
+    monkeypatch.setattr(clora, "compose", fake_compose)
+    monkeypatch.setattr(clora, "unload_concepts", lambda pipe: None)
+    files = clora.lora_files(None, SPLITS["test"])
+    got = clora.calibrate_ends(None, None, [CIRCLE], files, views=3)
+    assert got == {CIRCLE.name: {"end": 0.5, "scores": {1.0: 0.0, 0.67: 0.0, 0.5: 1.0}}}
+    captions = [c for _, c in training_scenes(CIRCLE)[:3]]
+    word = f"{trigger(CIRCLE)} {shape_word(CIRCLE.shape)}"
+    assert [s[0] for s in seen] == [c.replace(word, "{x}") for c in captions] * 3
+    assert all(max(seeds) < EVAL_SEED_BASE for *_, seeds in seen)  # training-range seeds, never the benchmark's
+    assert [s[1] for s in seen] == [1.0] * 3 + [0.67] * 3 + [0.5] * 3

@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--train-only", action="store_true", help="with --train-loras: train, then stop")
     p.add_argument("--no-fidelity", dest="fidelity", action="store_false",
                    help="skip measuring each LoRA alone (the ceiling)")
+    p.add_argument("--calibrate-lora-ends", dest="calibrate", action="store_true",
+                   help="choose each LoRA's --lora-end (1, 0.67 or 0.5) on its own training captions at training-range "
+                        "seeds first, then run every method with it")
     p.add_argument("--threads", type=o.threads)
     p.add_argument("--images", type=o.path, help="also write every image into this folder")
     p.add_argument("--json", type=o.path, help="write the results (keys <method>.success, <method>.seconds_per_image)")
@@ -281,7 +284,7 @@ def run_clora(args) -> None:
             return
     seeds = SPLIT_SEEDS[args.split][: args.seeds] if args.seeds else None
     result = evaluate_clora(pipe, compose_config(args, BENCHMARK_COMPOSE), methods=methods, split=args.split,
-                            seeds=seeds, loras=loras, fidelity=args.fidelity,
+                            seeds=seeds, loras=loras, fidelity=args.fidelity, calibrate=args.calibrate,
                             out_dir=Path(args.images) if args.images else None)
     result["model"] = args.model
     print(table(result, methods))

@@ -304,14 +304,55 @@ def lora_files(folder: Path | None, concepts=COMPOSE_TUNE + COMPOSE_TEST) -> dic
             else folder / c.name / "pytorch_lora_weights.safetensors" for c in concepts}
 
 
-def lora_spec(concept: Concept, files: dict[str, Path], name: str | None = None) -> LoraSpec:
+def lora_spec(concept: Concept, files: dict[str, Path], name: str | None = None,
+              ends: dict[str, float] | None = None) -> LoraSpec:
     """The concept's LoRA as a composition slot; its trigger is the one the file records (a letter, or a learned
-    word the file bundles)."""
+    word the file bundles); `ends`: {concept name: the share of the steps its LoRA acts on} (calibrate_ends)."""
     from ..models.lora import read_lora_info
 
     word = read_lora_info(files[concept.name]).trigger or TRIGGERS[concept.name]
     return LoraSpec(name or slot(concept), str(files[concept.name]), word, shape_word(concept.shape),
-                    concept.description)
+                    concept.description, end=(ends or {}).get(concept.name))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration: how long each LoRA acts, chosen on its own training captions
+# ---------------------------------------------------------------------------------------------------------------
+
+END_CANDIDATES = (1.0, 0.67, 0.5)
+# seeds of the training range (below EVAL_SEED_BASE): calibration is part of making the LoRA, and neither the tune
+# nor the test seeds of the benchmark are used
+CALIBRATION_SEEDS = (500, 501)
+CALIBRATION_VIEWS = 10  # the first pair views of its training captions (the backgrounds cycle through all five)
+
+
+def choose_end(scores: dict[float, float]) -> float:
+    """The end with the highest score; a tie goes to the longer end (the LoRA as usually run)."""
+    return max(scores, key=lambda end: (scores[end], end))
+
+
+def calibrate_ends(pipe, cfg: CLoRAConfig, concepts, files: dict[str, Path], recipe: Recipe = Recipe(),
+                   candidates=END_CANDIDATES, seeds=CALIBRATION_SEEDS, views: int = CALIBRATION_VIEWS) -> dict:
+    """{concept name: {"end": chosen, "scores": {end: share}}}. A LoRA's errors can sit in the steps where the
+    object's texture is drawn (README, `evaluate clora`), and which concepts that hurts differs from concept to
+    concept, so each LoRA's end is chosen alone: the LoRA samples its own first `views` training captions ("a <z>
+    circle on the left and a square on the right, on a navy background") at `seeds`, once per candidate end, and
+    scores the share of images with its concept (shape, colour, pattern) on the caption's side."""
+    out = {}
+    for concept in concepts:
+        scores = {}
+        for end in candidates:
+            hits = []
+            for scene, caption in training_scenes(concept, recipe)[:views]:
+                side = next(o.position for o in scene.objects if triple(o) == triple(concept))
+                template = caption.replace(f"{trigger(concept, recipe)} {shape_word(concept.shape)}", "{x}")
+                spec = replace(lora_spec(concept, files, "x"), end=end)
+                images = compose(pipe, template, [spec], methods=["merge"], seeds=list(seeds), cfg=cfg).images["merge"]
+                hits += [on_side(image, concept, side) for image in images]
+                unload_concepts(pipe)
+            scores[end] = round(sum(hits) / len(hits), 4)
+        out[concept.name] = {"end": choose_end(scores), "scores": scores}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,17 +370,22 @@ def check_loras(files: dict[str, Path]) -> None:
 
 def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, split: str = "test", seeds=None,
                    loras: Path | None = None, out_dir: Path | None = None, fidelity: bool = True,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, calibrate: bool = False) -> dict:
     """Every case of the split at `seeds` (default: the split's 8) with every method; scores per method, per pair,
-    and (fidelity=True) each LoRA alone."""
+    and (fidelity=True) each LoRA alone. calibrate=True: each LoRA acts on the share of the steps calibrate_ends
+    chooses for it (every method, the fidelity too)."""
     seeds = list(SPLIT_SEEDS[split] if seeds is None else seeds)
     files = lora_files(loras, SPLITS[split])
     check_loras(files)
+    calibration = calibrate_ends(pipe, cfg, SPLITS[split], files) if calibrate else {}
+    ends = {name: c["end"] for name, c in calibration.items()} or None
+    if progress and calibration:
+        print(json.dumps({"calibrated ends": calibration}), flush=True)
     methods = list(methods)
     results: dict[str, dict] = {m: {"reads": [], "seconds": 0.0} for m in methods}
     per_case = []
     for case in cases(split):
-        specs = [lora_spec(c, files) for c in (case.first, case.second)]
+        specs = [lora_spec(c, files, ends=ends) for c in (case.first, case.second)]
         composed = compose(pipe, case.template, specs, methods=methods, seeds=seeds, cfg=cfg, regions=case.regions,
                            out_dir=None if out_dir is None else out_dir / case.name)
         row = {"template": case.template, "left": case.left.name, "right": case.right.name}
@@ -361,9 +407,11 @@ def evaluate_clora(pipe, cfg: CLoRAConfig, *, methods=METHODS, split: str = "tes
     out["pairs"] = per_pair(per_case, methods)
     out["cases"] = per_case
     if fidelity:
-        single = single_lora_fidelity(pipe, cfg, split=split, seeds=seeds, loras=loras, progress=progress)
+        single = single_lora_fidelity(pipe, cfg, split=split, seeds=seeds, loras=loras, progress=progress, ends=ends)
         out["single_lora.fidelity"] = single["mean"]
         out["single_lora.per_concept"] = single
+    if calibration:
+        out["lora_ends"] = calibration
     out["settings"] = {"split": split, "methods": methods, "seeds": seeds, "loras": str(loras) if loras else "bundled",
                        "compose": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}}
     return out
@@ -379,7 +427,7 @@ def per_pair(per_case: list[dict], methods) -> list[dict]:
 
 
 def single_lora_fidelity(pipe, cfg: CLoRAConfig, *, split: str = "test", seeds=None, loras: Path | None = None,
-                         progress: bool = False) -> dict:
+                         progress: bool = False, ends: dict[str, float] | None = None) -> dict:
     """The ceiling: each LoRA alone in every case it takes part in ("a z circle on the left and a square on the
     right, …": its own slot with its trigger, the other a plain class word), at the same seeds; the share of images
     with the concept's shape, colour and pattern on its side. A composition of two LoRAs can only succeed about as
@@ -393,7 +441,7 @@ def single_lora_fidelity(pipe, cfg: CLoRAConfig, *, split: str = "test", seeds=N
                                      (case.second, case.first, case.second_side)):
             mine, plain = "{x}", shape_word(other.shape)
             template = case.prompt(mine, plain) if concept is case.first else case.prompt(plain, mine)
-            composed = compose(pipe, template, [lora_spec(concept, files, "x")], methods=["merge"], seeds=seeds,
+            composed = compose(pipe, template, [lora_spec(concept, files, "x", ends)], methods=["merge"], seeds=seeds,
                                cfg=cfg)
             hits[concept.name] += [on_side(image, concept, side) for image in composed.images["merge"]]
             unload_concepts(pipe)
