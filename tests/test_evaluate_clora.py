@@ -214,3 +214,16 @@ def test_calibration_samples_the_loras_own_training_captions_at_training_seeds_a
     assert [s[0] for s in seen] == [c.replace(word, "{x}") for c in captions] * 3
     assert all(max(seeds) < EVAL_SEED_BASE for *_, seeds in seen)  # training-range seeds, never the benchmark's
     assert [s[1] for s in seen] == [1.0] * 3 + [0.67] * 3 + [0.5] * 3
+
+
+def test_the_bundled_ends_cover_every_benchmark_lora_and_follow_their_scores():
+    import json
+
+    from conceptkit.evaluate import clora
+
+    data = json.loads((clora.bundled_loras_path() / clora.BUNDLED_ENDS).read_text())
+    assert set(data["ends"]) == {c.name for c in COMPOSE_TUNE + COMPOSE_TEST}
+    for name, c in data["ends"].items():
+        scores = {float(end): share for end, share in c["scores"].items()}
+        assert set(scores) == set(clora.END_CANDIDATES) and c["end"] == clora.choose_end(scores), name
+    assert clora.bundled_ends()["yellow-checkered-circle"] == data["ends"]["yellow-checkered-circle"]["end"]

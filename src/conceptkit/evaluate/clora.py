@@ -326,6 +326,15 @@ CALIBRATION_SEEDS = (500, 501)
 CALIBRATION_VIEWS = 10  # the first pair views of its training captions (the backgrounds cycle through all five)
 
 
+BUNDLED_ENDS = "lora-ends.json"  # in bundled/loras: the ends calibrate_ends chose for the bundled benchmark LoRAs
+
+
+def bundled_ends() -> dict[str, float]:
+    """{concept name: end} of the bundled benchmark LoRAs, as `evaluate clora --calibrate-lora-ends` chose them."""
+    data = json.loads((bundled_loras_path() / BUNDLED_ENDS).read_text(encoding="utf-8"))
+    return {name: c["end"] for name, c in data["ends"].items()}
+
+
 def choose_end(scores: dict[float, float]) -> float:
     """The end with the highest score; a tie goes to the longer end (the LoRA as usually run)."""
     return max(scores, key=lambda end: (scores[end], end))

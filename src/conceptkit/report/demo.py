@@ -80,8 +80,12 @@ def clora_steps(out: Path, s: Settings) -> tuple[list[Step], str]:
     case = demo_case()
     template = case.template
     files = clora.lora_files(None)
-    args = ["compose", "--prompt", template, *[a for c in (case.first, case.second)
-                                               for a in ("--lora", f"{clora.slot(c)}={shown(files[c.name])}")],
+    ends = clora.bundled_ends()  # each LoRA at the end calibrated for it (README, evaluate clora)
+
+    def lora(c) -> str:
+        return f"{clora.slot(c)}={shown(files[c.name])}" + (f"@1:{ends[c.name]:g}" if ends[c.name] < 1 else "")
+
+    args = ["compose", "--prompt", template, *[a for c in (case.first, case.second) for a in ("--lora", lora(c))],
             "--method", "clora,merge", "--seed", str(clora.EVAL_SEEDS[0]), "--num-images", str(s.compose_seeds),
             "--steps", str(s.steps), "--iterative-steps", s.iterative_steps,
             "--iterative-steps-steps", str(s.iterative_steps_steps), *MASKS, "--save-maps", "--out", shown(out / "clora")]
