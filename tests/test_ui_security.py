@@ -221,4 +221,4 @@ def test_compose_weights_masks_temperature_text_encoder_and_lora_end_become_comp
     assert "weight must be a number" in message and len(queue.list()) == 2
     _, message = ui.start_compose("toy", "a {a} and a {b}", "a", a, "b", b, "", None, ["clora"], 2, 0, 1.0, 1.0, 1.0,
                                   True, 0.5, True, 0)
-    assert "steps share" in message and len(queue.list()) == 2
+    assert "LoRA end must be" in message and len(queue.list()) == 2

@@ -402,7 +402,7 @@ class UI:
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError("the temperature must be a number above 0 (0.5: the paper's)")
             if not (isinstance(lora_end, (int, float)) and 0 < lora_end <= 1):
-                raise ValueError("the LoRA steps share must be above 0 and at most 1 (1: every step)")
+                raise ValueError("the LoRA end must be above 0 and at most 1 (1: every step)")
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if len(slots) < 2:
@@ -604,7 +604,7 @@ def build_app(queue: JobQueue, work: str | Path, models: list[str], clip: str | 
                         recommended_masks = gr.Checkbox(True, label="Exclusive masks (recommended; off: the paper's)")
                         temperature = gr.Number(0.5, label="Temperature τ")
                         text_encoder_lora = gr.Checkbox(True, label="LoRAs on the text encoder too")
-                        lora_end = gr.Number(1.0, label="LoRAs act on this first share of the steps (1: all)")
+                        lora_end = gr.Number(1.0, label="LoRA end: the share of the run the LoRAs act on (1: all)")
                     compose_go = gr.Button("Compose", variant="primary", elem_id="compose-button")
                     compose_msg = gr.HTML(elem_id="compose-message")
                 with gr.Column():
