@@ -271,7 +271,7 @@ def test_stopping_the_update_forward_after_the_maps_changes_nothing_and_skips_la
 
 
 def test_lora_end_is_diffusers_control_guidance_end_rule():
-    from conceptkit.compose.config import lora_acts
+    from conceptkit.generate.loop import lora_acts
 
     assert [lora_acts(i, 30, 0.5) for i in range(30)] == [True] * 15 + [False] * 15
     assert all(lora_acts(i, 30, 1.0) for i in range(30))

@@ -13,12 +13,6 @@ from .. import values as v
 METHODS = ("clora", "merge", "switch", "composite", "none", "text", "regional")
 
 
-def lora_acts(step: int, steps: int, end: float) -> bool:
-    """Whether a LoRA with end share `end` acts at step `step` (0-based) of `steps`: diffusers' control_guidance_end
-    rule, (step + 1) / steps <= end."""
-    return (step + 1) / steps <= end + 1e-9
-
-
 @dataclass
 class CLoRAConfig:
     steps: int = 50

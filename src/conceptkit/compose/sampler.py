@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..generate.loop import Step, Trace, denoise, guide, initial_noise, latent_size, sampler
+from ..generate.loop import Step, Trace, denoise, guide, initial_noise, latent_size, lora_acts, sampler
 from ..models.sdxl import is_sdxl
 from .attention import AttentionStore, capturing, default_attn_res
 from .branches import BranchModel, Branches, WordRows, encode_branches
-from .config import CLoRAConfig, METHODS, lora_acts
+from .config import CLoRAConfig, METHODS
 from .contrastive import clora_loss
 from .masks import attention_masks, blend, region_masks
 from .prompts import BranchPrompts

@@ -349,12 +349,13 @@ def calibrate_ends(pipe, cfg: CLoRAConfig, concepts, files: dict[str, Path], rec
     scores the share of images with its concept (shape, colour, pattern) on the caption's side."""
     out = {}
     for concept in concepts:
+        phrase = f"{trigger(concept, recipe)} {shape_word(concept.shape)}"
+        sides_and_templates = [(next(o.position for o in scene.objects if triple(o) == triple(concept)),
+                   caption.replace(phrase, "{x}")) for scene, caption in training_scenes(concept, recipe)[:views]]
         scores = {}
         for end in candidates:
             hits = []
-            for scene, caption in training_scenes(concept, recipe)[:views]:
-                side = next(o.position for o in scene.objects if triple(o) == triple(concept))
-                template = caption.replace(f"{trigger(concept, recipe)} {shape_word(concept.shape)}", "{x}")
+            for side, template in sides_and_templates:
                 spec = replace(lora_spec(concept, files, "x"), end=end)
                 images = compose(pipe, template, [spec], methods=["merge"], seeds=list(seeds), cfg=cfg).images["merge"]
                 hits += [on_side(image, concept, side) for image in images]

@@ -100,6 +100,12 @@ def initial_noise(pipe, generators: list[torch.Generator], latent_hw: tuple[int,
     return noise.to(pipe.unet.device, work_dtype(pipe.unet)) * scheduler.init_noise_sigma
 
 
+def lora_acts(step: int, steps: int, end: float) -> bool:
+    """Whether a LoRA with end share `end` acts at step `step` (0-based) of `steps`: diffusers' control_guidance_end
+    rule, (step + 1) / steps <= end."""
+    return (step + 1) / steps <= end + 1e-9
+
+
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance, with the optional rescale of Lin et al. (2023)."""
     guided = uncond + scale * (cond - uncond)

@@ -11,9 +11,8 @@ import contextlib
 
 import torch
 
-from ..compose.config import lora_acts
 from ..models.sdxl import encode_prompts, is_sdxl
-from .loop import Step, guide, work_dtype
+from .loop import Step, guide, lora_acts, work_dtype
 
 
 @contextlib.contextmanager
@@ -36,8 +35,8 @@ class PromptModel:
                  guidance_rescale: float = 0.0, size: tuple[int, int] | None = None, lora_end: float = 1.0,
                  steps: int | None = None):
         """size: (height, width) of the images, for SDXL's time ids (default: the model's native size).
-        lora_end: the loaded LoRAs' UNet layers act on this first share of the `steps` only (compose/config.py's
-        rule); the prompts, encoded once, keep any text-encoder LoRA."""
+        lora_end: the loaded LoRAs' UNet layers act on this first share of the `steps` only (loop.py's
+        lora_acts); the prompts, encoded once, keep any text-encoder LoRA."""
         if lora_end < 1 and steps is None:
             raise ValueError("lora_end needs the number of steps")
         self.unet, self.scale, self.rescale = pipe.unet, guidance_scale, guidance_rescale

@@ -28,6 +28,7 @@ from PIL import Image
 from ..errors import UserError, one_line
 from ..models.lora import LORA_WEIGHT_NAME
 from ..resources import is_out_of_memory, oom_advice
+from ..values import SHARE
 from .jobs import Job, JobQueue
 
 SCHEDULERS = ["ddim", "dpm++", "euler", "euler-a", "pndm"]
@@ -401,8 +402,10 @@ class UI:
                 raise ValueError("a concept weight must be a number from 0 to 100 (1: the LoRA as trained)")
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError("the temperature must be a number above 0 (0.5: the paper's)")
-            if not (isinstance(lora_end, (int, float)) and 0 < lora_end <= 1):
-                raise ValueError("the LoRA end must be above 0 and at most 1 (1: every step)")
+            try:
+                SHARE.check(lora_end)
+            except ValueError:
+                raise ValueError(f"the LoRA end must be {SHARE.describe()} (1: every step)") from None
         except ValueError as e:
             return gr.update(), error_html(str(e))
         if len(slots) < 2:
