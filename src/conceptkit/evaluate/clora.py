@@ -351,7 +351,8 @@ def calibrate_ends(pipe, cfg: CLoRAConfig, concepts, files: dict[str, Path], rec
     for concept in concepts:
         phrase = f"{trigger(concept, recipe)} {shape_word(concept.shape)}"
         sides_and_templates = [(next(o.position for o in scene.objects if triple(o) == triple(concept)),
-                   caption.replace(phrase, "{x}")) for scene, caption in training_scenes(concept, recipe)[:views]]
+                                caption.replace(phrase, "{x}"))
+                               for scene, caption in training_scenes(concept, recipe)[:views]]
         scores = {}
         for end in candidates:
             hits = []
