@@ -436,10 +436,12 @@ def test_composed_pictures_record_method_and_concepts(tmp_path):
     compose(pipe, "a {star} on the left and a {cross} on the right, on a gray background",
             [LoraSpec("star", str(loras / "red-striped-star.safetensors")),
              LoraSpec("cross", str(loras / "pink-checkered-cross.safetensors"))],
-            methods=["clora", "merge"], seeds=[4], cfg=CLoRAConfig(steps=2, iterative_steps=(), lora_end=0.5),
+            methods=["clora", "merge"], seeds=[4], cfg=CLoRAConfig(steps=2, iterative_steps=(), lora_end=0.5,
+                                                             guidance_rescale=0.7),
             save_maps=True, out_dir=tmp_path)
     p = parse_infotext(read_parameters(tmp_path / "merge" / "s4.png"))
     assert (p["Method"], p["Seed"], p["Steps"], p["Sampler"], p["LoRA end"]) == ("merge", "4", "2", "DDIM", "0.5")
+    assert p["Guidance rescale"] == "0.7"
     assert p["Concepts"] == "star: lora red-striped-star.safetensors, cross: lora pink-checkered-cross.safetensors"
     merged = json.loads((tmp_path / "compose.json").read_text())["merged_prompt"]
     assert p["prompt"] == merged and "{" not in merged  # every concept's phrase in place of its slot

@@ -133,7 +133,8 @@ def image_settings(pipe, result: Composed, bp, cfg: CLoRAConfig, negative_prompt
                          for c in result.concepts)
     ends = ", ".join(f"{c['name']}: {c['end']:g}" for c in result.concepts if c.get("end") is not None)
     extra = {"Concepts": concepts, **({"LoRA end": f"{cfg.lora_end:g}"} if cfg.lora_end != 1 else {}),
-             **({"LoRA ends": ends} if ends else {})}
+             **({"LoRA ends": ends} if ends else {}),
+             **({"Guidance rescale": f"{cfg.guidance_rescale:g}"} if cfg.guidance_rescale else {})}
     settings = {}
     for method, images in result.images.items():
         for seed, image in zip(result.seeds, images):
